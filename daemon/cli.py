@@ -13,11 +13,15 @@ EX_UNAVAILABLE = 69
 
 def _common(p: argparse.ArgumentParser) -> None:
     # -c/--config is accepted before or after the subcommand (SPEC §1).
-    p.add_argument("-c", "--config", dest="config", default=argparse.SUPPRESS, help="config file (TOML)")
+    p.add_argument(
+        "-c", "--config", dest="config", default=argparse.SUPPRESS, help="config file (TOML)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemini-batchd", description="Gemini Batch API inbox/outbox daemon")
+    parser = argparse.ArgumentParser(
+        prog="gemini-batchd", description="Gemini Batch API inbox/outbox daemon"
+    )
     parser.add_argument("--version", action="version", version=f"gemini-batchd {__version__}")
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -25,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon in the foreground (what systemd runs)")
     _common(p)
-    p.add_argument("--emulator", action="store_true", help="start the bundled emulator and use it (no key, no network)")
+    p.add_argument(
+        "--emulator",
+        action="store_true",
+        help="start the bundled emulator and use it (no key, no network)",
+    )
 
     p = sub.add_parser("check-config", help="validate the config and exit (0 ok, 78 bad)")
     _common(p)
@@ -33,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a JSONL file offline, as the daemon would")
     _common(p)
     p.add_argument("file")
-    p.add_argument("--model", help="model the file is for (default: the folder name or [gemini] default_model)")
+    p.add_argument(
+        "--model", help="model the file is for (default: the folder name or [gemini] default_model)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("emulator", help="run the local Gemini API emulator")
@@ -58,11 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ls":
             p.add_argument("--state", help="only inputs in this state")
             p.add_argument("--limit", type=int, default=50)
-            p.add_argument("--watch", action="store_true", help="live progress until all shown inputs are final")
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="live progress until all shown inputs are final",
+            )
         if name == "show":
-            p.add_argument("--follow", action="store_true", help="live progress until the input is final")
+            p.add_argument(
+                "--follow", action="store_true", help="live progress until the input is final"
+            )
         if name == "retry":
-            p.add_argument("--fresh", action="store_true", help="run again as new paid work, even if succeeded")
+            p.add_argument(
+                "--fresh", action="store_true", help="run again as new paid work, even if succeeded"
+            )
     return parser
 
 

@@ -1,0 +1,71 @@
+"""What every stage is given: config, store, API client, folders, and wake-up signals.
+
+Stages are stateless loops over the store. A :class:`Wakeup` lets one stage nudge the next
+(e.g. intake → validation) so that work moves on at once instead of at the next timer tick;
+the timer is only the safety net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from daemon.config import Config
+from daemon.store import Store
+
+if TYPE_CHECKING:
+    from daemon.gemini import GeminiClient
+
+
+class Wakeup:
+    """A level-triggered nudge: ``set()`` from anywhere, ``wait(timeout)`` in one loop."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until set or ``timeout`` seconds; returns whether it was set. Clears it."""
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        was_set = self._event.is_set()
+        if was_set:
+            self._event = anyio.Event()
+        return was_set
+
+
+@dataclass
+class Wakeups:
+    validate: Wakeup = field(default_factory=Wakeup)
+    submit: Wakeup = field(default_factory=Wakeup)
+    poll: Wakeup = field(default_factory=Wakeup)
+    collect: Wakeup = field(default_factory=Wakeup)
+    scan: Wakeup = field(default_factory=Wakeup)
+
+
+@dataclass
+class Context:
+    cfg: Config
+    store: Store
+    gemini: GeminiClient | None = None  # None for commands that never talk to the API
+    wake: Wakeups = field(default_factory=Wakeups)
+    metrics: Any = None  # daemon.metrics.Metrics once the control socket exists
+    # Set by stages so that status can say what is going on without a query.
+    last_api_error: dict[str, Any] | None = None
+    accepting: bool = True  # False once shutdown began: intake stops taking files
+
+    @property
+    def work_dir(self) -> Path:
+        return self.cfg.state_dir / "work"
+
+    def input_dir(self, input_id: str) -> Path:
+        return self.work_dir / input_id
+
+    @property
+    def results_dir(self) -> Path:
+        return self.cfg.state_dir / "results"

@@ -1,0 +1,79 @@
+"""Atomic outbox writing: temporary name, flush, fsync, rename, directory fsync.
+
+A consumer that sees a final name sees the whole file (SPEC §4). Temporary names start with a dot and
+end in ``.tmp`` so that tools watching the outbox ignore them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Write ``final`` atomically: yields a binary file under a temporary name in the same folder;
+    on success it is fsynced and renamed into place; on error the temporary file is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_json(final: Path, value: Any) -> None:
+    """Write a JSON document atomically (pretty, one trailing newline)."""
+    with atomic_writer(final) as f:
+        f.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        f.write(b"\n")
+
+
+def copy_atomic(src: Path, final: Path) -> None:
+    """Copy a file into the outbox atomically."""
+    with atomic_writer(final) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1024 * 1024)
+
+
+def outbox_paths(outbox_dir: Path, rel_path: str) -> dict[str, Path]:
+    """The outbox names for an input at ``rel_path`` (relative to the inbox): ``foo.jsonl`` →
+    ``foo.jsonl``, ``foo.summary.json``, ``foo.error.json``, ``foo.media/``."""
+    rel = Path(rel_path)
+    stem = rel.name[: -len(".jsonl")] if rel.name.endswith(".jsonl") else rel.name
+    folder = outbox_dir / rel.parent
+    return {
+        "results": folder / f"{stem}.jsonl",
+        "summary": folder / f"{stem}.summary.json",
+        "error": folder / f"{stem}.error.json",
+        "media": folder / f"{stem}.media",
+    }
