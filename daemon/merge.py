@@ -79,6 +79,8 @@ def iter_lines(
 
 
 def _int(value: Any) -> int:
+    if type(value) is int:
+        return value
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -157,9 +159,11 @@ class MergeIndex:
         index = cls(path, stop)
         try:
             index._schema()
+            index.db.execute("BEGIN")  # one transaction for the bulk load: far faster
             index._load_keys(input_path, parts)
             for file_no, rf in enumerate(sorted(results, key=lambda r: (r.attempt, r.job_id))):
                 index._load_results(file_no, rf)
+            index.db.execute("COMMIT")
             index._reconcile()
         except BaseException:
             index.close()
