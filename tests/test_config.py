@@ -33,7 +33,17 @@ def test_example_config_documents_every_key_with_its_default():
     text = (ROOT / "config.example.toml").read_text()
     import dataclasses
 
-    for section in ("paths", "gemini", "api", "inbox", "submit", "poll", "outbox", "cleanup", "daemon"):
+    for section in (
+        "paths",
+        "gemini",
+        "api",
+        "inbox",
+        "submit",
+        "poll",
+        "outbox",
+        "cleanup",
+        "daemon",
+    ):
         for f in dataclasses.fields(type(getattr(defaults, section))):
             assert f"{f.name} =" in text, f"[{section}] {f.name} missing from config.example.toml"
 
@@ -102,7 +112,10 @@ def test_bad_config_exits_78_naming_the_key(tmp_path, cmd):
     p.write_text("[poll]\nworkers = -3\n")
     r = subprocess.run(
         [sys.executable, "-m", "daemon", *cmd, "-c", str(p)],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
     assert r.returncode == 78, r.stderr
@@ -114,7 +127,10 @@ def test_invalid_toml_exits_78(tmp_path):
     p.write_text("[poll\n")
     r = subprocess.run(
         [sys.executable, "-m", "daemon", "-c", str(p), "check-config"],
-        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
     assert r.returncode == 78
@@ -123,8 +139,11 @@ def test_invalid_toml_exits_78(tmp_path):
 
 def test_version_flag():
     r = subprocess.run(
-        [sys.executable, "-m", "daemon", "--version"], capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60,
+        [sys.executable, "-m", "daemon", "--version"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
     )
     assert r.returncode == 0
     assert r.stdout.startswith("gemini-batchd ")

@@ -32,7 +32,9 @@ async def test_states_are_checked_by_the_schema(tmp_path):
     async with Store.open(tmp_path / "db.sqlite") as store:
         with pytest.raises(sqlite3.IntegrityError):
             async with store.tx() as conn:
-                await store.add_input(conn, rel_path="a.jsonl", model="m", work_path="w", state="bogus")
+                await store.add_input(
+                    conn, rel_path="a.jsonl", model="m", work_path="w", state="bogus"
+                )
         assert await store.counts_by_state() == {}
 
 
@@ -63,12 +65,23 @@ async def test_concurrent_transactions_do_not_interleave(tmp_path):
 async def test_history_find_by_path_and_jobs(tmp_path):
     async with Store.open(tmp_path / "db.sqlite") as store:
         async with store.tx() as conn:
-            first = await store.add_input(conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=1.0)
-            second = await store.add_input(conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=2.0)
+            first = await store.add_input(
+                conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=1.0
+            )
+            second = await store.add_input(
+                conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=2.0
+            )
             await store.set_input_state(conn, second["id"], InputState.QUEUED, note="validated")
             job = await store.add_job(
-                conn, input_id=second["id"], part_no=1, attempt=1, display_name="gemini-batchd:x:1",
-                mode="inline", source_path="p", request_count=3, est_tokens=9,
+                conn,
+                input_id=second["id"],
+                part_no=1,
+                attempt=1,
+                display_name="gemini-batchd:x:1",
+                mode="inline",
+                source_path="p",
+                request_count=3,
+                est_tokens=9,
             )
             await store.update_job(conn, job, state=JobState.ACTIVE, error={"code": 1})
         assert (await store.find_input("m/a.jsonl"))["id"] == second["id"]
@@ -80,6 +93,13 @@ async def test_history_find_by_path_and_jobs(tmp_path):
         with pytest.raises(sqlite3.IntegrityError):  # display names are never shared
             async with store.tx() as conn:
                 await store.add_job(
-                    conn, input_id=first["id"], part_no=1, attempt=1, display_name="gemini-batchd:x:1",
-                    mode="inline", source_path="p", request_count=3, est_tokens=9,
+                    conn,
+                    input_id=first["id"],
+                    part_no=1,
+                    attempt=1,
+                    display_name="gemini-batchd:x:1",
+                    mode="inline",
+                    source_path="p",
+                    request_count=3,
+                    est_tokens=9,
                 )
