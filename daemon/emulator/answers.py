@@ -113,10 +113,17 @@ def tiny_png(seed: bytes, size: int = 8) -> bytes:
     raw = row * size
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _wants_thinking(request: dict[str, Any]) -> bool:
@@ -135,7 +142,9 @@ def generate_response(mid: str, request: dict[str, Any], texts: list[str]) -> di
     h = request_hash(request)
     if "image" in mid:
         png = tiny_png(prompt.encode())
-        parts.append({"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
+        parts.append(
+            {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}}
+        )
     prompt_tokens = max(1, len(prompt) // 4)
     cand_tokens = max(1, len(answer) // 4)
     usage: dict[str, Any] = {

@@ -15,7 +15,9 @@ from daemon.emulator import answers
 from daemon.emulator.faults import CREATE_ENDPOINTS, Faults, Stats
 from daemon.emulator.state import Store, new_id, sha256_b64
 
-_PATH = re.compile(r"^(?P<prefix>(?:/.*?)??)/(?:(?P<kind>upload|download)/)?(?P<v>v1beta|v1)/(?P<rest>.+)$")
+_PATH = re.compile(
+    r"^(?P<prefix>(?:/.*?)??)/(?:(?P<kind>upload|download)/)?(?P<v>v1beta|v1)/(?P<rest>.+)$"
+)
 _FILE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 HTTP_STATUS = {
     400: "INVALID_ARGUMENT",
@@ -47,7 +49,9 @@ Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 class Ctx:
     """One API call: the request plus the parsed route."""
 
-    def __init__(self, request: web.Request, m: re.Match[str], endpoint: str, args: tuple[str, ...]):
+    def __init__(
+        self, request: web.Request, m: re.Match[str], endpoint: str, args: tuple[str, ...]
+    ):
         self.request = request
         self.endpoint = endpoint
         self.args = args
@@ -55,7 +59,9 @@ class Ctx:
         self.base = f"{request.scheme}://{request.host}{m['prefix']}"
 
 
-def _route(method: str, kind: str | None, rest: str, query: Any) -> tuple[str, tuple[str, ...]] | None:
+def _route(
+    method: str, kind: str | None, rest: str, query: Any
+) -> tuple[str, tuple[str, ...]] | None:
     if kind == "upload":
         if method == "POST" and rest == "files":
             return ("files.upload_chunk" if "upload_id" in query else "files.upload"), ()
@@ -82,7 +88,9 @@ def _route(method: str, kind: str | None, rest: str, query: Any) -> tuple[str, t
     return None
 
 
-def json_response(obj: Any, stats: Stats, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    obj: Any, stats: Stats, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     body = orjson.dumps(obj)
     stats.bytes_out += len(body)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
@@ -207,7 +215,9 @@ class Api:
         if fid in self.store.files:
             raise ApiError(409, f"File files/{fid} already exists.")
         mime = answers.get(meta, "mimeType") or req.headers.get("X-Goog-Upload-Header-Content-Type")
-        size = answers.get(meta, "sizeBytes") or req.headers.get("X-Goog-Upload-Header-Content-Length")
+        size = answers.get(meta, "sizeBytes") or req.headers.get(
+            "X-Goog-Upload-Header-Content-Length"
+        )
         uid = new_id(40)
         self.store.save_upload(
             {
@@ -247,7 +257,9 @@ class Api:
                 raise ApiError(400, "Missing or invalid X-Goog-Upload-Offset.") from e
             have = part.stat().st_size if part.exists() else 0
             if offset > have:
-                raise ApiError(400, f"Invalid X-Goog-Upload-Offset {offset}: only {have} bytes received.")
+                raise ApiError(
+                    400, f"Invalid X-Goog-Upload-Offset {offset}: only {have} bytes received."
+                )
             with part.open("r+b" if part.exists() else "wb") as f:
                 f.seek(offset)  # a repeated offset rewrites the same bytes: idempotent
                 async for block in req.content.iter_chunked(1 << 20):
@@ -256,7 +268,10 @@ class Api:
             sess["received"] = max(have, part.stat().st_size)
         received = part.stat().st_size if part.exists() else 0
         if "finalize" not in command:
-            headers = {"X-Goog-Upload-Status": "active", "X-Goog-Upload-Size-Received": str(received)}
+            headers = {
+                "X-Goog-Upload-Status": "active",
+                "X-Goog-Upload-Size-Received": str(received),
+            }
             return web.Response(status=200, headers=headers)
         if sess["size"] is not None and received != sess["size"]:
             raise ApiError(400, f"Upload finalized with {received} bytes, {sess['size']} declared.")
@@ -277,7 +292,9 @@ class Api:
         self.store.save_file(rec)
         sess["done"] = True
         self.store.save_upload(sess)
-        return json_response({"file": self.store.file_json(rec, ctx.base)}, self.stats, headers=final)
+        return json_response(
+            {"file": self.store.file_json(rec, ctx.base)}, self.stats, headers=final
+        )
 
     async def file_get(self, ctx: Ctx) -> web.StreamResponse:
         return json_response(self.store.file_json(self._file(ctx.args[0]), ctx.base), self.stats)
@@ -298,7 +315,11 @@ class Api:
     async def file_download(self, ctx: Ctx) -> web.StreamResponse:
         rec = self._file(ctx.args[0])
         self.stats.bytes_out += rec["size"]
-        headers = {"Content-Type": rec["mime_type"] if "/" in rec["mime_type"] else "application/octet-stream"}
+        headers = {
+            "Content-Type": rec["mime_type"]
+            if "/" in rec["mime_type"]
+            else "application/octet-stream"
+        }
         return web.FileResponse(self.store.file_path(rec["id"]), headers=headers)
 
     # ---- batches ---------------------------------------------------------------------------
@@ -329,7 +350,9 @@ class Api:
         requests = answers.get(cfg, "requests")
         inline: list[dict[str, Any]] | None = None
         if bool(file_name) == bool(requests):
-            raise ApiError(400, "Exactly one of input_config.file_name and input_config.requests is required.")
+            raise ApiError(
+                400, "Exactly one of input_config.file_name and input_config.requests is required."
+            )
         if file_name:
             fid = str(file_name).removeprefix("files/")
             rec = self._file(fid)
@@ -363,7 +386,9 @@ class Api:
     def _check_limits(self, mid: str, tokens: int) -> None:
         active = self.store.active()
         if len(active) >= self.settings.max_active_jobs:
-            raise ApiError(429, f"Too many concurrent batch jobs (limit {self.settings.max_active_jobs}).")
+            raise ApiError(
+                429, f"Too many concurrent batch jobs (limit {self.settings.max_active_jobs})."
+            )
         limit = self.settings.max_enqueued_tokens.get(mid)
         if limit is not None:
             queued = sum(r["tokens"] for r in active if r["model"] == f"models/{mid}")
@@ -380,7 +405,9 @@ class Api:
     async def batch_list(self, ctx: Ctx) -> web.StreamResponse:
         recs = sorted(self.store.jobs.values(), key=lambda r: r["create"], reverse=True)
         page, token = _page(ctx.request.query, recs)
-        body: dict[str, Any] = {"operations": [self.store.operation(r, with_inline=False) for r in page]}
+        body: dict[str, Any] = {
+            "operations": [self.store.operation(r, with_inline=False) for r in page]
+        }
         if token:
             body["nextPageToken"] = token
         return json_response(body, self.stats)
@@ -388,7 +415,11 @@ class Api:
     async def batch_cancel(self, ctx: Ctx) -> web.StreamResponse:
         rec = self._job(ctx.args[0])
         if not self.store.cancel(rec):
-            raise ApiError(400, f"Batch {rec['id']} is already {rec['state']}; it cannot be cancelled.", "FAILED_PRECONDITION")
+            raise ApiError(
+                400,
+                f"Batch {rec['id']} is already {rec['state']}; it cannot be cancelled.",
+                "FAILED_PRECONDITION",
+            )
         return json_response({}, self.stats)
 
     async def batch_delete(self, ctx: Ctx) -> web.StreamResponse:
@@ -397,7 +428,9 @@ class Api:
         return json_response({}, self.stats)
 
 
-def build_app(api: Api, admin: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+def build_app(
+    api: Api, admin: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/__emulator/{tail:.*}", admin)
     app.router.add_route("*", "/{tail:.*}", api.dispatch)

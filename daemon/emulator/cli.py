@@ -8,14 +8,26 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = pick a free one)")
-    parser.add_argument("--data-dir", type=Path, help="keep files and jobs here (survives restarts)")
-    parser.add_argument("--pending-seconds", type=float, default=0.2, help="time a job stays PENDING")
-    parser.add_argument("--running-seconds", type=float, default=0.5, help="time a job stays RUNNING")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8765, help="port (default 8765; 0 = pick a free one)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="keep files and jobs here (survives restarts)"
+    )
+    parser.add_argument(
+        "--pending-seconds", type=float, default=0.2, help="time a job stays PENDING"
+    )
+    parser.add_argument(
+        "--running-seconds", type=float, default=0.5, help="time a job stays RUNNING"
+    )
     parser.add_argument("--no-shuffle", action="store_true", help="keep results in input order")
     parser.add_argument("--api-key", help="require this API key (default: any non-empty key)")
-    parser.add_argument("--max-active-jobs", type=int, default=100, help="PENDING+RUNNING jobs before 429")
+    parser.add_argument(
+        "--max-active-jobs", type=int, default=100, help="PENDING+RUNNING jobs before 429"
+    )
     parser.add_argument(
         "--max-enqueued-tokens",
         action="append",

@@ -75,7 +75,9 @@ class Emulator:
         self._store.cleanup_temp()
         self._store.resume_workers()
         api = Api(self._store, self._faults, self._stats)
-        self._runner = web.AppRunner(build_app(api, self._admin), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            build_app(api, self._admin), handle_signals=False, access_log=None
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -111,7 +113,11 @@ class Emulator:
             err = {"code": e.code, "message": e.message, "status": e.status}
             return json_response({"error": err}, self._stats, e.code)
         except (ValueError, KeyError, TypeError) as e:
-            err = {"code": 400, "message": f"bad admin request: {e!r}", "status": "INVALID_ARGUMENT"}
+            err = {
+                "code": 400,
+                "message": f"bad admin request: {e!r}",
+                "status": "INVALID_ARGUMENT",
+            }
             return json_response({"error": err}, self._stats, 400)
 
     async def _admin_inner(self, request: web.Request) -> web.StreamResponse:

@@ -185,7 +185,11 @@ class Store:
                     stop=stop,
                     on_total=on_total,
                 )
-                rec["counts"] = {"total": res.total, "succeeded": res.succeeded, "failed": res.failed}
+                rec["counts"] = {
+                    "total": res.total,
+                    "succeeded": res.succeeded,
+                    "failed": res.failed,
+                }
             except worker.Stopped:
                 return
             except OSError as e:
@@ -238,7 +242,12 @@ class Store:
         done = int(frac * total)
         counts = rec["counts"]
         failed = done * counts["failed"] // max(counts["total"], 1) if counts else 0
-        return {"request": total, "successful": done - failed, "failed": failed, "pending": total - done}
+        return {
+            "request": total,
+            "successful": done - failed,
+            "failed": failed,
+            "pending": total - done,
+        }
 
     def finish(self, rec: dict[str, Any], state: str, end: float) -> None:
         """Make the job terminal: freeze its stats, publish or discard its results."""
@@ -333,7 +342,10 @@ class Store:
             msg = rec.get("worker_error") or "The batch failed (forced by the emulator)."
             op["error"] = {"code": 13, "message": msg}
         elif state == "EXPIRED":
-            op["error"] = {"code": 4, "message": "The batch expired: it did not finish within 48 hours."}
+            op["error"] = {
+                "code": 4,
+                "message": "The batch expired: it did not finish within 48 hours.",
+            }
         return op
 
     def cancel(self, rec: dict[str, Any]) -> bool:

@@ -52,7 +52,11 @@ def sync_emulator(tmp_path: Path) -> Iterator[Emulator]:
 
 
 def make_client(url: str, api_version: str | None = "v1beta", **kw: Any) -> genai.Client:
-    opts = types.HttpOptions(base_url=url, api_version=api_version, **kw) if api_version else types.HttpOptions(base_url=url, **kw)
+    opts = (
+        types.HttpOptions(base_url=url, api_version=api_version, **kw)
+        if api_version
+        else types.HttpOptions(base_url=url, **kw)
+    )
     return genai.Client(api_key=KEY, http_options=opts)
 
 

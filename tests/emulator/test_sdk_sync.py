@@ -42,7 +42,9 @@ def read_results(client: genai.Client, file_name: str, dest: Path) -> dict[str, 
 
 
 @pytest.mark.parametrize("api_version", ["v1beta", None])
-def test_file_job_roundtrip(sync_emulator: Emulator, tmp_path: Path, api_version: str | None) -> None:
+def test_file_job_roundtrip(
+    sync_emulator: Emulator, tmp_path: Path, api_version: str | None
+) -> None:
     client = make_client(sync_emulator.url, api_version)
     src = write_jsonl(tmp_path / "in.jsonl", 5)
     uploaded = client.files.upload(
@@ -53,7 +55,9 @@ def test_file_job_roundtrip(sync_emulator: Emulator, tmp_path: Path, api_version
     assert uploaded.download_uri is None and uploaded.source == types.FileSource.UPLOADED
     assert client.files.get(name=uploaded.name).display_name == "my-input"
 
-    job = client.batches.create(model="gemini-2.5-flash", src=uploaded.name, config={"display_name": "file-job"})
+    job = client.batches.create(
+        model="gemini-2.5-flash", src=uploaded.name, config={"display_name": "file-job"}
+    )
     assert job.state == types.JobState.JOB_STATE_PENDING and job.name and len(job.name) == 8 + 36
     job = wait_done(client, job.name)
     assert job.state == types.JobState.JOB_STATE_SUCCEEDED
@@ -82,7 +86,9 @@ def test_inline_job_echoes_metadata(client: genai.Client) -> None:
         for i in range(4)
     ]
     src.append({"contents": "boom [[error:13]]", "metadata": {"key": "bad"}})
-    job = client.batches.create(model="gemini-2.5-flash", src=src, config={"display_name": "inline"})
+    job = client.batches.create(
+        model="gemini-2.5-flash", src=src, config={"display_name": "inline"}
+    )
     assert job.name
     job = wait_done(client, job.name)
     assert job.state == types.JobState.JOB_STATE_SUCCEEDED
@@ -98,13 +104,16 @@ def test_inline_job_echoes_metadata(client: genai.Client) -> None:
 
 def test_image_model_returns_png(client: genai.Client) -> None:
     job = client.batches.create(
-        model="gemini-2.5-flash-image", src=[{"contents": "a red square", "metadata": {"key": "img"}}]
+        model="gemini-2.5-flash-image",
+        src=[{"contents": "a red square", "metadata": {"key": "img"}}],
     )
     assert job.name
     job = wait_done(client, job.name)
     assert job.dest and job.dest.inlined_responses
     resp = job.dest.inlined_responses[0].response
-    assert resp and resp.candidates and resp.candidates[0].content and resp.candidates[0].content.parts
+    assert (
+        resp and resp.candidates and resp.candidates[0].content and resp.candidates[0].content.parts
+    )
     blob = resp.candidates[0].content.parts[1].inline_data
     assert blob and blob.mime_type == "image/png" and blob.data and blob.data.startswith(b"\x89PNG")
 
@@ -112,18 +121,33 @@ def test_image_model_returns_png(client: genai.Client) -> None:
 def test_embeddings_inline_and_file(client: genai.Client, tmp_path: Path) -> None:
     job = client.batches.create_embeddings(
         model="gemini-embedding-001",
-        src={"inlined_requests": {"contents": ["hello", "world"], "config": {"output_dimensionality": 8}}},
+        src={
+            "inlined_requests": {
+                "contents": ["hello", "world"],
+                "config": {"output_dimensionality": 8},
+            }
+        },
         config={"display_name": "emb-inline"},
     )
     assert job.name
     job = wait_done(client, job.name)
     assert job.state == types.JobState.JOB_STATE_SUCCEEDED
     assert job.dest and job.dest.inlined_embed_content_responses
-    vectors = [r.response.embedding.values for r in job.dest.inlined_embed_content_responses if r.response and r.response.embedding]
+    vectors = [
+        r.response.embedding.values
+        for r in job.dest.inlined_embed_content_responses
+        if r.response and r.response.embedding
+    ]
     assert len(vectors) == 2 and all(v and len(v) == 8 for v in vectors)
 
     src = tmp_path / "emb.jsonl"
-    lines = [{"key": f"e{i}", "request": {"output_dimensionality": 3, "content": {"parts": [{"text": str(i)}]}}} for i in range(3)]
+    lines = [
+        {
+            "key": f"e{i}",
+            "request": {"output_dimensionality": 3, "content": {"parts": [{"text": str(i)}]}},
+        }
+        for i in range(3)
+    ]
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     up = client.files.upload(file=str(src), config={"mime_type": "jsonl"})
     assert up.name and up.mime_type == "jsonl"
@@ -149,7 +173,9 @@ def test_list_paging_cancel_delete(sync_emulator: Emulator, client: genai.Client
     sync_emulator.settings.pending_seconds = 60
     names = []
     for i in range(5):
-        job = client.batches.create(model="gemini-2.5-flash", src=[{"contents": f"x{i}"}], config={"display_name": f"j{i}"})
+        job = client.batches.create(
+            model="gemini-2.5-flash", src=[{"contents": f"x{i}"}], config={"display_name": f"j{i}"}
+        )
         assert job.name
         names.append(job.name)
     listed = [j.name for j in client.batches.list(config={"page_size": 2})]
