@@ -3,6 +3,7 @@
 import sqlite3
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from daemon.states import InputState, JobState
@@ -53,7 +54,7 @@ async def test_concurrent_transactions_do_not_interleave(tmp_path):
         async def writer(n: int) -> None:
             async with store.tx() as conn:
                 row = await store.add_input(conn, rel_path=f"{n}.jsonl", model="m", work_path="w")
-                await anyio.sleep(0)  # yield inside the transaction: another task must wait
+                await anyio.lowlevel.checkpoint()  # yield inside the transaction: another task must wait
                 await store.set_input_state(conn, row["id"], InputState.QUEUED)
 
         async with anyio.create_task_group() as tg:

@@ -114,7 +114,7 @@ class DaemonProcess:
             **(env or {}),
         }
         self.log = config.with_suffix(".log")
-        self._logf = open(self.log, "ab")  # noqa: SIM115
+        self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "-c", str(config)],
             env=full_env,
