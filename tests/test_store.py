@@ -54,7 +54,9 @@ async def test_concurrent_transactions_do_not_interleave(tmp_path):
         async def writer(n: int) -> None:
             async with store.tx() as conn:
                 row = await store.add_input(conn, rel_path=f"{n}.jsonl", model="m", work_path="w")
-                await anyio.lowlevel.checkpoint()  # yield inside the transaction: another task must wait
+                await (
+                    anyio.lowlevel.checkpoint()
+                )  # yield inside the transaction: another task must wait
                 await store.set_input_state(conn, row["id"], InputState.QUEUED)
 
         async with anyio.create_task_group() as tg:

@@ -64,7 +64,7 @@ async def _restart_and_finish(cfg_path, root, emulator, n=N) -> None:
     ],
 )
 async def test_kill9_at_a_step_then_restart(tmp_path, emulator, point, inline):
-    cfg_path, data = _config(tmp_path, emulator, inline=inline)
+    cfg_path, _ = _config(tmp_path, emulator, inline=inline)
     root = tmp_path / "root"
     emulator.settings.running_seconds = 0.5
     p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
@@ -84,7 +84,7 @@ async def test_kill9_at_a_step_then_restart(tmp_path, emulator, point, inline):
 
 
 async def test_kill9_mid_upload_then_restart(tmp_path, emulator):
-    cfg_path, data = _config(tmp_path, emulator, inline=False)
+    cfg_path, _ = _config(tmp_path, emulator, inline=False)
     root = tmp_path / "root"
     n = 60_000  # ~6 MB of prompts padded to > 3 upload chunks of 8 MiB
     pad = "x" * 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 
@@ -58,7 +59,7 @@ async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path
         t0 = time.monotonic()
         await wait_until(lambda: sum("WATCHDOG=1" in m for m in ns.drain()) >= 5, timeout=10)
         pings = [t for t, m in ns.messages if "WATCHDOG=1" in m]
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < 0.4 and time.monotonic() - t0 < 5  # half of WATCHDOG_USEC, with slack
         await wait_until(outbox_paths(root / "outbox", "n.jsonl")["summary"].exists, timeout=30)
         assert p.terminate() == 0
