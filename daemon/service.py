@@ -137,6 +137,7 @@ async def run_service(
     async with ctx_factory(cfg) as ctx:
         await recover_claims(ctx)
         await recover_submissions(ctx)
+        log.info("recovery_done", **await ctx.store.counts_by_state())
         health = {"store_ok_at": time.monotonic()}
         async with anyio.create_task_group() as tg:
             await tg.start(run_control, ctx)
