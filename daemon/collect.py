@@ -21,6 +21,7 @@ import orjson
 import structlog
 
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input
 from daemon.merge import RETRYABLE_GRPC, RETRYABLE_HTTP, MergeIndex, Part, results_files
 from daemon.outbox import atomic_writer, fsync_dir
@@ -122,6 +123,7 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
         # The results are gone for good: the keys count as unanswered (and may be retried).
         log.error("results lost", job=job["display_name"], error=str(exc))
         await anyio.to_thread.run_sync(_write_lines, dest, [])
+    crash_point("after_download")
     with anyio.CancelScope(shield=True):
         async with ctx.store.tx() as conn:
             await ctx.store.update_job(

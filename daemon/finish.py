@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines
 from daemon.outbox import (
@@ -86,6 +87,9 @@ def _write_results(
                 out.write(unanswered[ans.part] + b"}\n")
                 continue
             out.write(ans.line + b"\n")
+            if ans.ord == 1:
+                out.flush()
+                crash_point("mid_outbox")
             if ans.ok and media_dir is not None:
                 media += extract_media(ans.line, media_dir)
     return media

@@ -85,7 +85,7 @@ def link_or_copy(src: Path, final: Path) -> None:
     """Make ``final`` a hard link of ``src`` (replacing it atomically), or an atomic copy when
     they are on different filesystems."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp = final.with_name(f".{final.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
