@@ -383,3 +383,13 @@ def test_inline_operation_lines_join_on_metadata_key() -> None:
         {"key": "k2", "response": {"candidates": []}},
         {"key": "k1", "error": {"code": 13, "message": "boom", "details": [{"x": 1}]}},
     ]
+
+
+async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a"]])
+    await inp.done(inp.jobs[1], remote_state="BATCH_STATE_SUCCEEDED")
+    assert await collect_once(ctx) == 0  # no API client here: nothing collected, nothing lost
+    job = await ctx.store.get_job(inp.jobs[1])
+    assert job is not None and job["state"] == "done" and job["not_before"] > 0
+    assert (await inp.row())["state"] == "running"
+    assert await collect_once(ctx) == 0  # backing off: not even tried
