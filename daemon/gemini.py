@@ -160,6 +160,7 @@ class GeminiClient:
         )
 
     async def aclose(self) -> None:
+        await self._sdk.aio.aclose()
         await self._http.aclose()
 
     # ---- plumbing -------------------------------------------------------------------------
