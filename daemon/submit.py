@@ -282,6 +282,8 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
         return
     book = _book(job)
     retries = int(book.get("retries", 0)) + 1
+    if back_to == JobState.CREATING and e.kind == "transient" and job["mode"] == "inline":
+        back_to = JobState.PLANNED  # refused before acting, and nothing was spent yet
     # After an ambiguous create the job may exist remotely: look before creating again.
     check = bool(book.get("check_remote")) or (
         e.kind == "ambiguous" and back_to == JobState.CREATING
