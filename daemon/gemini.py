@@ -14,6 +14,7 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import anyio
 import httpx2
 import orjson
+import pydantic
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -190,6 +192,9 @@ class GeminiClient:
             kind, message, outcome = "ambiguous", f"timed out after {self.timeout:g}s", "timeout"
         elif isinstance(exc, httpx2.TransportError):
             kind, message, outcome = "ambiguous", f"connection lost: {exc!r}", "dropped"
+        elif isinstance(exc, json.JSONDecodeError | pydantic.ValidationError):
+            # An answer we cannot read: the server did act (a create may have happened).
+            kind, message, outcome = "ambiguous", f"unreadable answer: {exc}", "bad_answer"
         elif isinstance(exc, ValueError | TypeError):
             kind, message, outcome = "permanent", f"rejected by the client: {exc}", "invalid"
         else:  # e.g. KeyError from the SDK when the upload URL is missing

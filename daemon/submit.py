@@ -13,8 +13,6 @@ the remote job if it exists.
 
 from __future__ import annotations
 
-import hashlib
-import mimetypes
 import random
 import time
 from pathlib import Path
@@ -26,15 +24,12 @@ import structlog
 
 from daemon.context import Context
 from daemon.gemini import ApiError
+from daemon.media_upload import resolve_media, resolved_path
 from daemon.states import InputState, JobState
 from daemon.store import dumps, loads
 
 log = structlog.get_logger("gemini-batchd.submit")
 
-# A cached media upload is reused only while at least this much of its 48 h life remains: the
-# Batch API's target turnaround is 24 h, so a job admitted now can still read it.
-MEDIA_MIN_REMAINING = 24 * 3600.0
-FILES_TTL = 48 * 3600.0
 _IDLE_WAIT = 30.0
 
 
@@ -53,6 +48,13 @@ def backoff_delay(ctx: Context, retries: int) -> float:
 def _book(job: dict[str, Any]) -> dict[str, Any]:
     data = loads(job.get("error"))
     return data if isinstance(data, dict) and "retries" in data else {"retries": 0}
+
+
+def _needs_check(job: dict[str, Any]) -> bool:
+    """Whether a ``creating`` job may already exist remotely. Without bookkeeping (a crash, or a
+    row written by another stage) the answer is yes: look before creating."""
+    book = _book(job)
+    return bool(book.get("check_remote", job.get("error") is None))
 
 
 # ---- admission ---------------------------------------------------------------------------
@@ -97,7 +99,7 @@ async def submit_once(ctx: Context) -> int:
     if not rows:
         return done
     remote: dict[str, dict[str, Any]] | None = None
-    if any(r["state"] == "creating" and _book(r).get("check_remote") for r in rows):
+    if any(r["state"] == "creating" and _needs_check(r) for r in rows):
         remote = await _remote_index(ctx)
     active, tokens = await _in_flight(ctx)
     cfg = ctx.cfg.submit
@@ -148,7 +150,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any]) -> int:
     try:
         source = Path(job["source_path"])
         if job["media_count"]:
-            source = await _resolve_media(ctx, job)
+            source = await resolve_media(ctx, job)
         if job["mode"] == "file":
             async with ctx.store.tx() as conn:
                 await ctx.store.update_job(conn, job["id"], state=JobState.UPLOADING)
@@ -170,6 +172,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any]) -> int:
         await _failed(ctx, job, err, back_to=JobState.PLANNED)
         return 0
     job["state"] = JobState.CREATING.value
+    # It was `planned` until this round, so nothing can exist remotely yet: an empty index.
     return await _create(ctx, job, {}, source=source)
 
 
@@ -183,8 +186,7 @@ async def _create(
     """Create the remote job for a ``creating`` row, adopting an existing one first if needed."""
     gem = ctx.gemini
     assert gem is not None
-    book = _book(job)
-    if book.get("check_remote"):
+    if _needs_check(job):
         if remote is None:
             return 0  # the list failed: try again next round, never create blind
         op = remote.get(job["display_name"])
@@ -204,7 +206,7 @@ async def _create(
             )
         else:
             path = source or (
-                _resolved_path(job) if job["media_count"] else Path(job["source_path"])
+                resolved_path(job) if job["media_count"] else Path(job["source_path"])
             )
             lines = await anyio.to_thread.run_sync(_read_lines, path)
             op = await gem.create_inline_job(
@@ -306,108 +308,6 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
             await ctx.store.set_input_state(conn, job["input_id"], InputState.QUEUED, reason=reason)
         else:
             await ctx.store.update_input(conn, job["input_id"], reason=reason)
-
-
-# ---- local media -------------------------------------------------------------------------
-def _resolved_path(job: dict[str, Any]) -> Path:
-    src = Path(job["source_path"])
-    return src.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")
-
-
-def _file_parts(value: Any) -> Any:
-    """Yield every ``fileData``/``file_data`` dict with a ``file:`` URI inside a request."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k in ("fileData", "file_data") and isinstance(v, dict):
-                uri = v.get("fileUri", v.get("file_uri"))
-                if isinstance(uri, str) and uri.startswith("file:"):
-                    yield v
-            else:
-                yield from _file_parts(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _file_parts(v)
-
-
-def _scan_media(path: Path, media_dir: Path) -> dict[str, tuple[Path, str | None]]:
-    """Distinct ``file:NAME`` references of a source file → (local path, declared mime type)."""
-    found: dict[str, tuple[Path, str | None]] = {}
-    with path.open("rb") as f:
-        for line in f:
-            if not line.strip() or b"file:" not in line:
-                continue
-            for part in _file_parts(orjson.loads(line)):
-                name = part.get("fileUri", part.get("file_uri"))[5:]
-                mime = part.get("mimeType", part.get("mime_type"))
-                if name not in found or (found[name][1] is None and mime):
-                    found[name] = (media_dir / name, mime)
-    return found
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _rewrite(src: Path, dest: Path, uris: dict[str, str]) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        for line in fin:
-            if not line.strip():
-                continue
-            if b"file:" in line:
-                obj = orjson.loads(line)
-                for part in _file_parts(obj):
-                    key = "fileUri" if "fileUri" in part else "file_uri"
-                    part[key] = uris[part[key][5:]]
-                line = orjson.dumps(obj) + b"\n"
-            fout.write(line)
-    tmp.replace(dest)
-
-
-async def _resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
-    """Upload (or reuse) every distinct local media file and write the resolved source file."""
-    gem = ctx.gemini
-    assert gem is not None
-    src = Path(job["source_path"])
-    refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir)
-    uris: dict[str, str] = {}
-    for name, (path, mime) in refs.items():
-        sha = await anyio.to_thread.run_sync(_sha256, path)
-        cached = await ctx.store.get_media(sha)
-        if cached and cached["expires_at"] >= time.time() + MEDIA_MIN_REMAINING:
-            uris[name] = cached["uri"]
-            continue
-        mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        up = await gem.upload_file(
-            path, display_name=f"gemini-batchd-media:{sha[:16]}", mime_type=mime
-        )
-        now = time.time()
-        await ctx.store.put_media(
-            sha256=sha,
-            file_name=up["name"],
-            uri=up["uri"],
-            mime_type=mime,
-            size_bytes=path.stat().st_size,
-            uploaded_at=now,
-            expires_at=_expiry(up.get("expirationTime"), now),
-        )
-        uris[name] = up["uri"]
-    dest = _resolved_path(job)
-    await anyio.to_thread.run_sync(_rewrite, src, dest, uris)
-    return dest
-
-
-def _expiry(text: str | None, now: float) -> float:
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return now + FILES_TTL
 
 
 # ---- loops ---------------------------------------------------------------------------------

@@ -205,3 +205,16 @@ async def test_local_media_uploaded_once_and_rewritten(env: Env, mode: str) -> N
     assert json.dumps(lines[0]["request"]["contents"][0]["parts"][0]) in json.dumps(
         orjson.loads(text.splitlines()[0])
     )
+
+
+async def test_creating_row_without_history_is_looked_up_first(env: Env) -> None:
+    _, (jid,) = await env.add_input(lines_for(1), mode="inline")
+    name = (await job(env, jid))["display_name"]
+    made = await env.gem.create_inline_job(
+        model="gemini-2.5-flash", requests=lines_for(1), display_name=name
+    )
+    async with env.ctx.store.tx() as conn:
+        await env.ctx.store.update_job(conn, jid, state="creating")
+    assert await submit_once(env.ctx) == 1  # no recovery ran: still adopted, not created again
+    assert (await job(env, jid))["remote_name"] == made["name"]
+    assert env.emu.stats["creates_by_display_name"] == {name: 1}
