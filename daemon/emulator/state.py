@@ -329,7 +329,12 @@ class Store:
         meta |= {"createTime": rfc3339(rec["create"]), "updateTime": rfc3339(update)}
         if state in TERMINAL:
             meta["endTime"] = rfc3339(rec["end"])
-        meta["batchStats"] = {f"{k}RequestCount": str(v) for k, v in stats.items() if v}
+        # The API spells the total "requestCount", the others "<kind>RequestCount"; zeros omitted.
+        meta["batchStats"] = {
+            ("requestCount" if k == "request" else f"{k}RequestCount"): str(v)
+            for k, v in stats.items()
+            if v
+        }
         meta |= {"state": f"BATCH_STATE_{state}", "name": f"batches/{jid}"}
         op: dict[str, Any] = {"name": f"batches/{jid}", "metadata": meta}
         if state in TERMINAL:

@@ -73,6 +73,10 @@ def test_file_job_roundtrip(
         assert resp.text == f"echo: prompt {i}"
         assert resp.usage_metadata and resp.usage_metadata.prompt_token_count
     assert sync_emulator.stats["creates_by_display_name"] == {"file-job": 1}
+    # batchStats as the API spells it: int64 strings, "requestCount" for the total, zeros omitted
+    code, op = raw_get(f"{sync_emulator.url}/v1beta/{job.name}?key=k")
+    assert code == 200
+    assert op["metadata"]["batchStats"] == {"requestCount": "5", "successfulRequestCount": "5"}
 
     client.files.delete(name=uploaded.name)
     with pytest.raises(errors.ClientError) as e:
