@@ -74,7 +74,7 @@ def test_file_job_roundtrip(
         assert resp.usage_metadata and resp.usage_metadata.prompt_token_count
     assert sync_emulator.stats["creates_by_display_name"] == {"file-job": 1}
     # batchStats as the API spells it: int64 strings, "requestCount" for the total, zeros omitted
-    code, op = raw_get(f"{sync_emulator.url}/v1beta/{job.name}?key=k")
+    code, op = raw_get(f"{sync_emulator.url}/v1beta/{job.name}?key={KEY}")
     assert code == 200
     assert op["metadata"]["batchStats"] == {"requestCount": "5", "successfulRequestCount": "5"}
 
