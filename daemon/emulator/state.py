@@ -24,6 +24,12 @@ EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
 _ALNUM = string.ascii_lowercase + string.digits
+_STAT_NAMES = {
+    "request": "requestCount",
+    "successful": "successfulRequestCount",
+    "failed": "failedRequestCount",
+    "pending": "pendingRequestCount",
+}
 _TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
 
 
@@ -329,7 +335,7 @@ class Store:
         meta |= {"createTime": rfc3339(rec["create"]), "updateTime": rfc3339(update)}
         if state in TERMINAL:
             meta["endTime"] = rfc3339(rec["end"])
-        meta["batchStats"] = {f"{k}RequestCount": str(v) for k, v in stats.items() if v}
+        meta["batchStats"] = {_STAT_NAMES[k]: str(v) for k, v in stats.items() if v}
         meta |= {"state": f"BATCH_STATE_{state}", "name": f"batches/{jid}"}
         op: dict[str, Any] = {"name": f"batches/{jid}", "metadata": meta}
         if state in TERMINAL:
