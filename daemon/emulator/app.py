@@ -295,7 +295,7 @@ class Api:
                 if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
                     raise ApiError(400, "Each inlined request needs a `request` object.")
                 entry = {"request": item["request"]}
-                if "metadata" in item and not embed:
+                if "metadata" in item:
                     entry["metadata"] = item["metadata"]
                 inline.append(entry)
             tokens = sum(answers.estimate_tokens(i["request"]) for i in inline)
