@@ -51,13 +51,28 @@ def sync_emulator(tmp_path: Path) -> Iterator[Emulator]:
         thread.join(10)
 
 
-def make_client(url: str, api_version: str | None = "v1beta", **kw: Any) -> genai.Client:
+_CLIENTS: list[genai.Client] = []
+
+
+def make_client(
+    url: str, api_version: str | None = "v1beta", *, key: str = KEY, **kw: Any
+) -> genai.Client:
+    """A sync SDK client for `url`; closed after the test (no leaked sockets)."""
     opts = (
         types.HttpOptions(base_url=url, api_version=api_version, **kw)
         if api_version
         else types.HttpOptions(base_url=url, **kw)
     )
-    return genai.Client(api_key=KEY, http_options=opts)
+    client = genai.Client(api_key=key, http_options=opts)
+    _CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 @pytest.fixture

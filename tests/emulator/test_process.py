@@ -15,10 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from google import genai
 from google.genai import types
 
-from tests.emulator.conftest import KEY, make_client, wait_until
+from tests.emulator.conftest import make_client, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -109,10 +108,7 @@ def test_300mb_upload_download_peak_rss(emulator_proc: Proc, tmp_path: Path) -> 
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    client = genai.Client(
-        api_key=KEY,
-        http_options=types.HttpOptions(base_url=emulator_proc.url, api_version="v1beta"),
-    )
+    client = make_client(emulator_proc.url)
     try:
         t0 = time.monotonic()
         up = client.files.upload(file=str(src), config={"mime_type": "application/octet-stream"})

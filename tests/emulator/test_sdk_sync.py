@@ -204,7 +204,7 @@ def test_list_paging_cancel_delete(sync_emulator: Emulator, client: genai.Client
 
 
 def test_wrong_and_missing_key(sync_emulator: Emulator) -> None:
-    bad = genai.Client(api_key="wrong", http_options=types.HttpOptions(base_url=sync_emulator.url))
+    bad = make_client(sync_emulator.url, None, key="wrong")
     with pytest.raises(errors.ClientError) as e:
         bad.batches.list(config={"page_size": 10})
     assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"
