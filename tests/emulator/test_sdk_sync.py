@@ -67,6 +67,10 @@ def test_file_job_roundtrip(
     assert out.mime_type == "application/jsonl"
 
     results = read_results(client, job.dest.file_name, tmp_path / "out.jsonl")
+    client.files.download(
+        file=out, destination=str(tmp_path / "out2.jsonl")
+    )  # a File object works too
+    assert (tmp_path / "out2.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
     assert sorted(results) == [f"k{i}" for i in range(5)]
     for i in range(5):
         resp = types.GenerateContentResponse.model_validate(results[f"k{i}"]["response"])
