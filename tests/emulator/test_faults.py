@@ -13,7 +13,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.conftest import wait_until
+from tests.emulator.helpers import wait_until
 
 
 def admin(emu: Emulator, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from daemon.emulator import Emulator, worker
-from tests.emulator.conftest import KEY
+from tests.emulator.helpers import KEY
 
 H = {"x-goog-api-key": KEY}
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from google.genai import types
 
-from tests.emulator.conftest import make_client, wait_until
+from tests.emulator.helpers import make_client, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024

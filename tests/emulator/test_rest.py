@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from daemon.emulator import Emulator, EmulatorSettings
-from tests.emulator.conftest import KEY
+from tests.emulator.helpers import KEY
 
 H = {"x-goog-api-key": KEY}
 

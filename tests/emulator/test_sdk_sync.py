@@ -12,7 +12,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.conftest import KEY, make_client, wait_until
+from tests.emulator.helpers import KEY, make_client, wait_until
 
 
 def write_jsonl(path: Path, n: int, extra: str = "") -> Path:
