@@ -26,8 +26,10 @@ from daemon.emulator.wire import (
     page,
     route,
 )
+from daemon.emulator.worker import count_lines
 
 log = logging.getLogger(__name__)
+SMALL_INPUT = 16 * 1024 * 1024
 
 
 class Api:
@@ -278,6 +280,7 @@ class Api:
         file_name = answers.get(cfg, "fileName")
         requests = answers.get(cfg, "requests")
         inline: list[dict[str, Any]] | None = None
+        count: int | None = None
         if bool(file_name) == bool(requests):
             raise ApiError(
                 400, "Exactly one of input_config.file_name and input_config.requests is required."
@@ -286,6 +289,8 @@ class Api:
             fid = str(file_name).removeprefix("files/")
             rec = self._file(fid)
             tokens = max(1, rec["size"] // 4)
+            if rec["size"] <= SMALL_INPUT:  # count now so the PENDING job shows requestCount
+                count = await asyncio.to_thread(count_lines, self.store.file_path(fid))
         else:
             items = requests.get("requests") if isinstance(requests, dict) else None
             if not isinstance(items, list) or not items:
@@ -299,6 +304,7 @@ class Api:
                     entry["metadata"] = item["metadata"]
                 inline.append(entry)
             tokens = sum(answers.estimate_tokens(i["request"]) for i in inline)
+            count = len(inline)
         self._check_limits(mid, tokens)
         display = answers.get(batch, "displayName")
         job = self.store.create_job(
@@ -308,6 +314,7 @@ class Api:
             input_file=f"files/{fid}" if file_name else None,
             inline=inline,
             tokens=tokens,
+            request_count=count,
         )
         self.stats.creates_by_display_name[display or ""] += 1
         return json_response(self.store.operation(job), self.stats)

@@ -134,6 +134,7 @@ class Store:
         input_file: str | None,
         inline: list[dict[str, Any]] | None,
         tokens: int,
+        request_count: int | None = None,
     ) -> dict[str, Any]:
         """Record a new job and start its result worker."""
         jid = new_id(36)
@@ -151,7 +152,7 @@ class Store:
             "shuffle": self.settings.shuffle_results,
             "seed": f"{self.settings.seed}:{jid}",
             "forced": self.forced.pop(0) if self.forced else None,
-            "request_count": len(inline) if inline is not None else None,
+            "request_count": request_count,
             "counts": None,
             "state": None,
             "end": None,

@@ -108,6 +108,7 @@ async def test_operation_shapes_and_bare_lines(
         and meta["model"] == "models/gemini-2.5-flash"
     )
     assert meta["state"] == "BATCH_STATE_PENDING" and "done" not in op
+    assert meta["batchStats"] == {"requestCount": "3", "pendingRequestCount": "3"}
     assert meta["inputConfig"] == {"fileName": f["name"]} and meta["displayName"] == "raw"
 
     op = await wait_op(http, url, op["name"])
