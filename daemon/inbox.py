@@ -224,31 +224,31 @@ async def _take(
 ) -> str:
     """Insert the row and move ``path`` to ``dest`` in one transaction."""
     kind = model_kind(model)
-    special = reason is not None and not stat.S_ISREG(os.lstat(path).st_mode)
-    note = {"id": input_id, "rel_path": rel, "model": model, "kind": kind, "reason": reason}
-    await anyio.to_thread.run_sync(lambda: _write_claim_note(dest_dir, **note))
-    cross_device = not special and os.stat(path).st_dev != os.stat(dest_dir).st_dev
-    tmp = dest_dir / ".input.jsonl.copying"
-    if cross_device:  # copy outside the transaction; the swap below is quick
-        await anyio.to_thread.run_sync(_copy_in, path, tmp)
     fields: dict[str, Any] = {"id": input_id, "rel_path": rel, "model": model, "kind": kind}
     if reason is not None:
         fields["reason"] = reason
         fields["error"] = {"problems": [], "problem_count": 0}
+    tmp = dest_dir / ".input.jsonl.copying"
     try:
-        async with ctx.store.tx() as conn:
-            await ctx.store.add_input(conn, work_path=str(dest), **fields)
-            if special:
-                _move_special(path, dest)
-            elif cross_device:
-                os.rename(tmp, dest)
-                os.unlink(path)
-            else:
-                os.rename(path, dest)
-            fsync_dir(dest_dir)
-            fsync_dir(path.parent)
+        special = not stat.S_ISREG(os.lstat(path).st_mode)
+        await anyio.to_thread.run_sync(lambda: _write_claim_note(dest_dir, **fields))
+        cross_device = not special and os.stat(path).st_dev != os.stat(dest_dir).st_dev
+        if cross_device:  # copy outside the transaction; the swap below is quick
+            await anyio.to_thread.run_sync(_copy_in, path, tmp)
+        with anyio.CancelScope(shield=True):  # the move and its commit are not torn apart
+            async with ctx.store.tx() as conn:
+                await ctx.store.add_input(conn, work_path=str(dest), **fields)
+                if special:
+                    _move_special(path, dest)
+                elif cross_device:
+                    os.rename(tmp, dest)
+                    os.unlink(path)
+                else:
+                    os.rename(path, dest)
+                fsync_dir(dest_dir)
+                fsync_dir(path.parent)
     except BaseException:
-        if not dest.exists() and not os.path.islink(dest):
+        if not os.path.lexists(dest):
             shutil.rmtree(dest_dir, ignore_errors=True)
         raise
     log.info("input_claimed", input_id=input_id, file=rel, model=model, rejected=reason)
@@ -573,9 +573,9 @@ async def _adopt_orphans(ctx: Context) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 continue
             fields: dict[str, Any] = {k: note[k] for k in ("id", "rel_path", "model", "kind")}
-            if note.get("reason"):
-                fields["reason"] = note["reason"]
-                fields["error"] = {"problems": [], "problem_count": 0}
+            if note.get("error") is not None:
+                fields["reason"] = note.get("reason")
+                fields["error"] = note["error"]
             async with ctx.store.tx() as conn:
                 await ctx.store.add_input(conn, work_path=str(moved[0]), **fields)
             log.info("claim_adopted", input_id=note["id"], file=note["rel_path"])
