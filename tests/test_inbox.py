@@ -16,8 +16,8 @@ from daemon.config import parse_config
 from daemon.context import Context
 from daemon.inbox import (
     SettleTracker,
-    classify,
     claim,
+    classify,
     recover_claims,
     run_inbox,
     run_validator,
@@ -117,7 +117,9 @@ async def test_ignored_names_are_left_alone(ctx: Context) -> None:
     (inbox / "gemini-2.5-flash" / "deep").mkdir(parents=True)
     (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").write_bytes(GOOD)
     assert await settle_scan(ctx) == 0
-    assert sorted(p.name for p in inbox.iterdir()) == sorted([*names, ".hidden", "gemini-2.5-flash"])
+    assert sorted(p.name for p in inbox.iterdir()) == sorted(
+        [*names, ".hidden", "gemini-2.5-flash"]
+    )
     assert (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").exists()
     assert await rows(ctx) == []
     assert not ctx.cfg.outbox_dir.exists() or list(ctx.cfg.outbox_dir.rglob("*")) == []

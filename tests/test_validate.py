@@ -57,7 +57,10 @@ def test_valid_file_facts(tmp_path: Path) -> None:
     ("data", "expected"),
     [
         ([line("a"), b"{not json"], [(2, "invalid JSON")]),
-        ([line("a"), b"[1, 2]", b'"text"', b"7"], [(2, "not a JSON object"), (3, "not"), (4, "not")]),
+        (
+            [line("a"), b"[1, 2]", b'"text"', b"7"],
+            [(2, "not a JSON object"), (3, "not"), (4, "not")],
+        ),
         ([{"key": "a"}], [(1, 'missing "request"')]),
         ([{"key": "a", "request": {}}], [(1, '"request" is empty')]),
         ([{"key": "a", "request": []}], [(1, '"request" is not a JSON object')]),
@@ -167,7 +170,9 @@ def test_problem_cap_keeps_total_count(tmp_path: Path) -> None:
     # duplicates found at the end are merged in line order
     data = [line("a"), line("a"), *[b"nope"] * 120]
     v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
-    assert v.problem_count == 121 and v.problems[0].line == 2 and "duplicate" in v.problems[0].reason
+    assert (
+        v.problem_count == 121 and v.problems[0].line == 2 and "duplicate" in v.problems[0].reason
+    )
     assert [p.line for p in v.problems] == list(range(2, 102))
 
 
