@@ -367,6 +367,7 @@ async def run_control(
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     sock: socket.socket | None = None
+    inode = -1
     try:
         sock = bind_socket(path, ctx.cfg.paths.socket_group)
         inode = path.lstat().st_ino
