@@ -1,0 +1,118 @@
+"""Settings, fault injection and call statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+ENDPOINTS = (
+    "files.upload",
+    "files.upload_chunk",
+    "files.get",
+    "files.list",
+    "files.delete",
+    "files.download",
+    "batches.create",
+    "batches.create_embeddings",
+    "batches.get",
+    "batches.list",
+    "batches.cancel",
+    "batches.delete",
+)
+CREATE_ENDPOINTS = ("batches.create", "batches.create_embeddings")
+KINDS = ("429", "500", "503", "drop", "create_then_503", "create_then_drop")
+
+
+@dataclass
+class EmulatorSettings:
+    """Behaviour of the emulator; every field can be changed at runtime (POST /__emulator/config)."""
+
+    pending_seconds: float = 0.2
+    running_seconds: float = 0.5
+    shuffle_results: bool = True
+    api_key: str | None = None
+    max_active_jobs: int = 100
+    max_enqueued_tokens: dict[str, int] = field(default_factory=dict)
+    fault_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    seed: int = 0
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial update; raises ValueError for unknown fields or bad values."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        for endpoint, rates in (changes.get("fault_rates") or {}).items():
+            check_fault(endpoint, *rates)
+        for k, v in changes.items():
+            setattr(self, k, v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_fault(endpoint: str, *kinds: str) -> None:
+    if endpoint != "*" and endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; one of {', '.join(ENDPOINTS)} or '*'")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
+        if kind.startswith("create_then") and endpoint not in (*CREATE_ENDPOINTS, "*"):
+            raise ValueError(f"{kind} applies only to {', '.join(CREATE_ENDPOINTS)}")
+
+
+class Faults:
+    """Decides which fault, if any, a call gets: one-shot faults first, then random rates."""
+
+    def __init__(self, settings: EmulatorSettings) -> None:
+        self.settings = settings
+        self._rng = random.Random(settings.seed)
+        self._next: dict[str, deque[str]] = {}
+
+    def fail_next(self, endpoint: str, kind: str, count: int = 1) -> None:
+        check_fault(endpoint, kind)
+        self._next.setdefault(endpoint, deque()).extend([kind] * count)
+
+    def pick(self, endpoint: str) -> str | None:
+        for name in (endpoint, "*"):
+            q = self._next.get(name)
+            if q:
+                kind = q[0]
+                if kind.startswith("create_then") and endpoint not in CREATE_ENDPOINTS:
+                    continue
+                q.popleft()
+                return kind
+        for name in (endpoint, "*"):
+            for kind, p in (self.settings.fault_rates.get(name) or {}).items():
+                if kind.startswith("create_then") and endpoint not in CREATE_ENDPOINTS:
+                    continue
+                if p > 0 and self._rng.random() < p:
+                    return kind
+        return None
+
+    def clear(self) -> None:
+        self._next.clear()
+
+
+class Stats:
+    """Calls per endpoint, creates per display name, bytes in and out."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.creates_by_display_name: Counter[str] = Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "creates_by_display_name": dict(self.creates_by_display_name),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
