@@ -12,6 +12,7 @@ Exit codes: 0 ok, 1 failure (unknown id, not allowed in this state, daemon error
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,20 @@ class Api:
             timeout=TIMEOUT,
         )
 
+    def probe(self) -> None:
+        """Raise :class:`Unavailable` unless something accepts connections on the socket.
+
+        Checked with our own socket first because httpcore2's Unix-socket connect leaks its
+        socket when the connect fails (an unclosed-socket ResourceWarning)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        try:
+            s.connect(str(self.socket_path))
+        except OSError as e:
+            raise Unavailable(e.strerror or str(e)) from None
+        finally:
+            s.close()
+
     def close(self) -> None:
         self._http.close()
 
@@ -90,8 +105,11 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     """Run one client command; returns the exit code."""
     sock = Path(args.socket) if getattr(args, "socket", None) else cfg.socket_path
     out = Console(highlight=False)
+    if not out.is_terminal:
+        out.width = 200  # piped: keep each row on one line for grep and friends
     api = Api(sock)
     try:
+        api.probe()
         return COMMANDS[args.command](api, args, out)
     except Unavailable as e:
         print(
@@ -121,7 +139,10 @@ def _print_json(data: Any) -> None:
 def _when(iso: str | None) -> str:
     if not iso:
         return "-"
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromisoformat(iso).astimezone()
+    if when.date() == datetime.now().astimezone().date():
+        return when.strftime("%H:%M:%S")
+    return when.strftime("%Y-%m-%d %H:%M")
 
 
 def _duration(seconds: float) -> str:
@@ -197,7 +218,11 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Console) -> int:
 
 
 def _inputs_table(views: list[dict[str, Any]]) -> Table:
-    t = Table("id", "path", "model", "state", "requests", "progress", "updated")
+    t = Table()
+    t.add_column("id", no_wrap=True)
+    for name in ("path", "model", "state", "requests", "progress"):
+        t.add_column(name, overflow="fold")
+    t.add_column("updated", no_wrap=True)
     for v in views:
         state = v["state"] + (f" ({v['reason']})" if v["reason"] and not v["final"] else "")
         t.add_row(
