@@ -121,51 +121,20 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
         hint = " (use fresh to run it again)" if state is InputState.SUCCEEDED else ""
         raise ActionError(409, f"input {input_id} is {state.value}: nothing to retry{hint}")
 
-    from daemon.collect import plan_retries  # written alongside; imported lazily
+    from daemon.collect import plan_retries  # the collector's planner; imported lazily
 
-    # Queued first, then planned: a crash in between leaves a non-final input whose jobs are all
-    # collected, which the collector finishes again (or plans within its budget); the other
-    # order would leave planned jobs under a final input.
+    # plan_retries inserts the follow-up jobs and moves the input to queued (clearing
+    # cancel_requested and finished_at) in one transaction: a crash leaves either nothing or both.
     async with _lock_for(ctx):
-        async with ctx.store.tx() as conn:
-            current = await _state_in_tx(conn, input_id)
-            if current != state.value:
-                raise ActionError(409, f"input {input_id} changed to {current} meanwhile")
-            await ctx.store.set_input_state(
-                conn,
-                input_id,
-                InputState.QUEUED,
-                note="retry requested",
-                cancel_requested=0,
-                reason="retry requested",
-                finished_at=None,
-            )
-        try:
-            planned = await plan_retries(ctx, input_id, force=True)
-        except BaseException:
-            await _restore(ctx, row)
-            raise
-        if isinstance(planned, int) and planned == 0:
-            await _restore(ctx, row)
-            raise ActionError(409, f"input {input_id}: every request already has an answer")
-    log.info("retry_planned", input_id=input_id, planned=planned)
+        current = await _require(ctx, input_id)
+        if current["state"] != state.value:
+            raise ActionError(409, f"input {input_id} changed to {current['state']} meanwhile")
+        planned = await plan_retries(ctx, input_id, force=True)
+    if not planned:
+        raise ActionError(409, f"input {input_id}: every request already has a successful answer")
+    log.info("retry_planned", input_id=input_id, requests=planned)
     ctx.wake.submit.set()
     return await _require(ctx, input_id)
-
-
-async def _restore(ctx: Context, row: Row) -> None:
-    """Put a final input back as it was after a retry that planned nothing."""
-    with anyio.CancelScope(shield=True):
-        async with ctx.store.tx() as conn:
-            await ctx.store.set_input_state(
-                conn,
-                row["id"],
-                InputState(row["state"]),
-                note="retry planned nothing",
-                cancel_requested=row["cancel_requested"],
-                reason=row["reason"],
-                finished_at=row["finished_at"],
-            )
 
 
 _locks: weakref.WeakKeyDictionary[Store, anyio.Lock] = weakref.WeakKeyDictionary()

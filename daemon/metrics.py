@@ -15,7 +15,8 @@ Metrics (all prefixed ``gemini_batchd_``):
 - ``gemini_batchd_stuck_jobs`` — remote jobs pending/running longer than ``[poll] stuck_after``.
 - ``gemini_batchd_poll_lag_seconds`` — how far the most overdue active job is behind its poll time.
 - ``gemini_batchd_requests_total{outcome}`` — requests of finished inputs, outcome succeeded|failed.
-- ``gemini_batchd_tokens_total{kind}`` — tokens of finished inputs, kind prompt|candidates|thoughts|cached.
+- ``gemini_batchd_tokens_total{kind}`` — tokens spent by finished inputs (reused ones excluded),
+  kind prompt|candidates|thoughts|cached.
 - ``gemini_batchd_api_calls_total{endpoint,code}`` — API calls by endpoint and HTTP code.
 - ``gemini_batchd_api_errors_total{endpoint,code}`` — the calls among them that failed (code not 2xx).
 """
@@ -109,9 +110,14 @@ async def gather(ctx: Context, *, started_at: float) -> Snapshot:
     snap.poll_lag = max(0.0, now - oldest) if oldest is not None else 0.0
     # Totals of finished inputs, from the summary the collector wrote (SQLite's JSON functions,
     # so a scrape does not parse every summary in Python).
+    # Tokens of reused inputs (served from an earlier identical drop) were not spent again.
     sums = ", ".join(
         [f"COALESCE(SUM(json_extract(summary, '$.requests.{o}')), 0) AS r_{o}" for o in OUTCOMES]
-        + [f"COALESCE(SUM(json_extract(summary, '$.tokens.{k}')), 0) AS t_{k}" for k in TOKEN_KINDS]
+        + [
+            f"COALESCE(SUM(CASE WHEN reused_from IS NULL THEN "
+            f"json_extract(summary, '$.tokens.{k}') END), 0) AS t_{k}"
+            for k in TOKEN_KINDS
+        ]
     )
     row = await store.fetchone(
         f"SELECT {sums} FROM inputs WHERE summary IS NOT NULL AND json_valid(summary)"

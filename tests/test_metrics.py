@@ -61,12 +61,13 @@ async def add(
     *,
     summary: dict[str, Any] | None = None,
     jobs: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    **fields: Any,
 ) -> str:
     async with ctx.store.tx() as conn:
         row = await ctx.store.add_input(
             conn, rel_path="x.jsonl", model="m", work_path="/nonexistent", request_count=requests
         )
-        await ctx.store.set_input_state(conn, row["id"], state, summary=summary)
+        await ctx.store.set_input_state(conn, row["id"], state, summary=summary, **fields)
         for n, job in enumerate(jobs, start=1):
             await ctx.store.add_job(
                 conn,
@@ -108,11 +109,18 @@ async def test_metrics_parse_and_match_the_store(tmp_path: Path) -> None:
             4,
             summary={"requests": {"total": 4, "succeeded": 4, "failed": 0}, "tokens": tokens},
         )
-        await add(
+        partial = await add(
             ctx,
             InputState.PARTIAL,
             3,
             summary={"requests": {"total": 3, "succeeded": 2, "failed": 1}, "tokens": tokens},
+        )
+        await add(  # served from the earlier drop: its requests count, its tokens were not spent
+            ctx,
+            InputState.PARTIAL,
+            3,
+            summary={"requests": {"total": 3, "succeeded": 2, "failed": 1}, "tokens": tokens},
+            reused_from=partial,
         )
         m = await scrape(ctx)
         counts = await ctx.store.counts_by_state()
@@ -123,8 +131,8 @@ async def test_metrics_parse_and_match_the_store(tmp_path: Path) -> None:
     assert m[("gemini_batchd_jobs", (("state", JobState.ACTIVE.value),))] == 2
     assert m[("gemini_batchd_active_jobs", ())] == 3  # 2 active + 1 uploading
     assert m[("gemini_batchd_queue_depth_requests", ())] == 7
-    assert m[("gemini_batchd_requests_total", (("outcome", "succeeded"),))] == 6
-    assert m[("gemini_batchd_requests_total", (("outcome", "failed"),))] == 1
+    assert m[("gemini_batchd_requests_total", (("outcome", "succeeded"),))] == 8
+    assert m[("gemini_batchd_requests_total", (("outcome", "failed"),))] == 2
     for kind, n in tokens.items():
         assert m[("gemini_batchd_tokens_total", (("kind", kind),))] == 2 * n
     assert 30 <= m[("gemini_batchd_poll_lag_seconds", ())] < 60
