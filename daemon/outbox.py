@@ -29,7 +29,9 @@ def atomic_writer(final: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
     """Write ``final`` atomically: yields a binary file under a temporary name in the same folder;
     on success it is fsynced and renamed into place; on error the temporary file is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    # One daemon per state folder (a lock), so a fixed temporary name is safe, and a crash's
+    # leftover is simply overwritten by the retry.
+    tmp = final.with_name(f".{final.name}.tmp")
     f = open(tmp, "wb")
     try:
         yield f

@@ -1,0 +1,114 @@
+"""kill -9 at each step, then restart: complete, correct results exactly once, no duplicate create,
+no partial file under a final name. The daemon runs as a real child process; crash points
+(``GEMINI_BATCHD_CRASH_AT``) make it SIGKILL itself exactly at a step, and mid-upload is a kill from
+outside while the emulator is receiving chunks."""
+
+from __future__ import annotations
+
+import signal
+
+import orjson
+import pytest
+
+from daemon.outbox import outbox_paths
+from tests.e2e.conftest import DaemonProcess, config_data, write_config
+from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
+
+N = 50
+
+
+def _config(tmp_path, emulator, *, inline: bool):
+    data = config_data(
+        tmp_path / "root",
+        emulator.url,
+        submit={"inline_max_bytes": 8 * 1024 * 1024 if inline else 0},
+    )
+    data["daemon"]["log_format"] = "json"
+    return write_config(tmp_path / "config.toml", data), data
+
+
+def _check_outcome(root, emulator, n=N) -> None:
+    out = outbox_paths(root / "outbox", "crash.jsonl")
+    lines = read_jsonl(out["results"])
+    assert [x["key"] for x in lines] == [f"k{i}" for i in range(n)]
+    assert all(answer_text(x) == f"echo: prompt for k{i}" for i, x in enumerate(lines))
+    summary = orjson.loads(out["summary"].read_bytes())
+    assert summary["state"] == "succeeded"
+    creates = emulator.stats["creates_by_display_name"]
+    assert creates and all(v == 1 for v in creates.values()), creates  # never paid twice
+    leftovers = [p.name for p in (root / "outbox").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+async def _restart_and_finish(cfg_path, root, emulator, n=N) -> None:
+    p = DaemonProcess(cfg_path)
+    try:
+        summary = outbox_paths(root / "outbox", "crash.jsonl")["summary"]
+        await wait_until(summary.exists, timeout=90)
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
+    _check_outcome(root, emulator, n)
+
+
+@pytest.mark.parametrize(
+    ("point", "inline"),
+    [
+        ("after_claim", True),
+        ("after_upload", False),
+        ("after_create", True),
+        ("after_create", False),
+        ("while_running", False),
+        ("after_download", False),
+        ("mid_outbox", True),
+    ],
+)
+async def test_kill9_at_a_step_then_restart(tmp_path, emulator, point, inline):
+    cfg_path, _ = _config(tmp_path, emulator, inline=inline)
+    root = tmp_path / "root"
+    emulator.settings.running_seconds = 0.5
+    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "crash.jsonl", request_lines(N))
+        code = await p.wait_exit(timeout=60)
+        assert code == -signal.SIGKILL, p.output()
+    finally:
+        p.close()
+    # Whatever the crash left, no consumer sees a final name with partial content.
+    out = outbox_paths(root / "outbox", "crash.jsonl")
+    assert not out["summary"].exists()
+    if out["results"].exists():
+        assert len(read_jsonl(out["results"])) == N
+    await _restart_and_finish(cfg_path, root, emulator)
+
+
+async def test_kill9_mid_upload_then_restart(tmp_path, emulator):
+    cfg_path, _ = _config(tmp_path, emulator, inline=False)
+    root = tmp_path / "root"
+    n = 60_000  # ~6 MB of prompts padded to > 3 upload chunks of 8 MiB
+    pad = "x" * 400
+    lines = request_lines(n, text=lambda i: f"prompt for k{i} {pad}")
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "crash.jsonl", lines)
+        await wait_until(
+            lambda: emulator.stats["calls"].get("files.upload_chunk", 0) >= 1, interval=0.002
+        )
+        p.kill9()
+    finally:
+        p.close()
+    assert emulator.stats["calls"].get("batches.create", 0) == 0  # killed before any create
+    p = DaemonProcess(cfg_path)
+    try:
+        summary = outbox_paths(root / "outbox", "crash.jsonl")["summary"]
+        await wait_until(summary.exists, timeout=120)
+        assert p.terminate() == 0
+    finally:
+        p.close()
+    out = outbox_paths(root / "outbox", "crash.jsonl")
+    got = read_jsonl(out["results"])
+    assert [x["key"] for x in got] == [f"k{i}" for i in range(n)]
+    assert answer_text(got[-1]) == f"echo: prompt for k{n - 1} {pad}"
+    assert all(v == 1 for v in emulator.stats["creates_by_display_name"].values())

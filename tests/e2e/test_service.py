@@ -1,0 +1,157 @@
+"""Running as a service: sd_notify over a real datagram socket, SIGTERM, the instance lock, no key leaks."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+
+import orjson
+
+from daemon.outbox import outbox_paths
+from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
+from tests.helpers import drop, read_jsonl, request_lines, short_tmpdir, wait_until
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.path = short_tmpdir() / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, str]] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            self.messages.append((time.monotonic(), data.decode()))
+        return [m for _, m in self.messages]
+
+    def has(self, prefix: str) -> bool:
+        return any(line.startswith(prefix) for m in self.drain() for line in m.splitlines())
+
+
+async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path, emulator):
+    data = config_data(tmp_path / "root", emulator.url)
+    cfg_path = write_config(tmp_path / "c.toml", data)
+    root = tmp_path / "root"
+    emulator.settings.running_seconds = 3.0
+    # First life: take a file and die while its job runs, so the next start has work to resume.
+    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": "while_running"})
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "n.jsonl", request_lines(3))
+        assert await p.wait_exit() == -9
+    finally:
+        p.close()
+
+    ns = NotifySocket()
+    p = DaemonProcess(cfg_path, env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "400000"})
+    try:
+        await wait_until(lambda: ns.has("READY=1"), timeout=30)
+        ready = next(m for m in ns.drain() if "READY=1" in m)
+        assert "STATUS=" in ready and "running 1" in ready  # the resumed input is counted at READY
+        t0 = time.monotonic()
+        await wait_until(lambda: sum("WATCHDOG=1" in m for m in ns.drain()) >= 5, timeout=10)
+        pings = [t for t, m in ns.messages if "WATCHDOG=1" in m]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert max(gaps) < 0.4 and time.monotonic() - t0 < 5  # half of WATCHDOG_USEC, with slack
+        await wait_until(outbox_paths(root / "outbox", "n.jsonl")["summary"].exists, timeout=30)
+        assert p.terminate() == 0
+        assert ns.has("STOPPING=1")
+        log = p.output()
+        assert log.index('"recovery_done"') < log.index('"daemon_ready"')
+    finally:
+        p.close()
+
+
+async def test_sigterm_mid_flight_exits_0_in_time_and_next_start_finishes(tmp_path, emulator):
+    data = config_data(tmp_path / "root", emulator.url, submit={"inline_max_bytes": 1024})
+    cfg_path = write_config(tmp_path / "c.toml", data)
+    root = tmp_path / "root"
+    emulator.settings.running_seconds = 1.0
+    pad = "y" * 400
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        for i in range(5):
+            drop(root / "inbox", f"small{i}.jsonl", request_lines(20))
+        await wait_until(lambda: emulator.stats["calls"].get("batches.get", 0) >= 1, timeout=30)
+        drop(
+            root / "inbox",
+            "big.jsonl",
+            request_lines(50_000, text=lambda i: f"prompt for k{i} {pad}"),
+        )
+        await wait_until(
+            lambda: emulator.stats["calls"].get("files.upload_chunk", 0) >= 1,
+            timeout=30,
+            interval=0.002,
+        )
+        t0 = time.monotonic()
+        code = p.terminate()
+        took = time.monotonic() - t0
+        assert code == 0, p.output()
+        assert took < data["daemon"]["shutdown_seconds"], took
+    finally:
+        p.close()
+    p = DaemonProcess(cfg_path)
+    try:
+        for name in [f"small{i}" for i in range(5)] + ["big"]:
+            await wait_until(
+                outbox_paths(root / "outbox", f"{name}.jsonl")["summary"].exists, timeout=120
+            )
+        assert p.terminate() == 0
+    finally:
+        p.close()
+    assert len(read_jsonl(root / "outbox" / "big.jsonl")) == 50_000
+    assert all(v == 1 for v in emulator.stats["creates_by_display_name"].values())
+    assert len(emulator.stats["creates_by_display_name"]) == 6
+
+
+async def test_second_instance_on_the_same_state_is_refused(tmp_path, emulator):
+    cfg_path = write_config(tmp_path / "c.toml", config_data(tmp_path / "root", emulator.url))
+    first = DaemonProcess(cfg_path)
+    try:
+        sock = tmp_path / "root"
+        await wait_until(
+            lambda: (sock / "state" / "lock").exists() and "daemon_ready" in first.output(),
+            timeout=30,
+        )
+        second = DaemonProcess(cfg_path)
+        try:
+            code = await second.wait_exit(timeout=30)
+            assert code == 1
+            assert "refusing to start" in second.output()
+        finally:
+            second.close()
+        assert first.proc.poll() is None  # the first one is untouched
+        assert first.terminate() == 0
+    finally:
+        first.close()
+
+
+async def test_api_key_never_in_logs_db_or_outbox(tmp_path, emulator):
+    data = config_data(tmp_path / "root", emulator.url, daemon={"log_level": "debug"})
+    cfg_path = write_config(tmp_path / "c.toml", data)
+    root = tmp_path / "root"
+    emulator.fail_next("batches.create", "503")  # an API error on the way, logged
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "s.jsonl", request_lines(5))
+        drop(root / "inbox", "bad.jsonl", b"{nope\n")
+        await wait_until(outbox_paths(root / "outbox", "s.jsonl")["summary"].exists, timeout=60)
+        assert p.terminate() == 0
+    finally:
+        p.close()
+    needle = API_KEY.encode()
+    assert needle not in p.log.read_bytes()
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+    assert orjson.loads((root / "outbox" / "s.summary.json").read_bytes())["state"] == "succeeded"

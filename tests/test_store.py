@@ -1,0 +1,108 @@
+"""The store: migrations by user_version, durable pragmas, serialised transactions, lookups."""
+
+import sqlite3
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from daemon.states import InputState, JobState
+from daemon.store import Store, StoreError
+from daemon.store.schema import MIGRATIONS
+
+
+async def test_migrates_to_latest_and_sets_durable_pragmas(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        assert await store.scalar("PRAGMA user_version") == len(MIGRATIONS)
+        assert await store.scalar("PRAGMA journal_mode") == "wal"
+        assert await store.scalar("PRAGMA synchronous") == 2  # FULL
+        assert await store.scalar("PRAGMA foreign_keys") == 1
+
+
+async def test_refuses_a_newer_database(tmp_path):
+    db = tmp_path / "db.sqlite"
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.close()
+    with pytest.raises(StoreError, match="newer"):
+        async with Store.open(db):
+            pass
+
+
+async def test_states_are_checked_by_the_schema(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        with pytest.raises(sqlite3.IntegrityError):
+            async with store.tx() as conn:
+                await store.add_input(
+                    conn, rel_path="a.jsonl", model="m", work_path="w", state="bogus"
+                )
+        assert await store.counts_by_state() == {}
+
+
+async def test_rollback_on_error_leaves_nothing(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        with pytest.raises(RuntimeError):
+            async with store.tx() as conn:
+                await store.add_input(conn, rel_path="a.jsonl", model="m", work_path="w")
+                raise RuntimeError("boom")
+        assert await store.list_inputs() == []
+
+
+async def test_concurrent_transactions_do_not_interleave(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+
+        async def writer(n: int) -> None:
+            async with store.tx() as conn:
+                row = await store.add_input(conn, rel_path=f"{n}.jsonl", model="m", work_path="w")
+                await (
+                    anyio.lowlevel.checkpoint()
+                )  # yield inside the transaction: another task must wait
+                await store.set_input_state(conn, row["id"], InputState.QUEUED)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(writer, n)
+        assert await store.counts_by_state() == {"queued": 20}
+
+
+async def test_history_find_by_path_and_jobs(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            first = await store.add_input(
+                conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=1.0
+            )
+            second = await store.add_input(
+                conn, rel_path="m/a.jsonl", model="m", work_path="w", created_at=2.0
+            )
+            await store.set_input_state(conn, second["id"], InputState.QUEUED, note="validated")
+            job = await store.add_job(
+                conn,
+                input_id=second["id"],
+                part_no=1,
+                attempt=1,
+                display_name="gemini-batchd:x:1",
+                mode="inline",
+                source_path="p",
+                request_count=3,
+                est_tokens=9,
+            )
+            await store.update_job(conn, job, state=JobState.ACTIVE, error={"code": 1})
+        assert (await store.find_input("m/a.jsonl"))["id"] == second["id"]
+        assert (await store.find_input(first["id"]))["id"] == first["id"]
+        assert await store.find_input("nope.jsonl") is None
+        assert [h["state"] for h in await store.history(second["id"])] == ["seen", "queued"]
+        (j,) = await store.jobs_of(second["id"])
+        assert j["state"] == "active" and j["error"] == '{"code":1}'
+        with pytest.raises(sqlite3.IntegrityError):  # display names are never shared
+            async with store.tx() as conn:
+                await store.add_job(
+                    conn,
+                    input_id=first["id"],
+                    part_no=1,
+                    attempt=1,
+                    display_name="gemini-batchd:x:1",
+                    mode="inline",
+                    source_path="p",
+                    request_count=3,
+                    est_tokens=9,
+                )
