@@ -32,6 +32,7 @@ from watchfiles import awatch
 
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.outbox import fsync_dir, outbox_paths, write_json
 from daemon.states import InputState
 from daemon.store import loads, new_input_id
@@ -252,6 +253,7 @@ async def _take(
             shutil.rmtree(dest_dir, ignore_errors=True)
         raise
     log.info("input_claimed", input_id=input_id, file=rel, model=model, rejected=reason)
+    crash_point("after_claim")
     ctx.wake.validate.set()
     return input_id
 

@@ -16,6 +16,7 @@ import anyio
 import structlog
 
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.states import InputState, JobState, RemoteState
 from daemon.submit import advance_input, note_api_error
@@ -176,6 +177,8 @@ async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
             await ctx.store.update_input(conn, job["input_id"], reason=reason)
     if changed:
         log.info("job_state", job=job["id"], remote=job["remote_name"], state=state)
+    if state == RemoteState.RUNNING.value:
+        crash_point("while_running")
     if terminal:
         ctx.wake.collect.set()
 

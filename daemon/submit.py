@@ -23,6 +23,7 @@ import orjson
 import structlog
 
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.media_upload import resolve_media, resolved_path
 from daemon.states import InputState, JobState
@@ -156,6 +157,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any]) -> int:
                 await ctx.store.update_job(conn, job["id"], state=JobState.UPLOADING)
                 await advance_input(ctx, conn, job["input_id"], InputState.UPLOADING)
             up = await gem.upload_file(source, display_name=job["display_name"])
+            crash_point("after_upload")
             job["upload_name"] = up["name"]
             async with ctx.store.tx() as conn:
                 await ctx.store.update_job(
@@ -215,6 +217,7 @@ async def _create(
     except ApiError as e:
         await _failed(ctx, job, e, back_to=JobState.CREATING)
         return 0
+    crash_point("after_create")  # created remotely, name not yet stored: recovery must adopt it
     log.info("job_created", job=job["id"], remote=op.get("name"), display=job["display_name"])
     await _activated(ctx, job, op)
     return 1
