@@ -88,8 +88,16 @@ async def _run_status(ctx: Context, health: dict[str, float]) -> None:
         await anyio.sleep(2)
 
 
-async def _run_signals(ctx: Context, scope: anyio.CancelScope, stopping: threading.Event) -> None:
+async def _run_signals(
+    ctx: Context,
+    scope: anyio.CancelScope,
+    stopping: threading.Event,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The one place that handles signals: TERM/INT stop, HUP reloads and rescans."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 _reload(ctx)
@@ -134,35 +142,33 @@ async def run_service(
 
     _make_dirs(cfg)
     stopping = stopping or threading.Event()
-    async with ctx_factory(cfg) as ctx:
+    async with ctx_factory(cfg) as ctx, anyio.create_task_group() as tg:
+        if handle_signals:  # first: a SIGTERM during recovery or start-up is a clean stop too
+            await tg.start(_run_signals, ctx, tg.cancel_scope, stopping)
         await recover_claims(ctx)
         await recover_submissions(ctx)
         log.info("recovery_done", **await ctx.store.counts_by_state())
         health = {"store_ok_at": time.monotonic()}
-        async with anyio.create_task_group() as tg:
-            await tg.start(run_control, ctx)
-            await tg.start(run_validator, ctx)
-            await tg.start(run_submitter, ctx)
-            await tg.start(run_pollers, ctx)
-            await tg.start(run_collector, ctx)
-            await tg.start(
-                run_inbox, ctx
-            )  # started() once the watcher is live and the first scan ran
-            tg.start_soon(_run_status, ctx, health)
-            interval = systemd.watchdog_interval()
-            if interval:
-                tg.start_soon(
-                    lambda: systemd.run_watchdog(
-                        lambda: time.monotonic() - health["store_ok_at"] < 6 * interval + 10,
-                        interval=interval,
-                    )
+        await tg.start(run_control, ctx)
+        await tg.start(run_validator, ctx)
+        await tg.start(run_submitter, ctx)
+        await tg.start(run_pollers, ctx)
+        await tg.start(run_collector, ctx)
+        # run_inbox reports started once the watcher is live and the first scan ran.
+        await tg.start(run_inbox, ctx)
+        tg.start_soon(_run_status, ctx, health)
+        interval = systemd.watchdog_interval()
+        if interval:
+            tg.start_soon(
+                lambda: systemd.run_watchdog(
+                    lambda: time.monotonic() - health["store_ok_at"] < 6 * interval + 10,
+                    interval=interval,
                 )
-            if handle_signals:
-                tg.start_soon(_run_signals, ctx, tg.cancel_scope, stopping)
-            line = await _status_line(ctx)
-            systemd.ready(line)
-            log.info("daemon_ready", version=__version__, inbox=str(cfg.inbox_dir), status=line)
-            task_status.started(ctx)
+            )
+        line = await _status_line(ctx)
+        systemd.ready(line)
+        log.info("daemon_ready", version=__version__, inbox=str(cfg.inbox_dir), status=line)
+        task_status.started(ctx)
 
 
 @contextlib.asynccontextmanager
