@@ -32,6 +32,9 @@ class NotifySocket:
             self.messages.append((time.monotonic(), data.decode()))
         return [m for _, m in self.messages]
 
+    def close(self) -> None:
+        self.sock.close()
+
     def has(self, prefix: str) -> bool:
         return any(line.startswith(prefix) for m in self.drain() for line in m.splitlines())
 
@@ -51,6 +54,7 @@ async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path
         p.close()
 
     ns = NotifySocket()
+    first_life = len(cfg_path.with_suffix(".log").read_text())
     p = DaemonProcess(cfg_path, env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "400000"})
     try:
         await wait_until(lambda: ns.has("READY=1"), timeout=30)
@@ -64,10 +68,12 @@ async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path
         await wait_until(outbox_paths(root / "outbox", "n.jsonl")["summary"].exists, timeout=30)
         assert p.terminate() == 0
         assert ns.has("STOPPING=1")
-        log = p.output()
+        log = p.output()[first_life:]  # the second life only
+        assert '"claim_adopted"' not in log
         assert log.index('"recovery_done"') < log.index('"daemon_ready"')
     finally:
         p.close()
+        ns.close()
 
 
 async def test_sigterm_mid_flight_exits_0_in_time_and_next_start_finishes(tmp_path, emulator):
