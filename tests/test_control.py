@@ -333,17 +333,6 @@ async def test_retry_malformed_body_is_400(tmp_path: Path, body: bytes) -> None:
         assert (await ctx.store.get_input(iid))["state"] == "partial"
 
 
-async def test_retry_partial_plans_follow_up_jobs(tmp_path: Path) -> None:
-    pytest.importorskip("daemon.collect", reason="plan_retries lands with the collector branch")
-    async with serve(tmp_path) as ctx:
-        iid = await add_input(
-            ctx, "p.jsonl", InputState.PARTIAL, jobs=[{"state": "collected", "remote_name": "b/1"}]
-        )
-        async with http(ctx) as s:
-            status, _ = await call(s, "POST", f"/v1/inputs/{iid}/retry")
-        assert status in (202, 409)
-
-
 # ---- robustness --------------------------------------------------------------------------------
 async def test_oversized_body_and_handler_failure_leave_daemon_running(tmp_path: Path) -> None:
     async with serve(tmp_path) as ctx:
