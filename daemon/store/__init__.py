@@ -69,7 +69,10 @@ class Store:
             await store._migrate()
             yield store
         finally:
-            await conn.close()
+            # Shielded: a close abandoned by cancellation would finish in aiosqlite's thread after
+            # the event loop is gone ("Event loop is closed").
+            with anyio.CancelScope(shield=True):
+                await conn.close()
 
     async def _migrate(self) -> None:
         (version,) = await self._one_value("PRAGMA user_version")
