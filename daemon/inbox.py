@@ -368,19 +368,33 @@ async def run_inbox(
 
 
 async def _watch(ctx: Context, inbox: Path, probe_seen: anyio.Event) -> None:
-    async for changes in awatch(
-        inbox,
-        recursive=True,
-        force_polling=ctx.cfg.inbox.force_polling,
-        watch_filter=None,
-        step=50,
-        debounce=400,
-    ):
-        for _change, path in changes:
-            if os.path.basename(path) == PROBE_NAME:
-                probe_seen.set()
-            else:
-                ctx.wake.scan.set()
+    # awatch's watcher thread only sees a cancellation at its rust_timeout (5 s): a sibling sets
+    # the stop event on cancellation so the thread returns within one step and shutdown is quick.
+    stop = anyio.Event()
+
+    async def stop_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            stop.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_cancel)
+        async for changes in awatch(
+            inbox,
+            recursive=True,
+            force_polling=ctx.cfg.inbox.force_polling,
+            watch_filter=None,
+            step=50,
+            debounce=400,
+            stop_event=stop,
+        ):
+            for _change, path in changes:
+                if os.path.basename(path) == PROBE_NAME:
+                    probe_seen.set()
+                else:
+                    ctx.wake.scan.set()
+        tg.cancel_scope.cancel()
 
 
 async def _prove_watcher(inbox: Path, seen: anyio.Event, limit: float = 10.0) -> None:
