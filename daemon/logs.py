@@ -40,6 +40,7 @@ MIN_SECRET_LENGTH = (
 )
 
 QUIET_LOGGERS = (
+    "watchfiles",  # logs "N changes detected" at INFO for every batch
     "httpx",
     "httpx2",
     "httpcore",

@@ -10,6 +10,7 @@ next start resumes from what the store says.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -241,6 +242,10 @@ async def _main_async(cfg: Config, api_key: str | None, emulator: bool) -> int:
         emu = Emulator(data_dir=cfg.state_dir / "emulator")
         base_url = await emu.start()
         api_key = api_key or "emulator-key"
+        # Emulated jobs finish in about a second: poll accordingly so a dry run shows results at once.
+        cfg = cfg.replace(
+            poll=dataclasses.replace(cfg.poll, min_interval=min(cfg.poll.min_interval, 0.5))
+        )
         log.info("emulator_started", url=base_url)
     assert api_key is not None
     key = api_key
