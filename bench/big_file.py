@@ -157,11 +157,14 @@ def run_floor(src: Path, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = new_run_dir("big-floor")
     emu = EmulatorProc(run_dir / "emulator").start()
     try:
-        note("floor: orjson loop, raw upload, raw download")
-        parse_s, _ = floor.orjson_loop(src)
+        note(f"floor: orjson loop, raw upload, raw download; best of {args.floor_repeats}")
         host, port = emu.hostport
-        up_s, name = floor.raw_upload(host, port, src)
-        down_s, _ = floor.raw_download(host, port, name, run_dir / "download.jsonl")
+        parse_s = up_s = down_s = float("inf")
+        for _ in range(args.floor_repeats):
+            parse_s = min(parse_s, floor.orjson_loop(src)[0])
+            t, name = floor.raw_upload(host, port, src)
+            up_s = min(up_s, t)
+            down_s = min(down_s, floor.raw_download(host, port, name, run_dir / "dl.jsonl")[0])
         stats = emu.stats()
     finally:
         emu.stop()
@@ -170,7 +173,7 @@ def run_floor(src: Path, args: argparse.Namespace) -> dict[str, Any]:
         "parse_s": parse_s,
         "upload_s": up_s,
         "download_s": down_s,
-        "calls": api_calls(stats),
+        "calls": api_calls(stats) // args.floor_repeats,
     }
     note(f"floor: {json.dumps(out)}")
     cleanup(run_dir, args.keep)
@@ -261,6 +264,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3000, help="per run, seconds")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--floor-repeats", type=int, default=3, help="the floor is the best of N")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip timing `check`")
     ap.add_argument("--keep", action="store_true", help="keep the run folders under bench/out/")
     args = ap.parse_args()
