@@ -79,3 +79,29 @@ def outbox_paths(outbox_dir: Path, rel_path: str) -> dict[str, Path]:
         "error": folder / f"{stem}.error.json",
         "media": folder / f"{stem}.media",
     }
+
+
+def link_or_copy(src: Path, final: Path) -> None:
+    """Make ``final`` a hard link of ``src`` (replacing it atomically), or an atomic copy when
+    they are on different filesystems."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        copy_atomic(src, final)
+        return
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def remove_quietly(path: Path) -> bool:
+    """Remove a file if it exists (making the removal durable); returns whether it existed."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True

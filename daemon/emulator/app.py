@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,97 +14,22 @@ from aiohttp import web
 from daemon.emulator import answers
 from daemon.emulator.faults import CREATE_ENDPOINTS, Faults, Stats
 from daemon.emulator.state import Store, new_id, sha256_b64
-
-_PATH = re.compile(
-    r"^(?P<prefix>(?:/.*?)??)/(?:(?P<kind>upload|download)/)?(?P<v>v1beta|v1)/(?P<rest>.+)$"
+from daemon.emulator.wire import (
+    API_PATH,
+    FILE_ID,
+    UPLOAD_GRANULARITY,
+    ApiError,
+    Ctx,
+    Dropped,
+    Handler,
+    json_response,
+    page,
+    route,
 )
-_FILE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-HTTP_STATUS = {
-    400: "INVALID_ARGUMENT",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    409: "ALREADY_EXISTS",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
-}
-UPLOAD_GRANULARITY = 8 * 1024 * 1024
+from daemon.emulator.worker import count_lines
 
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str, status: str | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-        self.status = status or HTTP_STATUS.get(code, "UNKNOWN")
-        self.extra = extra
-
-
-class Dropped(Exception):
-    """Close the connection without answering."""
-
-
-Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
-
-
-class Ctx:
-    """One API call: the request plus the parsed route."""
-
-    def __init__(
-        self, request: web.Request, m: re.Match[str], endpoint: str, args: tuple[str, ...]
-    ):
-        self.request = request
-        self.endpoint = endpoint
-        self.args = args
-        self.version = m["v"]
-        self.base = f"{request.scheme}://{request.host}{m['prefix']}"
-
-
-def _route(
-    method: str, kind: str | None, rest: str, query: Any
-) -> tuple[str, tuple[str, ...]] | None:
-    if kind == "upload":
-        if method == "POST" and rest == "files":
-            return ("files.upload_chunk" if "upload_id" in query else "files.upload"), ()
-        return None
-    if kind == "download":
-        m = re.fullmatch(r"files/([^/:]+):download", rest)
-        return ("files.download", (m[1],)) if m and method == "GET" else None
-    table: list[tuple[str, str, str]] = [
-        ("GET", r"files", "files.list"),
-        ("GET", r"files/([^/:]+)", "files.get"),
-        ("DELETE", r"files/([^/:]+)", "files.delete"),
-        ("GET", r"files/([^/:]+):download", "files.download"),
-        ("POST", r"models/([^/:]+):batchGenerateContent", "batches.create"),
-        ("POST", r"models/([^/:]+):asyncBatchEmbedContent", "batches.create_embeddings"),
-        ("GET", r"batches", "batches.list"),
-        ("GET", r"batches/([^/:]+)", "batches.get"),
-        ("POST", r"batches/([^/:]+):cancel", "batches.cancel"),
-        ("DELETE", r"batches/([^/:]+)", "batches.delete"),
-        ("POST", r"batches/([^/:]+):delete", "batches.delete"),
-    ]
-    for meth, pattern, endpoint in table:
-        if meth == method and (m := re.fullmatch(pattern, rest)):
-            return endpoint, m.groups()
-    return None
-
-
-def json_response(
-    obj: Any, stats: Stats, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    body = orjson.dumps(obj)
-    stats.bytes_out += len(body)
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-def _page(query: Any, items: list[Any]) -> tuple[list[Any], str | None]:
-    try:
-        size = int(query.get("pageSize") or query.get("page_size") or 10)
-        start = int(query.get("pageToken") or query.get("page_token") or 0)
-    except ValueError as e:
-        raise ApiError(400, f"Invalid page size or token: {e}") from e
-    size = max(1, min(size, 100))
-    end = start + size
-    return items[start:end], (str(end) if end < len(items) else None)
+log = logging.getLogger(__name__)
+SMALL_INPUT = 16 * 1024 * 1024
 
 
 class Api:
@@ -130,13 +55,13 @@ class Api:
 
     # ---- dispatch ------------------------------------------------------------------------
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        m = _PATH.match(request.path)
-        route = m and _route(request.method, m["kind"], m["rest"], request.query)
+        m = API_PATH.match(request.path)
+        found = m and route(request.method, m["kind"], m["rest"], request.query)
         upload_headers = {"X-Goog-Upload-Status": "final"} if m and m["kind"] == "upload" else {}
         try:
-            if not m or not route:
+            if not m or not found:
                 raise ApiError(404, f"Method not found: {request.method} {request.path}")
-            endpoint, args = route
+            endpoint, args = found
             self.stats.calls[endpoint] += 1
             if endpoint != "files.upload_chunk":
                 self._check_key(request)
@@ -160,6 +85,12 @@ class Api:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError from None
+        except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:  # a bug in the emulator: answer like the real API's 500
+            log.exception("emulator error on %s %s", request.method, request.path)
+            err = {"code": 500, "message": f"Internal error: {e!r}", "status": "INTERNAL"}
+            return json_response({"error": err}, self.stats, 500, upload_headers)
 
     def _check_key(self, request: web.Request) -> None:
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
@@ -210,7 +141,7 @@ class Api:
         body = await self._json_body(req)
         meta = body.get("file") or {}
         fid = str(answers.get(meta, "name") or "").removeprefix("files/") or new_id(12)
-        if not _FILE_ID.match(fid):
+        if not FILE_ID.match(fid):
             raise ApiError(400, f"Invalid file name files/{fid}.")
         if fid in self.store.files:
             raise ApiError(409, f"File files/{fid} already exists.")
@@ -301,8 +232,8 @@ class Api:
 
     async def file_list(self, ctx: Ctx) -> web.StreamResponse:
         recs = sorted(self.store.files.values(), key=lambda r: r["create"], reverse=True)
-        page, token = _page(ctx.request.query, recs)
-        body: dict[str, Any] = {"files": [self.store.file_json(r, ctx.base) for r in page]}
+        items, token = page(ctx.request.query, recs)
+        body: dict[str, Any] = {"files": [self.store.file_json(r, ctx.base) for r in items]}
         if token:
             body["nextPageToken"] = token
         return json_response(body, self.stats)
@@ -349,6 +280,7 @@ class Api:
         file_name = answers.get(cfg, "fileName")
         requests = answers.get(cfg, "requests")
         inline: list[dict[str, Any]] | None = None
+        count: int | None = None
         if bool(file_name) == bool(requests):
             raise ApiError(
                 400, "Exactly one of input_config.file_name and input_config.requests is required."
@@ -357,6 +289,8 @@ class Api:
             fid = str(file_name).removeprefix("files/")
             rec = self._file(fid)
             tokens = max(1, rec["size"] // 4)
+            if rec["size"] <= SMALL_INPUT:  # count now so the PENDING job shows requestCount
+                count = await asyncio.to_thread(count_lines, self.store.file_path(fid))
         else:
             items = requests.get("requests") if isinstance(requests, dict) else None
             if not isinstance(items, list) or not items:
@@ -366,10 +300,11 @@ class Api:
                 if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
                     raise ApiError(400, "Each inlined request needs a `request` object.")
                 entry = {"request": item["request"]}
-                if "metadata" in item and not embed:
+                if "metadata" in item:
                     entry["metadata"] = item["metadata"]
                 inline.append(entry)
             tokens = sum(answers.estimate_tokens(i["request"]) for i in inline)
+            count = len(inline)
         self._check_limits(mid, tokens)
         display = answers.get(batch, "displayName")
         job = self.store.create_job(
@@ -379,6 +314,7 @@ class Api:
             input_file=f"files/{fid}" if file_name else None,
             inline=inline,
             tokens=tokens,
+            request_count=count,
         )
         self.stats.creates_by_display_name[display or ""] += 1
         return json_response(self.store.operation(job), self.stats)
@@ -404,9 +340,9 @@ class Api:
 
     async def batch_list(self, ctx: Ctx) -> web.StreamResponse:
         recs = sorted(self.store.jobs.values(), key=lambda r: r["create"], reverse=True)
-        page, token = _page(ctx.request.query, recs)
+        items, token = page(ctx.request.query, recs)
         body: dict[str, Any] = {
-            "operations": [self.store.operation(r, with_inline=False) for r in page]
+            "operations": [self.store.operation(r, with_inline=False) for r in items]
         }
         if token:
             body["nextPageToken"] = token

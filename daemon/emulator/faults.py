@@ -48,10 +48,29 @@ class EmulatorSettings:
         for endpoint, rates in (changes.get("fault_rates") or {}).items():
             check_fault(endpoint, *rates)
         for k, v in changes.items():
+            expected = _TYPES[k]
+            if v is None and k == "api_key":
+                pass
+            elif expected is float and isinstance(v, int | float) and not isinstance(v, bool):
+                v = float(v)
+            elif not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+                raise ValueError(f"setting {k} must be {expected.__name__}, got {v!r}")
             setattr(self, k, v)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_TYPES: dict[str, type] = {
+    "pending_seconds": float,
+    "running_seconds": float,
+    "shuffle_results": bool,
+    "api_key": str,
+    "max_active_jobs": int,
+    "max_enqueued_tokens": dict,
+    "fault_rates": dict,
+    "seed": int,
+}
 
 
 def check_fault(endpoint: str, *kinds: str) -> None:
@@ -69,6 +88,7 @@ class Faults:
 
     def __init__(self, settings: EmulatorSettings) -> None:
         self.settings = settings
+        self._seed = settings.seed
         self._rng = random.Random(settings.seed)
         self._next: dict[str, deque[str]] = {}
 
@@ -77,6 +97,9 @@ class Faults:
         self._next.setdefault(endpoint, deque()).extend([kind] * count)
 
     def pick(self, endpoint: str) -> str | None:
+        if self._seed != self.settings.seed:
+            self._seed = self.settings.seed
+            self._rng = random.Random(self._seed)
         for name in (endpoint, "*"):
             q = self._next.get(name)
             if q:

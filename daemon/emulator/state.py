@@ -24,6 +24,12 @@ EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
 _ALNUM = string.ascii_lowercase + string.digits
+_STAT_NAMES = {
+    "request": "requestCount",
+    "successful": "successfulRequestCount",
+    "failed": "failedRequestCount",
+    "pending": "pendingRequestCount",
+}
 _TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
 
 
@@ -128,6 +134,7 @@ class Store:
         input_file: str | None,
         inline: list[dict[str, Any]] | None,
         tokens: int,
+        request_count: int | None = None,
     ) -> dict[str, Any]:
         """Record a new job and start its result worker."""
         jid = new_id(36)
@@ -145,7 +152,7 @@ class Store:
             "shuffle": self.settings.shuffle_results,
             "seed": f"{self.settings.seed}:{jid}",
             "forced": self.forced.pop(0) if self.forced else None,
-            "request_count": len(inline) if inline is not None else None,
+            "request_count": request_count,
             "counts": None,
             "state": None,
             "end": None,
@@ -329,7 +336,7 @@ class Store:
         meta |= {"createTime": rfc3339(rec["create"]), "updateTime": rfc3339(update)}
         if state in TERMINAL:
             meta["endTime"] = rfc3339(rec["end"])
-        meta["batchStats"] = {f"{k}RequestCount": str(v) for k, v in stats.items() if v}
+        meta["batchStats"] = {_STAT_NAMES[k]: str(v) for k, v in stats.items() if v}
         meta |= {"state": f"BATCH_STATE_{state}", "name": f"batches/{jid}"}
         op: dict[str, Any] = {"name": f"batches/{jid}", "metadata": meta}
         if state in TERMINAL:

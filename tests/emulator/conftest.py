@@ -1,21 +1,17 @@
-"""Fixtures: an in-process emulator, SDK clients pointed at it, and a poll helper."""
+"""Fixtures: an in-process emulator, one in a thread (for the sync SDK), and a sync client."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from google import genai
-from google.genai import types
 
 from daemon.emulator import Emulator, EmulatorSettings
-
-KEY = "test-key"
+from tests.emulator.helpers import CLIENTS, KEY, make_client
 
 
 @pytest.fixture
@@ -51,27 +47,13 @@ def sync_emulator(tmp_path: Path) -> Iterator[Emulator]:
         thread.join(10)
 
 
-def make_client(url: str, api_version: str | None = "v1beta", **kw: Any) -> genai.Client:
-    opts = (
-        types.HttpOptions(base_url=url, api_version=api_version, **kw)
-        if api_version
-        else types.HttpOptions(base_url=url, **kw)
-    )
-    return genai.Client(api_key=KEY, http_options=opts)
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while CLIENTS:
+        CLIENTS.pop().close()
 
 
 @pytest.fixture
 def client(sync_emulator: Emulator) -> genai.Client:
     return make_client(sync_emulator.url)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll `pred` until it returns a truthy value (sync, bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.conftest import wait_until
+from tests.emulator.helpers import wait_until
 
 
 def admin(emu: Emulator, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -179,3 +180,19 @@ def test_admin_stats_and_reset(
     assert admin(sync_emulator, "stats")["bytes_out"] >= 1000
     admin(sync_emulator, "reset", {})
     assert admin(sync_emulator, "stats")["calls"] == {}
+
+
+def test_config_rejects_bad_settings(sync_emulator: Emulator) -> None:
+    for bad in (
+        {"nope": 1},
+        {"pending_seconds": "x"},
+        {"fault_rates": {"batches.get": {"teapot": 1}}},
+    ):
+        req = urllib.request.Request(
+            f"{sync_emulator.url}/__emulator/config", data=json.dumps(bad).encode(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400
+        e.value.close()
+    assert admin(sync_emulator, "config", {"pending_seconds": 1})["pending_seconds"] == 1.0

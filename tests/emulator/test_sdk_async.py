@@ -13,7 +13,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.conftest import KEY
+from tests.emulator.helpers import KEY
 
 
 async def wait_done(client: genai.Client, name: str, timeout: float = 10) -> types.BatchJob:

@@ -12,7 +12,7 @@ from google import genai
 from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.conftest import KEY, make_client, wait_until
+from tests.emulator.helpers import KEY, make_client, wait_until
 
 
 def write_jsonl(path: Path, n: int, extra: str = "") -> Path:
@@ -67,12 +67,20 @@ def test_file_job_roundtrip(
     assert out.mime_type == "application/jsonl"
 
     results = read_results(client, job.dest.file_name, tmp_path / "out.jsonl")
+    client.files.download(
+        file=out, destination=str(tmp_path / "out2.jsonl")
+    )  # a File object works too
+    assert (tmp_path / "out2.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
     assert sorted(results) == [f"k{i}" for i in range(5)]
     for i in range(5):
         resp = types.GenerateContentResponse.model_validate(results[f"k{i}"]["response"])
         assert resp.text == f"echo: prompt {i}"
         assert resp.usage_metadata and resp.usage_metadata.prompt_token_count
     assert sync_emulator.stats["creates_by_display_name"] == {"file-job": 1}
+    # batchStats as the API spells it: int64 strings, "requestCount" for the total, zeros omitted
+    code, op = raw_get(f"{sync_emulator.url}/v1beta/{job.name}?key={KEY}")
+    assert code == 200
+    assert op["metadata"]["batchStats"] == {"requestCount": "5", "successfulRequestCount": "5"}
 
     client.files.delete(name=uploaded.name)
     with pytest.raises(errors.ClientError) as e:
@@ -204,7 +212,7 @@ def test_list_paging_cancel_delete(sync_emulator: Emulator, client: genai.Client
 
 
 def test_wrong_and_missing_key(sync_emulator: Emulator) -> None:
-    bad = genai.Client(api_key="wrong", http_options=types.HttpOptions(base_url=sync_emulator.url))
+    bad = make_client(sync_emulator.url, None, key="wrong")
     with pytest.raises(errors.ClientError) as e:
         bad.batches.list(config={"page_size": 10})
     assert e.value.code == 400 and e.value.status == "INVALID_ARGUMENT"

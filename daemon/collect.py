@@ -1,0 +1,333 @@
+"""The collect stage: results of finished jobs → per-key reconciliation → retries or the outbox.
+
+1. A ``done`` job's results (downloaded result file, or the inline responses of the raw operation)
+   become ``state/work/<input>/job-<id>.results.jsonl`` (``{"key", "response"|"error"}`` lines),
+   then the job is ``collected``.
+2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: an on-disk
+   index (:mod:`daemon.merge`) picks each key's best answer; keys with a retryable error or no
+   answer are resubmitted as new ``planned`` jobs while the retry budget lasts; otherwise the
+   outbox is written (:mod:`daemon.finish`) and the input gets its final state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+
+from daemon.context import Context
+from daemon.crash import crash_point
+from daemon.finish import finish_index, reuse_input
+from daemon.merge import RETRYABLE_GRPC, RETRYABLE_HTTP, MergeIndex, Part, results_files
+from daemon.outbox import atomic_writer, fsync_dir
+from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
+
+__all__ = [
+    "RETRYABLE_GRPC",
+    "RETRYABLE_HTTP",
+    "collect_once",
+    "finish_input",
+    "plan_retries",
+    "run_collector",
+]
+
+log = structlog.get_logger("collect")
+_EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
+
+
+def display_name(input_id: str, part_no: int, attempt: int) -> str:
+    try:
+        from daemon.submit import display_name as submit_display_name
+    except ImportError:
+        return f"gemini-batchd:{input_id}:{part_no}" + (f":{attempt}" if attempt > 1 else "")
+    return submit_display_name(input_id, part_no, attempt)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    """Collect forever: on a nudge from the pollers, or every few seconds as a safety net."""
+    task_status.started()
+    while True:
+        try:
+            await collect_once(ctx)
+        except Exception:
+            log.exception("collect round failed")
+        await ctx.wake.collect.wait(max(ctx.cfg.poll.min_interval, 1.0))
+
+
+async def collect_once(ctx: Context) -> int:
+    """One pass: collect every due ``done`` job, then settle every input whose jobs all ended.
+    Returns how many jobs and inputs were handled."""
+    n = 0
+    now = time.time()
+    for job in await ctx.store.jobs_in(JobState.DONE):
+        if job["not_before"] <= now and await _collect_job(ctx, job):
+            n += 1
+    for row in await _settled_inputs(ctx):
+        try:
+            await _settle(ctx, row)
+            n += 1
+        except Exception:
+            log.exception("settling failed", input_id=row["id"])
+    return n
+
+
+async def _settled_inputs(ctx: Context) -> list[dict[str, Any]]:
+    skip = [s.value for s in FINAL_INPUT_STATES] + ["seen", "validating"]
+    marks = ", ".join("?" for _ in skip)
+    return await ctx.store.fetchall(
+        f"""SELECT * FROM inputs i WHERE i.state NOT IN ({marks}) AND (
+              (EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id
+                               AND j.state NOT IN ('collected', 'cancelled')))
+              OR (i.reused_from IS NOT NULL AND i.state = 'downloading'
+                  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id)))
+            ORDER BY i.created_at, i.id""",
+        skip,
+    )
+
+
+# ---- step 1: one job's results ------------------------------------------------------------------
+async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
+    """Results of one ``done`` job into its results file, then ``collected``. A transient API
+    error leaves the job ``done`` (with a backoff) for a later round."""
+    dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
+    result_file = job["result_file"]
+    try:
+        if not job["remote_name"] or job["remote_state"] in _EMPTY_STATES:
+            await anyio.to_thread.run_sync(_write_lines, dest, [])
+        elif job["mode"] == "file":
+            if not result_file:
+                op = await _gemini(ctx).get_batch(job["remote_name"])
+                result_file = _output(op).get("responsesFile")
+            if result_file:
+                await _download(ctx, result_file, dest)
+            else:
+                await anyio.to_thread.run_sync(_write_lines, dest, [])
+        else:
+            op = await _gemini(ctx).get_batch(job["remote_name"])
+            await anyio.to_thread.run_sync(_write_lines, dest, _inline_lines(op))
+    except Exception as exc:
+        if getattr(exc, "kind", None) != "permanent":
+            delay = ctx.cfg.api.backoff_initial
+            log.warning("collect failed, will retry", job=job["display_name"], error=str(exc))
+            ctx.last_api_error = {"at": time.time(), "message": str(exc)}
+            async with ctx.store.tx() as conn:
+                await ctx.store.update_job(conn, job["id"], not_before=time.time() + delay)
+            return False
+        # The results are gone for good: the keys count as unanswered (and may be retried).
+        log.error("results lost", job=job["display_name"], error=str(exc))
+        await anyio.to_thread.run_sync(_write_lines, dest, [])
+    crash_point("after_download")
+    with anyio.CancelScope(shield=True):
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(
+                conn,
+                job["id"],
+                state=JobState.COLLECTED,
+                results_path=str(dest),
+                result_file=result_file,
+                finished_at=job["finished_at"] or time.time(),
+            )
+    log.info("job collected", job=job["display_name"], input_id=job["input_id"])
+    return True
+
+
+def _gemini(ctx: Context) -> Any:
+    if ctx.gemini is None:
+        raise RuntimeError("no API client")
+    return ctx.gemini
+
+
+def _output(op: dict[str, Any]) -> dict[str, Any]:
+    out = (op.get("metadata") or {}).get("output") or op.get("response") or {}
+    return out if isinstance(out, dict) else {}
+
+
+def _inline_lines(op: dict[str, Any]) -> list[bytes]:
+    """Normalised lines from an operation's inline responses, joined on ``metadata.key``."""
+    out = _output(op)
+    box = out.get("inlinedResponses") or out.get("inlinedEmbedContentResponses") or {}
+    lines = []
+    for item in box.get("inlinedResponses") or []:
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        key = meta.get("key") if isinstance(meta, dict) else None
+        if "response" in item:
+            lines.append(orjson.dumps({"key": key, "response": item["response"]}))
+        else:
+            lines.append(orjson.dumps({"key": key, "error": item.get("error") or {}}))
+    return lines
+
+
+def _write_lines(dest: Path, lines: list[bytes]) -> None:
+    with atomic_writer(dest) as f:
+        for line in lines:
+            f.write(line + b"\n")
+
+
+async def _download(ctx: Context, file_name: str, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.download")
+    await _gemini(ctx).download_file(file_name, tmp)
+
+    def seal() -> None:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+
+    await anyio.to_thread.run_sync(seal)
+
+
+# ---- step 2-4: settle an input ------------------------------------------------------------------
+async def _settle(ctx: Context, row: dict[str, Any]) -> None:
+    jobs = await ctx.store.jobs_of(row["id"])
+    if row["reused_from"] and not jobs:
+        if not await reuse_input(ctx, row):
+            await plan_retries(ctx, row["id"], force=True)  # earlier results vanished: redo
+        return
+    if row["state"] != InputState.DOWNLOADING:
+        async with ctx.store.tx() as conn:
+            await ctx.store.set_input_state(conn, row["id"], InputState.DOWNLOADING)
+    index = await _build_index(ctx, row, jobs)
+    try:
+        if not row["cancel_requested"] and await _plan(ctx, row, jobs, index, force=False):
+            return
+        await finish_index(ctx, row, jobs, index)
+    finally:
+        index.close()
+
+
+async def finish_input(ctx: Context, input_id: str) -> None:
+    """Merge what the input's collected jobs answered, write the outbox and the final state
+    (also the end of a cancel: the state is then ``cancelled``)."""
+    row = await ctx.store.get_input(input_id)
+    if row is None:
+        raise KeyError(input_id)
+    jobs = await ctx.store.jobs_of(input_id)
+    index = await _build_index(ctx, row, jobs)
+    try:
+        await finish_index(ctx, row, jobs, index)
+    finally:
+        index.close()
+
+
+async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> int:
+    """Plan follow-up jobs for the input's unanswered and retryable requests; returns how many
+    requests were planned. ``force`` (the ``retry`` command): every request without a success,
+    ignoring the budget. The input goes back to ``queued`` when anything was planned."""
+    row = await ctx.store.get_input(input_id)
+    if row is None:
+        raise KeyError(input_id)
+    jobs = await ctx.store.jobs_of(input_id)
+    index = await _build_index(ctx, row, jobs)
+    try:
+        return await _plan(ctx, row, jobs, index, force=force)
+    finally:
+        index.close()
+        index.path.unlink(missing_ok=True)
+
+
+async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
+    first = {j["part_no"]: Path(j["source_path"]) for j in jobs if j["attempt"] == 1}
+    rows = await ctx.store.parts_of(row["id"])
+    if rows:
+        return [
+            Part(
+                r["part_no"],
+                source=first.get(r["part_no"]),
+                start=r["start_offset"],
+                end=r["end_offset"],
+                first_line=r["first_line"],
+            )
+            for r in rows
+        ]
+    return [Part(p, source=first[p]) for p in sorted(first)] or [Part(1)]
+
+
+async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> MergeIndex:
+    parts = await _parts(ctx, row, jobs)
+    files = results_files(j for j in jobs if j["state"] == JobState.COLLECTED)
+    path = ctx.input_dir(row["id"]) / "merge.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return await anyio.to_thread.run_sync(
+        MergeIndex.build, path, Path(row["work_path"]), parts, files
+    )
+
+
+async def _plan(
+    ctx: Context,
+    row: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    index: MergeIndex,
+    *,
+    force: bool,
+) -> int:
+    budget = 1 + ctx.cfg.submit.retry_failed_requests
+    part_rows = {r["part_no"]: r for r in await ctx.store.parts_of(row["id"])}
+    input_path = Path(row["work_path"])
+    planned: list[dict[str, Any]] = []
+    for part in await _parts(ctx, row, jobs):
+        mine = [j for j in jobs if j["part_no"] == part.part_no]
+        last = max(mine, key=lambda j: j["attempt"], default=None)
+        attempts = last["attempt"] if last else 0
+        if not force and last is not None:
+            if attempts >= budget:
+                continue
+            if last["error"] and not last["remote_name"]:
+                continue  # refused at create (e.g. unknown model): retrying cannot help
+        count = await anyio.to_thread.run_sync(
+            lambda p=part: index.retry_keys(p.part_no, force=force)
+        )
+        if not count:
+            continue
+        attempt = attempts + 1
+        dest = ctx.input_dir(row["id"]) / f"part-{part.part_no}-a{attempt}.jsonl"
+
+        def write(dest: Path = dest, part: Part = part) -> int:
+            with atomic_writer(dest) as f:
+                return index.write_retry_part(input_path, part, f)
+
+        count = await anyio.to_thread.run_sync(write)
+        size = dest.stat().st_size
+        ref = part_rows.get(part.part_no) or last or {"est_tokens": 0, "request_count": 1}
+        est = -(-ref["est_tokens"] * count // max(ref["request_count"], 1))
+        mode = (
+            "inline"
+            if row["kind"] == "generate" and size <= ctx.cfg.submit.inline_max_bytes
+            else "file"
+        )
+        planned.append(
+            {
+                "input_id": row["id"],
+                "part_no": part.part_no,
+                "attempt": attempt,
+                "display_name": display_name(row["id"], part.part_no, attempt),
+                "mode": mode,
+                "source_path": str(dest),
+                "request_count": count,
+                "est_tokens": est,
+            }
+        )
+    total = sum(p["request_count"] for p in planned)
+    if not planned:
+        return 0
+    async with ctx.store.tx() as conn:
+        for fields in planned:
+            await ctx.store.add_job(conn, **fields)
+        await ctx.store.set_input_state(
+            conn,
+            row["id"],
+            InputState.QUEUED,
+            note=f"resubmitting {total} requests" + (" (retry)" if force else ""),
+            reason=None,
+            finished_at=None,
+            cancel_requested=0,
+        )
+    log.info("retries planned", input_id=row["id"], requests=total, jobs=len(planned))
+    ctx.wake.submit.set()
+    return total

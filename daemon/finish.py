@@ -1,0 +1,340 @@
+"""The end of an input: merged results, media, summary (or error file) in the outbox, final state.
+
+Order (SPEC §4): the results file, then media, then the summary or error file last; only after
+that rename is the final state committed. A crash before the commit reruns the merge, which
+rewrites the same files atomically. Afterwards the remote files are deleted (best effort).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+
+from daemon.context import Context
+from daemon.crash import crash_point
+from daemon.media import extract_media
+from daemon.merge import MergeIndex, iter_lines
+from daemon.outbox import (
+    atomic_writer,
+    copy_atomic,
+    link_or_copy,
+    outbox_paths,
+    remove_quietly,
+    write_json,
+)
+from daemon.states import InputState, RemoteState
+
+log = structlog.get_logger("collect")
+TOKEN_NAMES = {
+    "promptTokenCount": "prompt",
+    "candidatesTokenCount": "candidates",
+    "thoughtsTokenCount": "thoughts",
+    "cachedContentTokenCount": "cached",
+    "totalTokenCount": "total",
+}
+_ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED}
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def estimate_cost(ctx: Context, model: str, tokens: dict[str, int]) -> float | None:
+    """Batch cost in USD (50% of the list prices in ``[prices]``), or None without a price."""
+    price = ctx.cfg.prices.get(model) or ctx.cfg.prices.get(model.removeprefix("models/"))
+    if price is None:
+        return None
+    out = tokens["candidates"] + tokens["thoughts"]
+    cost = (tokens["prompt"] * price.input_per_mtok + out * price.output_per_mtok) / 1e6 * 0.5
+    return round(cost, 6)
+
+
+def _unanswered(state: InputState, attempts: int, job: dict[str, Any] | None) -> bytes:
+    """The error value written for a key that has no answer at all."""
+    if state == InputState.CANCELLED:
+        err: dict[str, Any] = {"code": 1, "message": "cancelled before the API answered"}
+        err["status"] = "CANCELLED"
+    elif job is not None and job["error"] and not job["remote_name"]:
+        err = orjson.loads(job["error"])  # the API refused the job: its own error
+    else:
+        why = " (batch job expired)" if job and job["remote_state"] == RemoteState.EXPIRED else ""
+        err = {
+            "code": 4,
+            "message": f"no answer from the API after {attempts} attempt(s){why}",
+            "status": "DEADLINE_EXCEEDED",
+        }
+    return orjson.dumps(err)
+
+
+def _write_results(
+    index: MergeIndex, dest: Path, media_dir: Path | None, unanswered: dict[int, bytes]
+) -> list[str]:
+    """Results in input order (answers' raw lines); media of successful answers."""
+    media: list[str] = []
+    with atomic_writer(dest) as out:
+        for ans in index.answers():
+            if ans.line is None:
+                out.write(b'{"key":' + orjson.dumps(ans.key) + b',"error":')
+                out.write(unanswered[ans.part] + b"}\n")
+                continue
+            out.write(ans.line + b"\n")
+            if ans.ord == 1:
+                out.flush()
+                crash_point("mid_outbox")
+            if ans.ok and media_dir is not None:
+                media += extract_media(ans.line, media_dir)
+    return media
+
+
+def _media_from_file(src: Path, media_dir: Path) -> list[str]:
+    names: list[str] = []
+    for _n, raw in iter_lines(src):
+        line = raw.rstrip(b"\r\n")
+        if b'"response"' in line:
+            names += extract_media(line, media_dir)
+    return names
+
+
+def _prune_media(media_dir: Path, keep: list[str]) -> None:
+    """Drop media files left by an earlier drop of the same path."""
+    if not media_dir.is_dir():
+        return
+    wanted = set(keep)
+    for p in media_dir.iterdir():
+        if p.is_file() and not p.name.startswith(".") and p.name not in wanted:
+            p.unlink()
+    if not keep:
+        with contextlib.suppress(OSError):
+            media_dir.rmdir()
+
+
+def _final_state(
+    row: dict[str, Any], counts: dict[str, int], jobs: list[dict[str, Any]]
+) -> tuple[InputState, str | None]:
+    if row["cancel_requested"]:
+        return InputState.CANCELLED, (
+            f"cancelled by request; {counts['succeeded']} of {counts['total']} requests succeeded"
+        )
+    if counts["succeeded"] == counts["total"]:
+        return InputState.SUCCEEDED, None
+    failed = counts["total"] - counts["succeeded"]
+    if counts["succeeded"]:
+        return InputState.PARTIAL, f"{failed} of {counts['total']} requests failed"
+    expired = any(j["remote_state"] == RemoteState.EXPIRED for j in jobs)
+    if counts["answered"] == 0 and expired:
+        attempts = max((j["attempt"] for j in jobs), default=0)
+        return InputState.EXPIRED, f"batch job expired without answers after {attempts} attempt(s)"
+    refused = [j for j in jobs if j["error"]]
+    if refused:
+        err = orjson.loads(refused[-1]["error"])
+        what = " ".join(str(err.get(k)) for k in ("code", "status") if err.get(k) is not None)
+        return InputState.FAILED, f"the API failed the job: {what}: {err.get('message', '')}"
+    return InputState.FAILED, f"no request succeeded ({failed} errors)"
+
+
+def _job_entry(j: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "display_name": j["display_name"],
+        "name": j["remote_name"],
+        "state": j["remote_state"] or j["state"],
+        "attempt": j["attempt"],
+        "part": j["part_no"],
+        "requests": j["request_count"],
+    }
+
+
+async def finish_index(
+    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]], index: MergeIndex
+) -> None:
+    """Write the outbox from a built index and commit the final state."""
+    cfg = ctx.cfg
+    paths = outbox_paths(cfg.outbox_dir, row["rel_path"])
+    counts = await anyio.to_thread.run_sync(index.counts)
+    state, reason = _final_state(row, counts, jobs)
+    last = {}
+    for j in jobs:  # the latest job of each part
+        if j["part_no"] not in last or j["attempt"] > last[j["part_no"]]["attempt"]:
+            last[j["part_no"]] = j
+    attempts = max((j["attempt"] for j in jobs), default=0)
+    media_dir = paths["media"] if cfg.outbox.extract_media else None
+    unanswered = _Default(
+        {p: _unanswered(state, j["attempt"], j) for p, j in last.items()},
+        _unanswered(state, attempts, None),
+    )
+    with_results = counts["answered"] > 0 or state not in _ERROR_STATES
+
+    def write_outbox() -> tuple[list[str], dict[str, int], list[dict[str, Any]]]:
+        media: list[str] = []
+        if with_results:
+            media = _write_results(index, paths["results"], media_dir, unanswered)
+        return media, index.tokens(), index.error_codes()
+
+    media, raw_tokens, error_codes = await anyio.to_thread.run_sync(write_outbox)
+    tokens = {TOKEN_NAMES[k]: v for k, v in raw_tokens.items()}
+    now = time.time()
+    doc: dict[str, Any] = {
+        "input_id": row["id"],
+        "file": row["rel_path"],
+        "model": row["model"],
+        "state": state.value,
+        "requests": {k: v for k, v in counts.items() if k != "answered"},
+        "tokens": tokens,
+        "estimated_cost_usd": estimate_cost(ctx, row["model"], tokens),
+        "jobs": [_job_entry(j) for j in jobs],
+        "attempts": attempts,
+        "created_at": iso(row["created_at"]),
+        "finished_at": iso(now),
+        "outbox": {
+            "results": str(paths["results"]) if with_results else None,
+            "summary": None if state in _ERROR_STATES else str(paths["summary"]),
+            "media": str(paths["media"]) if media else None,
+        },
+        "reused": False,
+        "reused_from": None,
+    }
+    error_doc = None
+    if state in _ERROR_STATES:
+        error_doc = {
+            **{k: doc[k] for k in ("input_id", "file", "model", "state")},
+            "reason": reason,
+            "details": {
+                "jobs": [
+                    _job_entry(j) | {"error": orjson.loads(j["error"])} for j in jobs if j["error"]
+                ],
+                "request_errors": error_codes,
+            },
+            **{k: doc[k] for k in ("requests", "jobs", "attempts", "created_at", "finished_at")},
+            "outbox": doc["outbox"],
+        }
+    keep = ctx.results_dir / f"{row['id']}.jsonl"
+
+    def seal() -> None:
+        if media_dir is not None:
+            _prune_media(media_dir, media)
+        if not with_results:
+            remove_quietly(paths["results"])
+        if error_doc is not None:
+            write_json(paths["error"], error_doc)
+            remove_quietly(paths["summary"])
+        else:
+            write_json(paths["summary"], doc)
+            remove_quietly(paths["error"])
+        if state == InputState.SUCCEEDED:
+            link_or_copy(paths["results"], keep)
+
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(seal)
+        async with ctx.store.tx() as conn:
+            await ctx.store.set_input_state(
+                conn,
+                row["id"],
+                state,
+                note=reason,
+                reason=reason,
+                summary=doc,
+                error=error_doc,
+                results_path=str(keep) if state == InputState.SUCCEEDED else None,
+                finished_at=now,
+            )
+    log.info("input finished", input_id=row["id"], state=state.value, **counts)
+    await anyio.to_thread.run_sync(_cleanup_work, ctx.input_dir(row["id"]), index.path)
+    await _cleanup_remote(ctx, jobs)
+
+
+class _Default(dict[int, bytes]):
+    """Part number → the error for its unanswered keys; parts without a job get the default."""
+
+    def __init__(self, values: dict[int, bytes], default: bytes) -> None:
+        super().__init__(values)
+        self.default = default
+
+    def __missing__(self, key: int) -> bytes:
+        return self.default
+
+
+def _cleanup_work(work: Path, index_path: Path) -> None:
+    """Drop the scratch index and the retry part files; ``input.jsonl`` and the job results
+    stay for ``retry``."""
+    for p in [index_path, *work.glob("part-*-a*.jsonl")]:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+async def _cleanup_remote(ctx: Context, jobs: list[dict[str, Any]]) -> None:
+    if ctx.cfg.cleanup.keep_remote or ctx.gemini is None:
+        return
+    for j in jobs:
+        for name in (j["upload_name"], j["result_file"]):
+            if not name:
+                continue
+            try:
+                await ctx.gemini.delete_file(name)
+            except Exception as exc:
+                log.warning("remote file not deleted", file=name, error=str(exc))
+
+
+async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
+    """Serve an input from an earlier identical drop (dedupe); False if its results are gone."""
+    src_row = await ctx.store.get_input(row["reused_from"])
+    src = Path(src_row["results_path"]) if src_row and src_row["results_path"] else None
+    if src is None or not src.exists():
+        log.warning("reuse impossible, submitting again", input_id=row["id"])
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_input(conn, row["id"], reused_from=None)
+        return False
+    assert src_row is not None
+    paths = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])
+    media_dir = paths["media"] if ctx.cfg.outbox.extract_media else None
+    keep = ctx.results_dir / f"{row['id']}.jsonl"
+    before = orjson.loads(src_row["summary"]) if src_row["summary"] else {}
+    now = time.time()
+    doc: dict[str, Any] = {
+        "input_id": row["id"],
+        "file": row["rel_path"],
+        "model": row["model"],
+        "state": InputState.SUCCEEDED.value,
+        "requests": before.get("requests"),
+        "tokens": before.get("tokens"),
+        "estimated_cost_usd": before.get("estimated_cost_usd"),
+        "jobs": [],
+        "attempts": 0,
+        "created_at": iso(row["created_at"]),
+        "finished_at": iso(now),
+        "outbox": {"results": str(paths["results"]), "summary": str(paths["summary"])},
+        "reused": True,
+        "reused_from": src_row["id"],
+    }
+
+    def write() -> None:
+        copy_atomic(src, paths["results"])
+        media = _media_from_file(paths["results"], media_dir) if media_dir else []
+        if media_dir is not None:
+            _prune_media(media_dir, media)
+        doc["outbox"]["media"] = str(paths["media"]) if media else None
+        write_json(paths["summary"], doc)
+        remove_quietly(paths["error"])
+        link_or_copy(paths["results"], keep)
+
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(write)
+        async with ctx.store.tx() as conn:
+            await ctx.store.set_input_state(
+                conn,
+                row["id"],
+                InputState.SUCCEEDED,
+                note=f"reused results of {src_row['id']}",
+                summary=doc,
+                results_path=str(keep),
+                finished_at=now,
+            )
+    log.info("input served from earlier results", input_id=row["id"], reused_from=src_row["id"])
+    return True

@@ -1,0 +1,122 @@
+"""Local media for submission: upload each distinct ``file:NAME`` once (cached by content hash in
+the ``media`` table) and write the job's ``.resolved.jsonl`` with the uploaded URIs.
+
+A cached upload is reused only while at least :data:`MEDIA_MIN_REMAINING` of its 48 h life remains:
+the Batch API's target turnaround is 24 h, so a job admitted now can still read the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from daemon.context import Context
+
+MEDIA_MIN_REMAINING = 24 * 3600.0
+FILES_TTL = 48 * 3600.0
+
+
+def resolved_path(job: dict[str, Any]) -> Path:
+    src = Path(job["source_path"])
+    return src.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")
+
+
+def _file_parts(value: Any) -> Any:
+    """Yield every ``fileData``/``file_data`` dict with a ``file:`` URI inside a request."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in ("fileData", "file_data") and isinstance(v, dict):
+                uri = v.get("fileUri", v.get("file_uri"))
+                if isinstance(uri, str) and uri.startswith("file:"):
+                    yield v
+            else:
+                yield from _file_parts(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _file_parts(v)
+
+
+def _scan_media(path: Path, media_dir: Path) -> dict[str, tuple[Path, str | None]]:
+    """Distinct ``file:NAME`` references of a source file → (local path, declared mime type)."""
+    found: dict[str, tuple[Path, str | None]] = {}
+    with path.open("rb") as f:
+        for line in f:
+            if not line.strip() or b"file:" not in line:
+                continue
+            for part in _file_parts(orjson.loads(line)):
+                name = part.get("fileUri", part.get("file_uri"))[5:]
+                mime = part.get("mimeType", part.get("mime_type"))
+                if name not in found or (found[name][1] is None and mime):
+                    found[name] = (media_dir / name, mime)
+    return found
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rewrite(src: Path, dest: Path, uris: dict[str, str]) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        for line in fin:
+            if not line.strip():
+                continue
+            if b"file:" in line:
+                obj = orjson.loads(line)
+                for part in _file_parts(obj):
+                    key = "fileUri" if "fileUri" in part else "file_uri"
+                    part[key] = uris[part[key][5:]]
+                line = orjson.dumps(obj) + b"\n"
+            fout.write(line)
+    tmp.replace(dest)
+
+
+async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
+    """Upload (or reuse) every distinct local media file and write the resolved source file."""
+    gem = ctx.gemini
+    assert gem is not None
+    src = Path(job["source_path"])
+    refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir)
+    uris: dict[str, str] = {}
+    for name, (path, mime) in refs.items():
+        sha = await anyio.to_thread.run_sync(_sha256, path)
+        cached = await ctx.store.get_media(sha)
+        if cached and cached["expires_at"] >= time.time() + MEDIA_MIN_REMAINING:
+            uris[name] = cached["uri"]
+            continue
+        mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        up = await gem.upload_file(
+            path, display_name=f"gemini-batchd-media:{sha[:16]}", mime_type=mime
+        )
+        now = time.time()
+        await ctx.store.put_media(
+            sha256=sha,
+            file_name=up["name"],
+            uri=up["uri"],
+            mime_type=mime,
+            size_bytes=path.stat().st_size,
+            uploaded_at=now,
+            expires_at=_expiry(up.get("expirationTime"), now),
+        )
+        uris[name] = up["uri"]
+    dest = resolved_path(job)
+    await anyio.to_thread.run_sync(_rewrite, src, dest, uris)
+    return dest
+
+
+def _expiry(text: str | None, now: float) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return now + FILES_TTL

@@ -1,0 +1,198 @@
+"""Pollers: watch ``active`` jobs, record state and progress, hand finished jobs to collect.
+
+A pass takes the due jobs (``next_poll_at <= now``). When there are more due jobs than
+``batches.list`` pages needed to see them, one page walk replaces the per-job gets (the list
+carries state and ``batchStats``, not inline results — collect does a ``get`` for those). Jobs the
+walk did not find are read with ``get``, by ``[poll] workers`` concurrent workers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+import structlog
+
+from daemon.context import Context
+from daemon.crash import crash_point
+from daemon.gemini import ApiError
+from daemon.states import InputState, JobState, RemoteState
+from daemon.submit import advance_input, note_api_error
+
+log = structlog.get_logger("gemini-batchd.poll")
+
+LIST_PAGE_SIZE = 100
+LOST = {"code": 404, "status": "NOT_FOUND", "message": "remote job disappeared", "lost": True}
+_KNOWN = {s.value for s in RemoteState}
+
+
+def _count(stats: dict[str, Any], name: str) -> int:
+    try:
+        return int(stats.get(name) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+async def _due(ctx: Context, now: float) -> list[dict[str, Any]]:
+    return await ctx.store.fetchall(
+        "SELECT j.*, i.reason AS input_reason FROM jobs j JOIN inputs i ON i.id = j.input_id "
+        "WHERE j.state = 'active' AND COALESCE(j.next_poll_at, 0) <= ? AND j.not_before <= ? "
+        "ORDER BY j.next_poll_at, j.id",
+        (now, now),
+    )
+
+
+async def poll_once(ctx: Context) -> int:
+    """Poll every due job once; returns the number of jobs whose answer was recorded."""
+    now = time.time()
+    due = await _due(ctx, now)
+    if not due:
+        return 0
+    pending = {j["remote_name"]: j for j in due}
+    recorded = 0
+    n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
+    pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
+    if len(due) > pages + 1:
+        recorded += await _poll_by_list(ctx, pending, max_pages=max(pages + 1, len(due) // 2))
+    if pending:
+        recorded += await _poll_by_get(ctx, list(pending.values()))
+    return recorded
+
+
+async def _poll_by_list(ctx: Context, pending: dict[str, dict[str, Any]], *, max_pages: int) -> int:
+    """Walk ``batches.list`` until every pending job was seen (or ``max_pages``)."""
+    gem = ctx.gemini
+    assert gem is not None
+    recorded, token, walked = 0, None, 0
+    while pending and walked < max_pages:
+        try:
+            page = await gem.list_page(page_size=LIST_PAGE_SIZE, page_token=token)
+        except ApiError as e:
+            note_api_error(ctx, e)
+            return recorded
+        walked += 1
+        for op in page.get("operations") or []:
+            job = pending.pop(op.get("name"), None)
+            if job is not None:
+                await record(ctx, job, op)
+                recorded += 1
+        token = page.get("nextPageToken")
+        if not token:
+            break
+    return recorded
+
+
+async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]]) -> int:
+    gem = ctx.gemini
+    assert gem is not None
+    recorded = 0
+    limiter = anyio.CapacityLimiter(ctx.cfg.poll.workers)
+
+    async def one(job: dict[str, Any]) -> None:
+        nonlocal recorded
+        async with limiter:
+            try:
+                op = await gem.get_batch(job["remote_name"])
+            except ApiError as e:
+                if e.http_code == 404:
+                    await _lost(ctx, job)
+                    recorded += 1
+                    return
+                note_api_error(ctx, e)
+                await _retry_later(ctx, job)
+                return
+            await record(ctx, job, op)
+            recorded += 1
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(one, job)
+    return recorded
+
+
+async def _retry_later(ctx: Context, job: dict[str, Any]) -> None:
+    interval = _grow(ctx, job)
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(
+            conn, job["id"], poll_interval=interval, next_poll_at=time.time() + interval
+        )
+
+
+async def _lost(ctx: Context, job: dict[str, Any]) -> None:
+    log.warning("job_lost", job=job["id"], remote=job["remote_name"])
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(
+            conn, job["id"], state=JobState.DONE, error=LOST, finished_at=time.time()
+        )
+    ctx.wake.collect.set()
+
+
+def _grow(ctx: Context, job: dict[str, Any]) -> float:
+    current = job.get("poll_interval") or ctx.cfg.poll.min_interval
+    return min(ctx.cfg.poll.max_interval, max(ctx.cfg.poll.min_interval, current * 2))
+
+
+async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
+    """Store one Operation's state and progress for ``job``; finish it if terminal."""
+    meta = op.get("metadata") or {}
+    state = meta.get("state") or RemoteState.UNSPECIFIED.value
+    stats = meta.get("batchStats") or {}
+    now = time.time()
+    changed = state != job.get("remote_state")
+    if state not in _KNOWN and changed:
+        log.warning("unknown_remote_state", job=job["id"], state=state)
+    interval = ctx.cfg.poll.min_interval if changed else _grow(ctx, job)
+    fields: dict[str, Any] = {
+        "remote_state": state,
+        "done_count": _count(stats, "successfulRequestCount"),
+        "failed_count": _count(stats, "failedRequestCount"),
+        "pending_count": _count(stats, "pendingRequestCount"),
+        "remote_create_time": meta.get("createTime") or job.get("remote_create_time"),
+        "remote_end_time": meta.get("endTime"),
+        "poll_interval": interval,
+        "next_poll_at": now + interval,
+    }
+    terminal = state in _KNOWN and RemoteState(state).terminal
+    if terminal:
+        output = meta.get("output") or op.get("response") or {}
+        fields |= {"state": JobState.DONE, "finished_at": now, "error": op.get("error")}
+        if output.get("responsesFile"):
+            fields["result_file"] = output["responsesFile"]
+    stuck = (
+        not terminal
+        and job.get("submitted_at")
+        and now - job["submitted_at"] > ctx.cfg.poll.stuck_after
+        and not (job.get("input_reason") or "").startswith("stuck:")
+    )
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(conn, job["id"], **fields)
+        if state == RemoteState.RUNNING.value:
+            await advance_input(ctx, conn, job["input_id"], InputState.RUNNING)
+        if stuck:
+            hours = (now - job["submitted_at"]) / 3600
+            reason = f"stuck: job {job['remote_name']} {state} for {hours:.1f} h"
+            log.warning("job_stuck", job=job["id"], remote=job["remote_name"], state=state)
+            await ctx.store.update_input(conn, job["input_id"], reason=reason)
+    if changed:
+        log.info("job_state", job=job["id"], remote=job["remote_name"], state=state)
+    if state == RemoteState.RUNNING.value:
+        crash_point("while_running")
+    if terminal:
+        ctx.wake.collect.set()
+
+
+async def _next_due(ctx: Context) -> float:
+    at = await ctx.store.scalar("SELECT MIN(next_poll_at) FROM jobs WHERE state = 'active'")
+    if at is None:
+        return ctx.cfg.poll.max_interval
+    return max(0.02, min(ctx.cfg.poll.max_interval, at - time.time()))
+
+
+async def run_pollers(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    """Poll forever: when the next job is due or when submit signals a new job."""
+    task_status.started()
+    while True:
+        await poll_once(ctx)
+        await ctx.wake.poll.wait(await _next_due(ctx))

@@ -1,0 +1,354 @@
+"""Submission: admission caps, media and input upload, intent-before-create, adoption, backoff.
+
+Per job: ``planned`` → (file mode) ``uploading`` → ``creating`` → ``active``. Each state is committed
+before the call it permits. ``batches.create`` is never blindly repeated: after an ambiguous failure
+(timeout, dropped connection, 5xx) or a crash, the job stays ``creating`` with ``check_remote`` set in
+its ``error`` JSON, and the next round looks the display name up in ``batches.list`` first, adopting
+the remote job if it exists.
+
+``jobs.error`` while a job is not ``done`` is bookkeeping: ``{"retries": n, "check_remote": bool,
+"last": {code, status, message}}``. A permanent refusal ends the job ``done`` with
+``error = {"code", "status", "message"}`` and ``remote_state`` NULL; collect fails the input.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+
+from daemon.context import Context
+from daemon.crash import crash_point
+from daemon.gemini import ApiError
+from daemon.media_upload import resolve_media, resolved_path
+from daemon.states import InputState, JobState
+from daemon.store import dumps, loads
+
+log = structlog.get_logger("gemini-batchd.submit")
+
+_IDLE_WAIT = 30.0
+
+
+def display_name(input_id: str, part_no: int, attempt: int) -> str:
+    """``gemini-batchd:<id>:<part>`` for attempt 1, ``...:<part>:<attempt>`` after."""
+    base = f"gemini-batchd:{input_id}:{part_no}"
+    return base if attempt <= 1 else f"{base}:{attempt}"
+
+
+def backoff_delay(ctx: Context, retries: int) -> float:
+    """Exponential backoff with full jitter, by the number of consecutive failures."""
+    cap = min(ctx.cfg.api.backoff_max, ctx.cfg.api.backoff_initial * 2 ** max(0, retries - 1))
+    return random.uniform(0, cap)
+
+
+def _book(job: dict[str, Any]) -> dict[str, Any]:
+    data = loads(job.get("error"))
+    return data if isinstance(data, dict) and "retries" in data else {"retries": 0}
+
+
+def _needs_check(job: dict[str, Any]) -> bool:
+    """Whether a ``creating`` job may already exist remotely. Without bookkeeping (a crash, or a
+    row written by another stage) the answer is yes: look before creating."""
+    book = _book(job)
+    return bool(book.get("check_remote", job.get("error") is None))
+
+
+# ---- admission ---------------------------------------------------------------------------
+async def _in_flight(ctx: Context) -> tuple[int, dict[str, int]]:
+    rows = await ctx.store.fetchall(
+        "SELECT i.model AS model, COUNT(*) AS n, COALESCE(SUM(j.est_tokens), 0) AS tokens "
+        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
+        "WHERE j.state IN ('uploading', 'creating', 'active') GROUP BY i.model"
+    )
+    return sum(r["n"] for r in rows), {r["model"]: r["tokens"] for r in rows}
+
+
+async def _set_reason(ctx: Context, input_id: str, reason: str) -> None:
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_input(conn, input_id, reason=reason)
+
+
+async def _cancel_planned(ctx: Context) -> int:
+    async with ctx.store.tx() as conn:
+        cur = await conn.execute(
+            "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE state = 'planned' AND "
+            "input_id IN (SELECT id FROM inputs WHERE cancel_requested = 1)",
+            (time.time(),),
+        )
+        n = cur.rowcount
+    if n:
+        ctx.wake.collect.set()
+    return n
+
+
+async def submit_once(ctx: Context) -> int:
+    """One pass: reconcile/create ``creating`` jobs, admit and submit ``planned`` ones."""
+    done = await _cancel_planned(ctx)
+    now = time.time()
+    rows = await ctx.store.fetchall(
+        "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count "
+        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
+        "WHERE j.state IN ('planned', 'creating') AND j.not_before <= ? AND i.cancel_requested = 0 "
+        "ORDER BY j.state = 'planned', i.created_at, i.id, j.part_no, j.attempt",
+        (now,),
+    )
+    if not rows:
+        return done
+    remote: dict[str, dict[str, Any]] | None = None
+    if any(r["state"] == "creating" and _needs_check(r) for r in rows):
+        remote = await _remote_index(ctx)
+    active, tokens = await _in_flight(ctx)
+    cfg = ctx.cfg.submit
+    waiting_reason: dict[str, str] = {}
+    for job in rows:
+        if job["state"] == JobState.CREATING.value:
+            done += await _create(ctx, job, remote)
+            continue
+        if active >= cfg.max_active_jobs:
+            waiting_reason.setdefault(
+                job["input_id"], f"waiting: {active}/{cfg.max_active_jobs} active jobs"
+            )
+            continue
+        model_tokens = tokens.get(job["model"], 0)
+        cap = cfg.max_enqueued_tokens
+        if cap and model_tokens and model_tokens + job["est_tokens"] > cap:
+            waiting_reason.setdefault(
+                job["input_id"],
+                f"waiting: {model_tokens}/{cap} tokens enqueued for {job['model']}",
+            )
+            continue
+        active += 1
+        tokens[job["model"]] = model_tokens + job["est_tokens"]
+        done += await _submit_planned(ctx, job)
+    for input_id, reason in waiting_reason.items():
+        await _set_reason(ctx, input_id, reason)
+    return done
+
+
+async def _remote_index(ctx: Context) -> dict[str, dict[str, Any]] | None:
+    """display name → Operation of our remote jobs (one list walk); None if the list failed."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        async for op in ctx.gemini.list_batches():  # type: ignore[union-attr]
+            name = (op.get("metadata") or {}).get("displayName")
+            if isinstance(name, str) and name.startswith("gemini-batchd:"):
+                out.setdefault(name, op)
+    except ApiError as e:
+        note_api_error(ctx, e)
+        return None
+    return out
+
+
+# ---- one job -------------------------------------------------------------------------------
+async def _submit_planned(ctx: Context, job: dict[str, Any]) -> int:
+    gem = ctx.gemini
+    assert gem is not None
+    try:
+        source = Path(job["source_path"])
+        if job["media_count"]:
+            source = await resolve_media(ctx, job)
+        if job["mode"] == "file":
+            async with ctx.store.tx() as conn:
+                await ctx.store.update_job(conn, job["id"], state=JobState.UPLOADING)
+                await advance_input(ctx, conn, job["input_id"], InputState.UPLOADING)
+            up = await gem.upload_file(source, display_name=job["display_name"])
+            crash_point("after_upload")
+            job["upload_name"] = up["name"]
+            async with ctx.store.tx() as conn:
+                await ctx.store.update_job(
+                    conn, job["id"], state=JobState.CREATING, upload_name=up["name"]
+                )
+        else:
+            async with ctx.store.tx() as conn:
+                await ctx.store.update_job(conn, job["id"], state=JobState.CREATING)
+    except ApiError as e:
+        await _failed(ctx, job, e, back_to=JobState.PLANNED)
+        return 0
+    except OSError as e:  # a media file vanished or became unreadable after validation
+        err = ApiError("permanent", f"cannot read local media: {e}", status="MEDIA_UNREADABLE")
+        await _failed(ctx, job, err, back_to=JobState.PLANNED)
+        return 0
+    job["state"] = JobState.CREATING.value
+    # It was `planned` until this round, so nothing can exist remotely yet: an empty index.
+    return await _create(ctx, job, {}, source=source)
+
+
+async def _create(
+    ctx: Context,
+    job: dict[str, Any],
+    remote: dict[str, dict[str, Any]] | None,
+    *,
+    source: Path | None = None,
+) -> int:
+    """Create the remote job for a ``creating`` row, adopting an existing one first if needed."""
+    gem = ctx.gemini
+    assert gem is not None
+    if _needs_check(job):
+        if remote is None:
+            return 0  # the list failed: try again next round, never create blind
+        op = remote.get(job["display_name"])
+        if op is not None:
+            log.info(
+                "job_adopted", job=job["id"], remote=op.get("name"), display=job["display_name"]
+            )
+            await _activated(ctx, job, op)
+            return 1
+    try:
+        if job["mode"] == "file":
+            op = await gem.create_file_job(
+                model=job["model"],
+                file_name=job["upload_name"],
+                display_name=job["display_name"],
+                embed=job["kind"] == "embed",
+            )
+        else:
+            path = source or (
+                resolved_path(job) if job["media_count"] else Path(job["source_path"])
+            )
+            lines = await anyio.to_thread.run_sync(_read_lines, path)
+            op = await gem.create_inline_job(
+                model=job["model"], requests=lines, display_name=job["display_name"]
+            )
+    except ApiError as e:
+        await _failed(ctx, job, e, back_to=JobState.CREATING)
+        return 0
+    crash_point("after_create")  # created remotely, name not yet stored: recovery must adopt it
+    log.info("job_created", job=job["id"], remote=op.get("name"), display=job["display_name"])
+    await _activated(ctx, job, op)
+    return 1
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    with path.open("rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]
+
+
+async def _activated(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
+    meta = op.get("metadata") or {}
+    now = time.time()
+    interval = ctx.cfg.poll.min_interval
+    with anyio.CancelScope(shield=True):  # the remote job exists: record it no matter what
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(
+                conn,
+                job["id"],
+                state=JobState.ACTIVE,
+                remote_name=op["name"],
+                remote_state=meta.get("state") or "BATCH_STATE_PENDING",
+                remote_create_time=meta.get("createTime"),
+                submitted_at=now,
+                poll_interval=interval,
+                next_poll_at=now + interval,
+                not_before=0,
+                error=None,
+            )
+            await advance_input(ctx, conn, job["input_id"], InputState.SUBMITTED, reason=None)
+    ctx.wake.poll.set()
+
+
+async def advance_input(
+    ctx: Context, conn: Any, input_id: str, state: InputState, **fields: Any
+) -> None:
+    """Move the input forward to ``state`` unless it is already further along."""
+    order = [InputState.QUEUED, InputState.UPLOADING, InputState.SUBMITTED, InputState.RUNNING]
+    async with conn.execute("SELECT state FROM inputs WHERE id = ?", (input_id,)) as cur:
+        row = await cur.fetchone()
+    current = InputState(row[0]) if row else None
+    if current in order and order.index(current) < order.index(state):
+        await ctx.store.set_input_state(conn, input_id, state, **fields)
+    elif fields:
+        await ctx.store.update_input(conn, input_id, **fields)
+
+
+def note_api_error(ctx: Context, e: ApiError) -> None:
+    ctx.last_api_error = {"at": time.time(), "endpoint": e.endpoint, "kind": e.kind, **e.to_json()}
+
+
+async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: JobState) -> None:
+    note_api_error(ctx, e)
+    last = {"code": e.http_code, "status": e.status, "message": e.message}
+    if e.kind == "permanent":
+        log.warning("job_refused", job=job["id"], error=str(e))
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(
+                conn,
+                job["id"],
+                state=JobState.DONE,
+                remote_state=None,
+                error=last,
+                finished_at=time.time(),
+            )
+        ctx.wake.collect.set()
+        return
+    book = _book(job)
+    retries = int(book.get("retries", 0)) + 1
+    if back_to == JobState.CREATING and e.kind == "transient" and job["mode"] == "inline":
+        back_to = JobState.PLANNED  # refused before acting, and nothing was spent yet
+    # After an ambiguous create the job may exist remotely: look before creating again.
+    check = bool(book.get("check_remote")) or (
+        e.kind == "ambiguous" and back_to == JobState.CREATING
+    )
+    delay = backoff_delay(ctx, retries)
+    what = f"{e.http_code} {e.status}" if e.http_code else e.message
+    reason = f"API busy ({what}), retrying in {delay:.0f}s"
+    log.warning("api_backoff", job=job["id"], error=str(e), kind=e.kind, retry_in=round(delay, 1))
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(
+            conn,
+            job["id"],
+            state=back_to,
+            not_before=time.time() + delay,
+            error=dumps({"retries": retries, "check_remote": check, "last": last}),
+        )
+        async with conn.execute("SELECT state FROM inputs WHERE id = ?", (job["input_id"],)) as cur:
+            row = await cur.fetchone()
+        if row and row[0] == InputState.UPLOADING.value:
+            await ctx.store.set_input_state(conn, job["input_id"], InputState.QUEUED, reason=reason)
+        else:
+            await ctx.store.update_input(conn, job["input_id"], reason=reason)
+
+
+# ---- loops ---------------------------------------------------------------------------------
+async def recover_submissions(ctx: Context) -> None:
+    """At start: ``uploading`` → ``planned``; ``creating`` → reconciled against the remote list."""
+    async with ctx.store.tx() as conn:
+        await conn.execute(
+            "UPDATE jobs SET state = 'planned', not_before = 0, updated_at = ? "
+            "WHERE state = 'uploading'",
+            (time.time(),),
+        )
+    creating = await ctx.store.jobs_in(JobState.CREATING)
+    if not creating:
+        return
+    async with ctx.store.tx() as conn:
+        for job in creating:
+            book = _book(job) | {"check_remote": True}
+            await ctx.store.update_job(conn, job["id"], error=dumps(book), not_before=0)
+    rows = await ctx.store.fetchall(
+        "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count "
+        "FROM jobs j JOIN inputs i ON i.id = j.input_id WHERE j.state = 'creating' ORDER BY j.id"
+    )
+    remote = await _remote_index(ctx)
+    for job in rows:
+        await _create(ctx, job, remote)
+
+
+async def _next_due(ctx: Context) -> float:
+    nb = await ctx.store.scalar(
+        "SELECT MIN(not_before) FROM jobs WHERE state IN ('planned', 'creating') AND not_before > ?",
+        (time.time(),),
+    )
+    return _IDLE_WAIT if nb is None else max(0.05, min(_IDLE_WAIT, nb - time.time()))
+
+
+async def run_submitter(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    """Submit forever: on a nudge from validate/collect, when a backoff ends, or every 30 s."""
+    task_status.started()
+    while True:
+        await submit_once(ctx)
+        await ctx.wake.submit.wait(await _next_due(ctx))

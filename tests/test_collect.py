@@ -1,0 +1,395 @@
+"""The collect stage against a real store and real files (no API calls: jobs are crafted)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from daemon.collect import _inline_lines, collect_once, finish_input, plan_retries
+from daemon.config import parse_config
+from daemon.context import Context
+from daemon.media import media_ext, safe_key
+from daemon.outbox import outbox_paths
+from daemon.store import Store, new_input_id
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture
+async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+    cfg = parse_config(
+        {
+            "paths": {"root": str(tmp_path)},
+            "submit": {"retry_failed_requests": 1},
+            "prices": {"gemini-2.5-flash": {"input_per_mtok": 0.3, "output_per_mtok": 2.5}},
+        }
+    )
+    async with Store.open(cfg.db_path) as store:
+        yield Context(cfg=cfg, store=store)
+
+
+def ok(key: str, extra_parts: list[dict[str, Any]] | None = None) -> bytes:
+    parts = [{"text": f"answer:{key}"}, *(extra_parts or [])]
+    return orjson.dumps(
+        {
+            "key": key,
+            "response": {
+                "candidates": [{"content": {"parts": parts}}],
+                "usageMetadata": {
+                    "promptTokenCount": 10,
+                    "candidatesTokenCount": 20,
+                    "thoughtsTokenCount": 5,
+                    "totalTokenCount": 35,
+                },
+            },
+        }
+    )
+
+
+def err(key: str, code: int) -> bytes:
+    return orjson.dumps({"key": key, "error": {"code": code, "message": f"failure {code}"}})
+
+
+class Input:
+    """An input as validate would leave it: work file, parts, attempt-1 part files, jobs."""
+
+    def __init__(self, ctx: Context, id_: str, jobs: dict[int, int]) -> None:
+        self.ctx, self.id, self.jobs = ctx, id_, jobs  # jobs: part → job id of attempt 1
+
+    @classmethod
+    async def make(
+        cls, ctx: Context, parts: list[list[str]], *, rel: str = "foo.jsonl", **extra: Any
+    ) -> Input:
+        id_ = new_input_id()
+        work = ctx.input_dir(id_)
+        work.mkdir(parents=True)
+        inp = work / "input.jsonl"
+        rows, line_no, off = [], 1, 0
+        with open(inp, "wb") as f:
+            for n, keys in enumerate(parts, start=1):
+                start, first = off, line_no
+                lines = [
+                    orjson.dumps({"key": k, "request": {"contents": [{"parts": [{"text": k}]}]}})
+                    + b"\n"
+                    for k in keys
+                ]
+                for line in lines:
+                    f.write(line)
+                    off += len(line)
+                    line_no += 1
+                (work / f"part-{n}-a1.jsonl").write_bytes(b"".join(lines))
+                rows.append((n, first, line_no - 1, start, off, len(keys)))
+        jobs = {}
+        async with ctx.store.tx() as conn:
+            await ctx.store.add_input(
+                conn,
+                id=id_,
+                rel_path=rel,
+                model=extra.pop("model", "gemini-2.5-flash"),
+                state="running",
+                work_path=str(inp),
+                request_count=sum(len(p) for p in parts),
+                **extra,
+            )
+            for n, first, last, start, end, count in rows:
+                await ctx.store.add_part(
+                    conn,
+                    input_id=id_,
+                    part_no=n,
+                    first_line=first,
+                    last_line=last,
+                    start_offset=start,
+                    end_offset=end,
+                    request_count=count,
+                    size_bytes=end - start,
+                    est_tokens=10 * count,
+                )
+                jobs[n] = await ctx.store.add_job(
+                    conn,
+                    input_id=id_,
+                    part_no=n,
+                    attempt=1,
+                    display_name=f"gemini-batchd:{id_}:{n}",
+                    state="active",
+                    mode="file",
+                    source_path=str(work / f"part-{n}-a1.jsonl"),
+                    request_count=count,
+                    est_tokens=10 * count,
+                    remote_name=f"batches/{id_}-{n}",
+                )
+        return cls(ctx, id_, jobs)
+
+    async def collected(self, job_id: int, lines: list[bytes], **fields: Any) -> None:
+        path = self.ctx.input_dir(self.id) / f"job-{job_id}.results.jsonl"
+        path.write_bytes(b"".join(x + b"\n" for x in lines))
+        async with self.ctx.store.tx() as conn:
+            await self.ctx.store.update_job(
+                conn,
+                job_id,
+                state="collected",
+                results_path=str(path),
+                remote_state="BATCH_STATE_SUCCEEDED",
+                **fields,
+            )
+
+    async def done(self, job_id: int, **fields: Any) -> None:
+        async with self.ctx.store.tx() as conn:
+            await self.ctx.store.update_job(conn, job_id, state="done", **fields)
+
+    async def row(self) -> dict[str, Any]:
+        row = await self.ctx.store.get_input(self.id)
+        assert row is not None
+        return row
+
+    async def planned(self) -> list[dict[str, Any]]:
+        return [j for j in await self.ctx.store.jobs_of(self.id) if j["state"] == "planned"]
+
+    def out(self, rel: str = "foo.jsonl") -> dict[str, Path]:
+        return outbox_paths(self.ctx.cfg.outbox_dir, rel)
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -> None:
+    keys1, keys2 = [f"a{i}" for i in range(50)], [f"b{i}" for i in range(30)]
+    inp = await Input.make(ctx, [keys1, keys2])
+    await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
+    await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    assert await collect_once(ctx) == 1
+    row = await inp.row()
+    assert row["state"] == "succeeded"
+    out = inp.out()
+    got = lines_of(out["results"])
+    assert [x["key"] for x in got] == keys1 + keys2
+    assert all(
+        x["response"]["candidates"][0]["content"]["parts"][0]["text"] == "answer:" + x["key"]
+        for x in got
+    )
+    summary = orjson.loads(out["summary"].read_bytes())
+    assert out["summary"].stat().st_mtime_ns >= out["results"].stat().st_mtime_ns
+    assert not out["error"].exists()
+    assert summary["state"] == "succeeded" and summary["reused"] is False
+    assert summary["requests"] == {
+        "total": 80,
+        "succeeded": 80,
+        "failed": 0,
+        "duplicates_dropped": 0,
+        "unknown_dropped": 0,
+    }
+    assert summary["tokens"] == {
+        "prompt": 800,
+        "candidates": 1600,
+        "thoughts": 400,
+        "cached": 0,
+        "total": 2800,
+    }
+    # 800 * 0.3 + 2000 * 2.5 per million, half price for batch
+    assert summary["estimated_cost_usd"] == pytest.approx((800 * 0.3 + 2000 * 2.5) / 1e6 / 2)
+    assert [j["part"] for j in summary["jobs"]] == [1, 2] and summary["attempts"] == 1
+    assert summary["outbox"]["results"] == str(out["results"])
+    assert orjson.loads(row["summary"])["requests"]["total"] == 80
+    # kept for dedupe as a hard link; scratch files gone, job results kept for `retry`
+    kept = Path(row["results_path"])
+    assert os.path.samefile(kept, out["results"])
+    work = ctx.input_dir(inp.id)
+    assert not (work / "merge.sqlite").exists() and not list(work.glob("part-*"))
+    assert (work / "input.jsonl").exists() and len(list(work.glob("job-*.results.jsonl"))) == 2
+    assert not [p for p in out["results"].parent.iterdir() if p.name.endswith(".tmp")]
+    assert await collect_once(ctx) == 0  # final: nothing more to do
+
+
+async def test_retries_then_budget_then_partial(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b", "c", "d"]])
+    # a: retryable (13), b: permanent (3), c: unanswered, d: ok, plus noise
+    await inp.collected(inp.jobs[1], [err("a", 13), err("b", 3), ok("d"), ok("d"), ok("zz")])
+    assert await collect_once(ctx) == 1
+    row = await inp.row()
+    assert row["state"] == "queued"
+    (job2,) = await inp.planned()
+    assert job2["attempt"] == 2 and job2["display_name"] == f"gemini-batchd:{inp.id}:1:2"
+    assert job2["request_count"] == 2 and job2["mode"] == "inline" and job2["est_tokens"] == 20
+    source = Path(job2["source_path"])
+    assert source.name == "part-1-a2.jsonl"
+    assert [x["key"] for x in lines_of(source)] == ["a", "c"]
+    assert source.read_bytes().splitlines() == [
+        line
+        for line in (ctx.input_dir(inp.id) / "part-1-a1.jsonl").read_bytes().splitlines()
+        if orjson.loads(line)["key"] in ("a", "c")
+    ]
+    # attempt 2: a succeeds now, c fails again retryably → budget (1 retry) is spent
+    await inp.collected(job2["id"], [ok("a"), err("c", 14)])
+    assert await collect_once(ctx) == 1
+    row = await inp.row()
+    assert row["state"] == "partial" and await inp.planned() == []
+    got = {x["key"]: x for x in lines_of(inp.out()["results"])}
+    assert "response" in got["a"] and got["b"]["error"]["code"] == 3
+    assert got["c"]["error"]["code"] == 14 and "response" in got["d"]
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["requests"] == {
+        "total": 4,
+        "succeeded": 2,
+        "failed": 2,
+        "duplicates_dropped": 1,
+        "unknown_dropped": 1,
+    }
+    assert summary["attempts"] == 2 and row["results_path"] is None
+
+    # the `retry` command ignores the budget and takes permanent errors too; attempts continue
+    assert await plan_retries(ctx, inp.id, force=True) == 2
+    (job3,) = await inp.planned()
+    assert job3["attempt"] == 3 and job3["display_name"].endswith(":1:3")
+    assert [x["key"] for x in lines_of(Path(job3["source_path"]))] == ["b", "c"]
+    assert (await inp.row())["state"] == "queued"  # part files were removed: input ranges used
+    await inp.collected(job3["id"], [ok("b"), ok("c")])
+    await collect_once(ctx)
+    assert (await inp.row())["state"] == "succeeded"
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c", "d"]
+    assert not inp.out()["summary"].read_bytes().count(b'"partial"')
+
+
+async def test_expired_job_is_retried_then_input_expires(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"]])
+    await inp.done(inp.jobs[1], remote_state="BATCH_STATE_EXPIRED")
+    assert await collect_once(ctx) == 2  # the job collected (empty), the input settled
+    job1 = await ctx.store.get_job(inp.jobs[1])
+    assert job1 is not None and job1["state"] == "collected"
+    assert Path(job1["results_path"]).read_bytes() == b""
+    (job2,) = await inp.planned()
+    assert job2["attempt"] == 2 and job2["request_count"] == 2
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(conn, job2["id"], remote_name="batches/x2")
+    await inp.done(job2["id"], remote_state="BATCH_STATE_EXPIRED")
+    await collect_once(ctx)
+    row = await inp.row()
+    assert row["state"] == "expired"
+    out = inp.out()
+    assert out["error"].exists() and not out["summary"].exists() and not out["results"].exists()
+    doc = orjson.loads(out["error"].read_bytes())
+    assert doc["state"] == "expired" and "expired" in doc["reason"]
+
+
+async def test_refused_job_fails_with_the_api_message_and_no_retry(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a"]], rel="gemini-nope/x.jsonl", model="gemini-nope")
+    api_error = {"code": 404, "status": "NOT_FOUND", "message": "models/gemini-nope is not found"}
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(conn, inp.jobs[1], remote_name=None, error=api_error)
+    await inp.done(inp.jobs[1])
+    await collect_once(ctx)
+    row = await inp.row()
+    assert row["state"] == "failed" and await inp.planned() == []
+    doc = orjson.loads(inp.out("gemini-nope/x.jsonl")["error"].read_bytes())
+    assert "models/gemini-nope is not found" in doc["reason"]
+    assert doc["details"]["jobs"][0]["error"] == api_error
+    assert not inp.out("gemini-nope/x.jsonl")["summary"].exists()
+
+
+async def test_cancel_keeps_finished_parts(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"], ["c"]], cancel_requested=1)
+    await inp.collected(inp.jobs[1], [ok("a"), err("b", 13)])
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(conn, inp.jobs[2], state="cancelled", remote_name=None)
+    await collect_once(ctx)
+    row = await inp.row()
+    assert row["state"] == "cancelled" and await inp.planned() == []  # no retries when cancelled
+    out = inp.out()
+    got = lines_of(out["results"])
+    assert [x["key"] for x in got] == ["a", "b", "c"]
+    assert "response" in got[0] and got[1]["error"]["code"] == 13
+    assert got[2]["error"]["status"] == "CANCELLED"
+    assert out["error"].exists() and not out["summary"].exists()
+
+
+async def test_finish_input_directly(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a"]])
+    await inp.collected(inp.jobs[1], [ok("a")])
+    await finish_input(ctx, inp.id)
+    assert (await inp.row())["state"] == "succeeded"
+
+
+async def test_media_are_extracted(ctx: Context) -> None:
+    blob = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PNG).decode()}}
+    inp = await Input.make(ctx, [["img/1", "plain"]])
+    await inp.collected(inp.jobs[1], [ok("img/1", [blob, blob]), ok("plain")])
+    await collect_once(ctx)
+    media = inp.out()["media"]
+    names = sorted(p.name for p in media.iterdir())
+    stem = safe_key("img/1")
+    assert stem.startswith("img_1_") and names == [f"{stem}-1.png", f"{stem}-2.png"]
+    assert (media / names[0]).read_bytes() == PNG and PNG.startswith(b"\x89PNG\r\n\x1a\n")
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["outbox"]["media"] == str(media)
+    assert media_ext("image/jpeg") == "jpg" and media_ext("audio/L16;rate=24000") == "bin"
+
+
+async def test_reuse_serves_earlier_results(ctx: Context) -> None:
+    first = await Input.make(ctx, [["a", "b"]])
+    await first.collected(first.jobs[1], [ok("b"), ok("a")])
+    await collect_once(ctx)
+    first_row = await first.row()
+    id_ = new_input_id()
+    work = ctx.input_dir(id_)
+    work.mkdir(parents=True)
+    os.link(first_row["work_path"], work / "input.jsonl")
+    async with ctx.store.tx() as conn:
+        await ctx.store.add_input(
+            conn,
+            id=id_,
+            rel_path="again/foo.jsonl",
+            model="gemini-2.5-flash",
+            state="downloading",
+            work_path=str(work / "input.jsonl"),
+            reused_from=first.id,
+        )
+    assert await collect_once(ctx) == 1
+    row = await ctx.store.get_input(id_)
+    assert row is not None and row["state"] == "succeeded"
+    out = outbox_paths(ctx.cfg.outbox_dir, "again/foo.jsonl")
+    assert out["results"].read_bytes() == first.out()["results"].read_bytes()
+    summary = orjson.loads(out["summary"].read_bytes())
+    assert summary["reused"] is True and summary["reused_from"] == first.id
+    assert summary["tokens"] == orjson.loads(first_row["summary"])["tokens"]
+    assert summary["jobs"] == []
+
+
+def test_inline_operation_lines_join_on_metadata_key() -> None:
+    op = {
+        "name": "batches/x",
+        "metadata": {
+            "state": "BATCH_STATE_SUCCEEDED",
+            "output": {
+                "inlinedResponses": {
+                    "inlinedResponses": [
+                        {"response": {"candidates": []}, "metadata": {"key": "k2"}},
+                        {
+                            "error": {"code": 13, "message": "boom", "details": [{"x": 1}]},
+                            "metadata": {"key": "k1"},
+                        },
+                    ]
+                }
+            },
+        },
+    }
+    assert [orjson.loads(x) for x in _inline_lines(op)] == [
+        {"key": "k2", "response": {"candidates": []}},
+        {"key": "k1", "error": {"code": 13, "message": "boom", "details": [{"x": 1}]}},
+    ]
+
+
+async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a"]])
+    await inp.done(inp.jobs[1], remote_state="BATCH_STATE_SUCCEEDED")
+    assert await collect_once(ctx) == 0  # no API client here: nothing collected, nothing lost
+    job = await ctx.store.get_job(inp.jobs[1])
+    assert job is not None and job["state"] == "done" and job["not_before"] > 0
+    assert (await inp.row())["state"] == "running"
+    assert await collect_once(ctx) == 0  # backing off: not even tried

@@ -1,0 +1,275 @@
+"""Validation rules (SPEC §2), part planning (SPEC §3) and `gemini-batchd check`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from daemon.config import Config, parse_config
+from daemon.validate import check_main, model_kind, validate_file
+
+GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+
+
+def cfg_for(tmp_path: Path, **sections: Any) -> Config:
+    return parse_config({"paths": {"root": str(tmp_path)}, **sections})
+
+
+def write(tmp_path: Path, lines: list[Any] | bytes, name: str = "in.jsonl") -> Path:
+    path = tmp_path / name
+    if isinstance(lines, bytes):
+        path.write_bytes(lines)
+    else:
+        path.write_bytes(
+            b"".join((x if isinstance(x, bytes) else orjson.dumps(x)) + b"\n" for x in lines)
+        )
+    return path
+
+
+def line(key: str, request: Any = None) -> dict[str, Any]:
+    return {"key": key, "request": GEN if request is None else request}
+
+
+def problems(tmp_path: Path, data: list[Any] | bytes, model: str = "gemini-2.5-flash", **cfg: Any):
+    v = validate_file(write(tmp_path, data), model=model, cfg=cfg_for(tmp_path, **cfg))
+    assert v.ok is (v.problem_count == 0)
+    return [(p.line, p.reason) for p in v.problems]
+
+
+def test_valid_file_facts(tmp_path: Path) -> None:
+    path = write(tmp_path, [line("a"), b"", GEN, b"   ", line("b")])
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
+    assert v.ok and v.problems == [] and v.problem_count == 0
+    assert v.request_count == 3
+    assert v.size_bytes == path.stat().st_size
+    assert v.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert v.kind == "generate" and v.est_tokens > 0
+    assert len(v.parts) == 1 and v.parts[0].first_line == 1 and v.parts[0].last_line == 5
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ([line("a"), b"{not json"], [(2, "invalid JSON")]),
+        (
+            [line("a"), b"[1, 2]", b'"text"', b"7"],
+            [(2, "not a JSON object"), (3, "not"), (4, "not")],
+        ),
+        ([{"key": "a"}], [(1, 'missing "request"')]),
+        ([{"key": "a", "request": {}}], [(1, '"request" is empty')]),
+        ([{"key": "a", "request": []}], [(1, '"request" is not a JSON object')]),
+        ([{"key": "a", "request": "x"}], [(1, '"request" is not a JSON object')]),
+        ([{"request": GEN}], [(1, 'missing "key"')]),
+        ([{"key": "", "request": GEN}], [(1, '"key" must be a non-empty string')]),
+        ([{"key": 5, "request": GEN}], [(1, '"key" must be a non-empty string')]),
+        ([{"key": "a", "request": GEN, "extra": 1}], [(1, "unknown member(s) extra")]),
+        ([{}], [(1, '"request" is empty')]),
+        ([line("a"), line("b"), line("a")], [(3, "duplicate key 'a' (first on line 1)")]),
+        # an explicit key colliding with a bare line's number key
+        ([GEN, line("1")], [(2, "duplicate key '1' (first on line 1)")]),
+        ([line("3"), b"", GEN], [(3, "duplicate key '3' (first on line 1)")]),
+        (b'{"key":"a","request":{"contents":[]}}\n{"key":"\xff\xfe"}\n', [(2, "not valid UTF-8")]),
+        (b"", [(0, "no request lines")]),
+        (b"\n  \n\t\n", [(0, "no request lines")]),
+        ([line("a", {"content": {"parts": [{"text": "x"}]}})], [(1, 'request has no "contents"')]),
+    ],
+)
+def test_rejection_rules(tmp_path: Path, data: Any, expected: list[tuple[int, str]]) -> None:
+    got = problems(tmp_path, data)
+    assert [n for n, _ in got] == [n for n, _ in expected], got
+    for (_, reason), (_, want) in zip(got, expected, strict=True):
+        assert want in reason
+
+
+def test_line_over_max_line_bytes(tmp_path: Path) -> None:
+    long_text = "x" * 5000
+    data = [line("a"), line("b", {"contents": [{"parts": [{"text": long_text}]}]}), line("c")]
+    got = problems(tmp_path, data, inbox={"max_line_bytes": 2000})
+    assert got == [(2, "line is longer than max_line_bytes (2000 bytes)")]
+    # a line just at the limit passes
+    exact = orjson.dumps(line("a"))
+    assert problems(tmp_path, [exact], inbox={"max_line_bytes": len(exact)}) == []
+    assert problems(tmp_path, [exact], inbox={"max_line_bytes": len(exact) - 1})[0][0] == 1
+
+
+def test_over_long_line_keeps_line_numbers_and_hash(tmp_path: Path) -> None:
+    big = b'{"key":"big","request":{"contents":"' + b"y" * 3_000_000 + b'"}}'
+    path = write(tmp_path, [line("a"), big, b"oops", line("a")])
+    cfg = cfg_for(tmp_path, inbox={"max_line_bytes": 1000})
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg)
+    assert [p.line for p in v.problems] == [2, 3, 4]
+    assert v.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert v.size_bytes == path.stat().st_size
+
+
+def test_embedding_model_needs_content(tmp_path: Path) -> None:
+    assert model_kind("gemini-embedding-001") == "embed"
+    assert model_kind("gemini-2.5-flash") == "generate"
+    emb = {"content": {"parts": [{"text": "hello"}]}, "taskType": "RETRIEVAL_DOCUMENT"}
+    assert problems(tmp_path, [line("a", emb), emb], model="gemini-embedding-001") == []
+    got = problems(tmp_path, [line("a", emb), GEN], model="gemini-embedding-001")
+    assert got[0][0] == 2 and 'no "content"' in got[0][1]
+
+
+def media_part(uri: str, snake: bool = False) -> dict[str, Any]:
+    if snake:
+        return {"file_data": {"file_uri": uri, "mime_type": "image/png"}}
+    return {"fileData": {"fileUri": uri, "mimeType": "image/png"}}
+
+
+def test_media_references(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    (media / "sub").mkdir(parents=True)
+    (media / "cat.png").write_bytes(b"png")
+    (media / "sub" / "dog.png").write_bytes(b"png")
+    (tmp_path / "secret.png").write_bytes(b"png")
+    os.symlink(tmp_path / "secret.png", media / "escape.png")
+    os.symlink(media / "cat.png", media / "inside.png")
+
+    def req(*uris: str, snake: bool = False) -> dict[str, Any]:
+        return {"contents": [{"parts": [{"text": "x"}, *[media_part(u, snake) for u in uris]]}]}
+
+    ok = [
+        line("a", req("file:cat.png", "file:sub/dog.png")),
+        line("b", req("file:cat.png", "file:inside.png", snake=True)),
+        line("c", req("https://example.com/x.png", "files/abc")),
+    ]
+    v = validate_file(write(tmp_path, ok), model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
+    assert v.ok and v.media_refs == 4
+    assert v.media_names == {"cat.png", "sub/dog.png", "inside.png"}
+    bad = [
+        line("a", req("file:cat.png")),
+        line("b", req("file:missing.png")),
+        line("c", req("file:../secret.png")),
+        line("d", req("file:/etc/passwd", snake=True)),
+        line("e", req("file:escape.png")),
+        line("f", req("file:sub")),
+    ]
+    got = problems(tmp_path, bad)
+    assert [n for n, _ in got] == [2, 3, 4, 5, 6]
+    assert "not found" in got[0][1] and "outside media_dir" in got[1][1]
+    assert "outside media_dir" in got[2][1] and "outside media_dir" in got[3][1]
+    assert "not a regular file" in got[4][1]
+    # embed requests: content.parts[]
+    emb = {"content": {"parts": [media_part("file:nope.png")]}}
+    got = problems(tmp_path, [emb], model="gemini-embedding-001")
+    assert got[0][0] == 1 and "not found" in got[0][1]
+
+
+def test_problem_cap_keeps_total_count(tmp_path: Path) -> None:
+    data: list[Any] = [b"nope"] * 150 + [line("a"), line("a")]
+    v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
+    assert not v.ok and v.problem_count == 151 and len(v.problems) == 100
+    assert [p.line for p in v.problems] == list(range(1, 101))
+    # duplicates found at the end are merged in line order
+    data = [line("a"), line("a"), *[b"nope"] * 120]
+    v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
+    assert (
+        v.problem_count == 121 and v.problems[0].line == 2 and "duplicate" in v.problems[0].reason
+    )
+    assert [p.line for p in v.problems] == list(range(2, 102))
+
+
+def read_keys(paths: list[Path]) -> list[str]:
+    keys: list[str] = []
+    for p in paths:
+        for raw in p.read_bytes().splitlines():
+            doc = orjson.loads(raw)
+            assert set(doc) == {"key", "request"}
+            keys.append(doc["key"])
+    return keys
+
+
+def test_split_by_count_writes_canonical_parts(tmp_path: Path) -> None:
+    data: list[Any] = []
+    for i in range(1, 24):
+        data.append(GEN if i % 3 == 0 else line(f"k{i}"))
+        if i % 5 == 0:
+            data.append(b"")
+    path = write(tmp_path, data)
+    (tmp_path / "in.jsonl").write_bytes(path.read_bytes().replace(b"\n", b"\r\n", 3))
+    out = tmp_path / "work"
+    cfg = cfg_for(tmp_path, submit={"max_requests_per_job": 10})
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    assert v.ok and [p.request_count for p in v.parts] == [10, 10, 3]
+    files = [p.source_path for p in v.parts]
+    assert files == [out / f"part-{n}-a1.jsonl" for n in (1, 2, 3)]
+    assert all(f is not None and f.exists() for f in files)
+    expected: list[str] = []
+    lines = path.read_bytes().split(b"\n")
+    for n, raw in enumerate(lines[:-1], 1):
+        if raw.strip():
+            doc = orjson.loads(raw)
+            expected.append(doc["key"] if "key" in doc else str(n))
+    assert read_keys([f for f in files if f]) == expected
+    assert b"\r" not in b"".join(f.read_bytes() for f in files if f)
+    # raw bytes of an already-canonical line are kept unchanged
+    assert files[0] is not None
+    assert files[0].read_bytes().split(b"\n")[0] == orjson.dumps(line("k1"))
+    # offsets and sizes describe the input and the part files
+    raw_in = path.read_bytes()
+    for p in v.parts:
+        assert p.source_path is not None and p.size_bytes == p.source_path.stat().st_size
+        chunk = raw_in[p.start_offset : p.end_offset]
+        assert chunk.count(b"\n") == p.last_line - p.first_line + 1
+    assert v.parts[0].start_offset == 0 and v.parts[-1].end_offset == len(raw_in)
+
+
+def test_split_by_bytes(tmp_path: Path) -> None:
+    data = [line(f"key-{i:03}", {"contents": "x" * 200}) for i in range(30)]
+    out = tmp_path / "work"
+    one = len(orjson.dumps(data[0])) + 1
+    cfg = cfg_for(tmp_path, submit={"max_job_bytes": one * 7 + 3})
+    v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    assert [p.request_count for p in v.parts] == [7, 7, 7, 7, 2]
+    assert all(p.size_bytes <= one * 7 + 3 for p in v.parts)
+    files = [p.source_path for p in v.parts if p.source_path]
+    assert read_keys(files) == [f"key-{i:03}" for i in range(30)]
+
+
+def test_invalid_file_leaves_no_part_files(tmp_path: Path) -> None:
+    out = tmp_path / "work"
+    cfg = cfg_for(tmp_path, submit={"max_requests_per_job": 2})
+    data = [line(f"k{i}") for i in range(10)] + [line("k0")]
+    v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    assert not v.ok and v.parts == []
+    assert list(out.iterdir()) == []
+
+
+def test_check_main_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = cfg_for(tmp_path)
+    good = write(tmp_path, [line("a"), GEN], "good.jsonl")
+    assert check_main(cfg, str(good), model=None, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "ok: 2 requests, 1 part(s)" in out and "gemini-2.5-flash" in out
+    bad = write(tmp_path, [line("a"), b"{", line("a")], "bad.jsonl")
+    assert check_main(cfg, str(bad), model=None, as_json=False) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{bad}:2: invalid JSON: " + out[0].split("invalid JSON: ")[1]
+    assert out[1] == f"{bad}:3: duplicate key 'a' (first on line 1)"
+    assert "2 problem(s)" in out[2]
+    assert check_main(cfg, str(bad), model=None, as_json=True) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["problem_count"] == 2
+    assert [p["line"] for p in doc["problems"]] == [2, 3]
+    assert check_main(cfg, str(tmp_path / "none.jsonl"), model=None, as_json=False) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_check_main_model_from_inbox_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = cfg_for(tmp_path)
+    folder = cfg.inbox_dir / "gemini-embedding-001"
+    folder.mkdir(parents=True)
+    path = write(folder, [{"content": {"parts": [{"text": "x"}]}}])
+    assert check_main(cfg, str(path), model=None, as_json=True) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "gemini-embedding-001" and doc["kind"] == "embed"
+    assert check_main(cfg, str(path), model="gemini-2.5-flash", as_json=False) == 1
