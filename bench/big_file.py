@@ -32,6 +32,7 @@ from bench.common import (
     new_run_dir,
     note,
     print_table,
+    settle_io,
     target,
     wait_until,
 )
@@ -48,6 +49,7 @@ def run_daemon(src: Path, args: argparse.Namespace, label: str) -> dict[str, Any
         run_dir, emu.url, inbox={"settle_seconds": args.settle}, **_poll(args)
     ).start()
     try:
+        settle_io()
         cpu0 = daemon.cpu_seconds()
         t0 = drop(src, daemon, NAME)
         note(f"daemon ({label}): dropped {src.name}, waiting for its summary")
@@ -57,20 +59,27 @@ def run_daemon(src: Path, args: argparse.Namespace, label: str) -> dict[str, Any
         if error.exists():
             raise RuntimeError(f"daemon failed the file: {error.read_text()[:2000]}")
         t1 = summary.stat().st_mtime
+        # The remote clean-up (files.delete) follows the summary; count its calls too.
+        try:
+            wait_until(lambda: emu.stats()["files"] == 0, 60, "remote clean-up", 0.2)
+        except TimeoutError as e:
+            note(str(e))
         hwm, children = daemon.peak_rss()
         cpu = daemon.cpu_seconds() - cpu0
-        sampled = daemon.sampler.peak if daemon.sampler else 0
-        stats = emu.stats()
-        emu_union, emu_sum, jobs = emu.job_times()
+        sampler = daemon.sampler
+        sampled, sampled_at = (sampler.peak, sampler.peak_at) if sampler else (0, 0.0)
         (iid,) = [r[0] for r in daemon.query("SELECT id FROM inputs")]
         timeline = daemon.timeline(iid)
+        daemon.stop()
+        stats = emu.stats()
+        jt = emu.job_times()
         results = daemon.outbox / NAME
         lines = count_lines(results) if results.exists() else 0
         check_s = time_check(src, daemon) if args.check else None
     finally:
         daemon.stop()
         emu.stop()
-    first = {}
+    first: dict[str, float] = {}
     for state, at in timeline:
         first.setdefault(state, at)
     validation_s = first.get("queued", 0) - first.get("validating", 0)
@@ -78,12 +87,15 @@ def run_daemon(src: Path, args: argparse.Namespace, label: str) -> dict[str, Any
         "label": label,
         "size": src.stat().st_size,
         "wall": t1 - t0,
-        "emu": emu_union,
-        "emu_sum": emu_sum,
-        "jobs": jobs,
-        "own": t1 - t0 - emu_union,
+        "emu": jt["union"],
+        "emu_sum": jt["sum"],
+        "jobs": jt["jobs"],
+        "own": t1 - t0 - jt["union"],
+        "head": jt["first_create"] - t0,
+        "tail": t1 - jt["last_end"],
         "rss": hwm + children,
         "rss_sampled": sampled,
+        "rss_sampled_at": sampled_at - t0,
         "cpu": cpu,
         "calls": api_calls(stats),
         "by_endpoint": stats.get("calls", {}),
@@ -119,6 +131,7 @@ def run_naive(src: Path, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = new_run_dir("big-naive")
     emu = EmulatorProc(run_dir / "emulator").start()
     try:
+        settle_io()
         note("naive: running the cookbook way")
         cmd = [sys.executable, "-m", "bench.naive", "--base-url", emu.url, "--file", str(src)]
         cmd += ["--out", str(run_dir / "results.jsonl"), "--poll-seconds", str(args.poll_seconds)]
@@ -127,15 +140,17 @@ def run_naive(src: Path, args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"naive run failed: {proc.stdout}\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         stats = emu.stats()
-        emu_union, _, jobs = emu.job_times()
+        jt = emu.job_times()
     finally:
         emu.stop()
     t = res["times"]
     out = {
         "wall": t["end"] - t["start"],
-        "emu": emu_union,
-        "jobs": jobs,
-        "own": t["end"] - t["start"] - emu_union,
+        "emu": jt["union"],
+        "jobs": jt["jobs"],
+        "own": t["end"] - t["start"] - jt["union"],
+        "head": jt["first_create"] - t["start"],
+        "tail": t["end"] - jt["last_end"],
         "rss": res["maxrss"],
         "calls": api_calls(stats),
         "by_endpoint": stats.get("calls", {}),
@@ -157,6 +172,7 @@ def run_floor(src: Path, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = new_run_dir("big-floor")
     emu = EmulatorProc(run_dir / "emulator").start()
     try:
+        settle_io()
         note(f"floor: orjson loop, raw upload, raw download; best of {args.floor_repeats}")
         host, port = emu.hostport
         parse_s = up_s = down_s = float("inf")
@@ -197,11 +213,17 @@ def report(d: dict[str, Any], small: dict[str, Any] | None, naive: Any, fl: Any)
             ["remote jobs", d["jobs"], n.get("jobs"), None],
             ["emulator job time (s)", d["emu"], n.get("emu"), None],
             ["own share = wall - emulator (s)", d["own"], n.get("own"), f.get("wall")],
+            ["  before the first job was created (s)", d["head"], n.get("head"), None],
+            ["  after the last job ended (s)", d["tail"], n.get("tail"), None],
             ["peak RSS (MB)", d["rss"] / MB, n["rss"] / MB if naive else None, None],
             ["CPU time (s)", d["cpu"], None, None],
             ["API calls", d["calls"], n.get("calls"), f.get("calls")],
             ["parse MB/s (validation / - / orjson loop)", val_mbs, None, orjson_mbs],
         ],
+    )
+    print(
+        f"daemon peak RSS sampled at {d['rss_sampled_at']:.1f} s after the drop; state timeline "
+        "(s after drop): " + ", ".join(f"{s} {at:.1f}" for s, at in d["timeline"])
     )
     if check_mbs:
         print(

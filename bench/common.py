@@ -50,9 +50,17 @@ def machine_info() -> dict[str, str]:
 
 def machine_line() -> str:
     m = machine_info()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, Python {m['python']}, {m['os']}"
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, Python {m['python']}, "
+        f"{m['os']}; load average now {load}"
     )
+
+
+def settle_io() -> None:
+    """Flush dirty pages of earlier phases, so their writeback does not slow the next one."""
+    os.sync()
+    time.sleep(1)
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -216,14 +224,21 @@ class EmulatorProc:
             if not token:
                 return out
 
-    def job_times(self) -> tuple[float, float, int]:
-        """(union, sum) of endTime - createTime over finished jobs, and the job count."""
+    def job_times(self) -> dict[str, float]:
+        """Over finished jobs: `union` and `sum` of endTime - createTime, `jobs`, the
+        `first_create` and `last_end` (epoch seconds)."""
         spans = []
         for op in self.batches():
             meta = op.get("metadata", {})
             if meta.get("endTime"):
                 spans.append((parse_time(meta["createTime"]), parse_time(meta["endTime"])))
-        return union_seconds(spans), sum(b - a for a, b in spans), len(spans)
+        return {
+            "union": union_seconds(spans),
+            "sum": sum(b - a for a, b in spans),
+            "jobs": len(spans),
+            "first_create": min((a for a, _ in spans), default=0.0),
+            "last_end": max((b for _, b in spans), default=0.0),
+        }
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -263,6 +278,7 @@ class RssSampler:
         self.proc = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
+        self.peak_at = 0.0  # epoch seconds of the sampled peak
         self.peak_children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -278,7 +294,8 @@ class RssSampler:
                 total = self.proc.memory_info().rss + children
             except psutil.Error:
                 return
-            self.peak = max(self.peak, total)
+            if total > self.peak:
+                self.peak, self.peak_at = total, time.time()
             self.peak_children = max(self.peak_children, children)
             self._stop.wait(self.interval)
 
@@ -291,7 +308,15 @@ class RssSampler:
 class DaemonProc:
     """`python -m daemon run -c CONFIG` on a fresh root under `run_dir`, pointed at an emulator."""
 
-    def __init__(self, run_dir: Path, base_url: str, **sections: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        base_url: str,
+        *,
+        profile: Path | None = None,
+        **sections: dict[str, Any],
+    ) -> None:
+        self.profile = profile  # run under cProfile (main thread only), stats written here
         self.root = run_dir / "root"
         self.config_path = run_dir / "daemon.toml"
         self.log_path = run_dir / "daemon.log"
@@ -320,6 +345,8 @@ class DaemonProc:
         self.staging.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "daemon", "run", "-c", str(self.config_path)]
+        if self.profile is not None:
+            cmd[1:1] = ["-m", "cProfile", "-o", str(self.profile)]
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO
         )

@@ -57,6 +57,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=0.2, help="[inbox] settle_seconds")
     ap.add_argument("--timeout", type=float, default=1500)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="run the daemon under cProfile (implies --keep)"
+    )
     args = ap.parse_args()
     n = args.files
 
@@ -68,6 +71,7 @@ def main() -> int:
         emu.url,
         inbox={"settle_seconds": args.settle},
         submit={"max_active_jobs": args.max_active_jobs},
+        profile=run_dir / "daemon.prof" if args.profile else None,
     ).start()
     try:
         gen_dir = daemon.staging / "many"
@@ -150,7 +154,9 @@ def main() -> int:
     }
     out = Path(__file__).parent / "out" / f"many_files-{n}-{args.max_active_jobs}.json"
     out.write_text(json.dumps(raw, indent=1))
-    cleanup(run_dir, args.keep)
+    if args.profile:
+        note(f"profile: python -m pstats {run_dir / 'daemon.prof'}")
+    cleanup(run_dir, args.keep or args.profile)
     return 0 if ok else 1
 
 
