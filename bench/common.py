@@ -240,6 +240,11 @@ class EmulatorProc:
             "last_end": max((b for _, b in spans), default=0.0),
         }
 
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -78,7 +78,7 @@ def main() -> int:
         t = time.monotonic()
         paths = small_files(gen_dir, n, requests=args.requests)
         note(f"generated {n:,} files in {time.monotonic() - t:.1f} s; renaming into the inbox")
-        cpu0 = daemon.cpu_seconds()
+        cpu0, emu_cpu0 = daemon.cpu_seconds(), emu.cpu_seconds()
         inbox = daemon.inbox
         t0 = time.time()
         for p in paths:
@@ -104,6 +104,7 @@ def main() -> int:
         )
         hwm, children = daemon.peak_rss()
         cpu = daemon.cpu_seconds() - cpu0
+        emu_cpu = emu.cpu_seconds() - emu_cpu0
         stats = emu.stats()
         submitted = daemon.first_at(SUBMITTED_OR_LATER)
         states = dict(daemon.query("SELECT state, COUNT(*) FROM inputs GROUP BY state"))
@@ -134,7 +135,8 @@ def main() -> int:
             ["API calls by endpoint", ", ".join(f"{k} {v:,}" for k, v in stats["calls"].items())],
             ["DB size (MB, with WAL)", db_bytes / MB],
             ["daemon peak RSS (MB)", (hwm + children) / MB],
-            ["daemon CPU time (s)", cpu],
+            ["daemon CPU time (s) / per file (ms)", f"{cpu:.1f} / {cpu / n * 1000:.1f}"],
+            ["emulator CPU time (s) / per file (ms)", f"{emu_cpu:.1f} / {emu_cpu / n * 1000:.1f}"],
         ],
     )
     ok = target("all complete", done == n and errors == 0, f"{done:,}/{n:,}, {errors} errors")
@@ -149,6 +151,7 @@ def main() -> int:
         "db_bytes": db_bytes,
         "rss": hwm + children,
         "cpu": cpu,
+        "emu_cpu": emu_cpu,
         "states": states,
         "machine": machine_line(),
     }
