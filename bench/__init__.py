@@ -1,0 +1,1 @@
+"""Benchmarks for gemini-batchd against its emulator: `python -m bench.<name> --help`."""
