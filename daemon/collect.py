@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -281,7 +282,7 @@ async def _plan(
             if last["error"] and not last["remote_name"]:
                 continue  # refused at create (e.g. unknown model): retrying cannot help
         count = await anyio.to_thread.run_sync(
-            lambda p=part: index.retry_keys(p.part_no, force=force)
+            functools.partial(index.retry_keys, part.part_no, force=force)
         )
         if not count:
             continue

@@ -160,7 +160,7 @@ async def finish_index(
     paths = outbox_paths(cfg.outbox_dir, row["rel_path"])
     counts = await anyio.to_thread.run_sync(index.counts)
     state, reason = _final_state(row, counts, jobs)
-    last = {}
+    last: dict[int, dict[str, Any]] = {}
     for j in jobs:  # the latest job of each part
         if j["part_no"] not in last or j["attempt"] > last[j["part_no"]]["attempt"]:
             last[j["part_no"]] = j

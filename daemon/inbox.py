@@ -508,7 +508,7 @@ async def _validate_input(ctx: Context, row: dict[str, Any]) -> None:
                 request_count=part.request_count,
                 est_tokens=part.est_tokens,
             )
-        await ctx.store.set_input_state(conn, input_id, InputState.QUEUED, **facts)
+        await ctx.store.set_input_state(conn, input_id, InputState.QUEUED, **facts)  # type: ignore[arg-type]
     log.info(
         "input_queued",
         input_id=input_id,

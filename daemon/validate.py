@@ -131,9 +131,10 @@ def _media_uris(request: dict[str, Any], kind: Kind) -> Iterator[str]:
         content = request.get("content")
         contents = [content] if isinstance(content, dict) else []
     else:
-        contents = request.get("contents")
-        if not isinstance(contents, list):
+        found = request.get("contents")
+        if not isinstance(found, list):
             return
+        contents = found
     for content in contents:
         if not isinstance(content, dict):
             continue

@@ -127,8 +127,8 @@ def run_job(
                     result.failed += 1
                 else:
                     result.succeeded += 1
-                b = rng.randrange(n_buckets) if n_buckets > 1 else 0
-                buckets[b].write(orjson.dumps(out) + b"\n")
+                bucket = rng.randrange(n_buckets) if n_buckets > 1 else 0
+                buckets[bucket].write(orjson.dumps(out) + b"\n")
         for b in buckets:
             b.close()
         tmp = out_path.with_name(out_path.name + ".tmp")

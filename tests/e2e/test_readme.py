@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.helpers import ROOT, read_jsonl, wait_until
@@ -36,7 +37,7 @@ def workdir(tmp_path: Path):
     shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m daemon "$@"\n')
     shim.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "GOOGLE_"))}
-    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "daemon.log", "wb")
     # Command 1 of the README, minus the install: the daemon against the bundled emulator.
     assert "gemini-batchd run --emulator" in sh_block("# gemini-batchd")
     proc = subprocess.Popen(
@@ -58,23 +59,19 @@ async def test_readme_session_runs_as_written(workdir):
     cwd, env = workdir
     await wait_until(lambda: (cwd / "gemini-batchd" / "control.sock").exists(), timeout=30)
     script = sh_block("## A short session")
-    r = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    r = await anyio.run_process(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, check=False
     )
-    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.decode()
+    assert r.returncode == 0, out + r.stderr.decode()
     results = read_jsonl(cwd / "gemini-batchd" / "outbox" / "questions.jsonl")
     assert [x["key"] for x in results] == ["capital-fr", "haiku"]
     assert (
         results[0]["response"]["candidates"][0]["content"]["parts"][0]["text"]
         == "echo: Capital of France?"
     )
-    assert '"state": "succeeded"' in r.stdout  # the summary, printed by the last line
-    assert "questions.jsonl" in r.stdout  # ls shows the input
+    assert '"state": "succeeded"' in out  # the summary, printed by the last line
+    assert "questions.jsonl" in out  # ls shows the input
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -95,11 +92,9 @@ async def test_readme_curl_examples_run_as_written(workdir):
     assert len(lines) >= 5
     outputs = []
     for line in lines:
-        r = subprocess.run(
-            ["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
-        )
+        r = await anyio.run_process(["bash", "-c", line], cwd=cwd, env=env, check=False)
         assert r.returncode == 0, (line, r.stderr)
-        outputs.append(r.stdout)
+        outputs.append(r.stdout.decode())
     status = json.loads(outputs[0])
     assert status["version"] and status["inputs"]["succeeded"] == 1
     assert json.loads(outputs[2])["state"] == "succeeded"  # GET /v1/inputs/questions.jsonl
