@@ -21,7 +21,7 @@ from daemon.gemini import ApiError
 from daemon.states import InputState, JobState, RemoteState
 from daemon.submit import advance_input, note_api_error
 
-log = structlog.get_logger("gemini-batchd.poll")
+log = structlog.get_logger(__name__)
 
 LIST_PAGE_SIZE = 100
 LOST = {"code": 404, "status": "NOT_FOUND", "message": "remote job disappeared", "lost": True}

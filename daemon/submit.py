@@ -29,7 +29,7 @@ from daemon.media_upload import resolve_media, resolved_path
 from daemon.states import InputState, JobState
 from daemon.store import dumps, loads
 
-log = structlog.get_logger("gemini-batchd.submit")
+log = structlog.get_logger(__name__)
 
 _IDLE_WAIT = 30.0
 
