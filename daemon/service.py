@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import os
 import signal
 import sys
@@ -121,8 +122,9 @@ def _reload(ctx: Context) -> None:
         log.warning("reload_paths_ignored", hint="folder changes need a restart")
         new = new.replace(paths=ctx.cfg.paths)
     ctx.cfg = new
+    logging.getLogger().setLevel(new.daemon.log_level.upper())
     ctx.wake.scan.set()
-    log.info("config_reloaded", source=new.source)
+    log.warning("config_reloaded", source=new.source, log_level=new.daemon.log_level)
 
 
 async def run_service(

@@ -147,3 +147,30 @@ def test_version_flag():
     )
     assert r.returncode == 0
     assert r.stdout.startswith("gemini-batchd ")
+
+
+def test_check_command_as_a_user_runs_it(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"key": "a", "request": {"contents": [{"parts": [{"text": "hi"}]}]}}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"key": "a", "request": {"contents": []}}\n{"key": "a", "request": {"x": 1}}\nnope\n'
+    )
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(
+        [sys.executable, "-m", "daemon", "check", str(good)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "daemon", "check", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert f"{bad}:2:" in r.stdout and f"{bad}:3:" in r.stdout

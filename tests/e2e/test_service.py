@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import socket
 import time
 
@@ -161,3 +162,39 @@ async def test_api_key_never_in_logs_db_or_outbox(tmp_path, emulator):
         if path.is_file():
             assert needle not in path.read_bytes(), path
     assert orjson.loads((root / "outbox" / "s.summary.json").read_bytes())["state"] == "succeeded"
+
+
+async def test_sighup_reloads_config_and_keeps_running(tmp_path, emulator):
+    data = config_data(tmp_path / "root", emulator.url)
+    cfg_path = write_config(tmp_path / "c.toml", data)
+    root = tmp_path / "root"
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: '"daemon_ready"' in p.output(), timeout=30)
+        data["poll"]["max_interval"] = 0.7
+        data["daemon"]["log_level"] = "warning"
+        write_config(cfg_path, data)
+        p.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: '"config_reloaded"' in p.output(), timeout=10)
+        drop(root / "inbox", "after-hup.jsonl", request_lines(3))
+        await wait_until(
+            outbox_paths(root / "outbox", "after-hup.jsonl")["summary"].exists, timeout=30
+        )
+        assert p.proc.poll() is None  # HUP is not a stop
+        assert p.terminate() == 0
+    finally:
+        p.close()
+    # a broken config on HUP is refused and the daemon keeps its old one
+    cfg_path.write_text("[poll\n")
+    p = DaemonProcess(
+        write_config(tmp_path / "c2.toml", config_data(tmp_path / "root", emulator.url))
+    )
+    try:
+        await wait_until(lambda: '"daemon_ready"' in p.output(), timeout=30)
+        (tmp_path / "c2.toml").write_text("[poll]\nworkers = -1\n")
+        p.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: '"reload_failed"' in p.output(), timeout=10)
+        assert "[poll] workers" in p.output()
+        assert p.terminate() == 0
+    finally:
+        p.close()
