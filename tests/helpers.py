@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,24 @@ def answer_text(result_line: dict[str, Any]) -> str:
     """The text of the first candidate of a generate response."""
     parts = result_line["response"]["candidates"][0]["content"]["parts"]
     return "".join(p.get("text", "") for p in parts)
+
+
+@asynccontextmanager
+async def serve_control(root: Path, *, gemini: Any = None, **paths: Any) -> AsyncIterator[Any]:
+    """A real store under ``root`` and the control socket served at a short path under /tmp."""
+    from daemon.config import parse_config
+    from daemon.context import Context
+    from daemon.control import run_control
+    from daemon.store import Store
+
+    short = short_tmpdir()
+    cfg = parse_config({"paths": {"root": str(root), "socket": str(short / "c.sock"), **paths}})
+    try:
+        async with Store.open(cfg.db_path) as store:
+            ctx = Context(cfg=cfg, store=store, gemini=gemini)
+            async with anyio.create_task_group() as tg:
+                await tg.start(run_control, ctx)
+                yield ctx
+                tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

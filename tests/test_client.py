@@ -8,8 +8,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,8 @@ from daemon import client
 from daemon.cli import build_parser
 from daemon.config import Config, parse_config
 from daemon.context import Context
-from daemon.control import run_control
 from daemon.states import InputState
-from daemon.store import Store
+from tests.helpers import serve_control
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,19 +35,7 @@ def daemon_logs_to_stderr() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-@asynccontextmanager
-async def serve(root: Path) -> AsyncIterator[Context]:
-    short = Path(tempfile.mkdtemp(dir="/tmp", prefix="gbk"))
-    cfg = parse_config({"paths": {"root": str(root), "socket": str(short / "c.sock")}})
-    try:
-        async with Store.open(cfg.db_path) as store:
-            ctx = Context(cfg=cfg, store=store)
-            async with anyio.create_task_group() as tg:
-                await tg.start(run_control, ctx)
-                yield ctx
-                tg.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+serve = serve_control
 
 
 async def add(

@@ -20,28 +20,13 @@ import anyio
 import orjson
 import pytest
 
-from daemon.config import parse_config
 from daemon.context import Context
-from daemon.control import ControlError, bind_socket, run_control
+from daemon.control import ControlError, bind_socket
 from daemon.states import InputState
-from daemon.store import Store
-
+from tests.helpers import serve_control
 
 # ---- helpers (kept local: each test file is self-contained) ----------------------------------
-@asynccontextmanager
-async def serve(root: Path, **paths: Any) -> AsyncIterator[Context]:
-    """A store in ``root`` and the control socket at a short path under /tmp."""
-    short = Path(tempfile.mkdtemp(dir="/tmp", prefix="gbc"))
-    cfg = parse_config({"paths": {"root": str(root), "socket": str(short / "c.sock"), **paths}})
-    try:
-        async with Store.open(cfg.db_path) as store:
-            ctx = Context(cfg=cfg, store=store)
-            async with anyio.create_task_group() as tg:
-                await tg.start(run_control, ctx)
-                yield ctx
-                tg.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+serve = serve_control
 
 
 @asynccontextmanager

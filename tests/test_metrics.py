@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
-import anyio
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import parse_config
 from daemon.context import Context
-from daemon.control import run_control
 from daemon.metrics import Metrics
 from daemon.states import InputState, JobState
-from daemon.store import Store
+from tests.helpers import serve_control
 
-
-@asynccontextmanager
-async def serve(root: Path, gemini: Any = None) -> AsyncIterator[Context]:
-    short = Path(tempfile.mkdtemp(dir="/tmp", prefix="gbm"))
-    cfg = parse_config({"paths": {"root": str(root), "socket": str(short / "c.sock")}})
-    try:
-        async with Store.open(cfg.db_path) as store:
-            ctx = Context(cfg=cfg, store=store, gemini=gemini)
-            async with anyio.create_task_group() as tg:
-                await tg.start(run_control, ctx)
-                yield ctx
-                tg.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+serve = serve_control
 
 
 async def scrape(ctx: Context) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
