@@ -175,8 +175,8 @@ def validate_file(
                         continue
                     if type(obj) is dict and len(obj) == 2 and not problem_count:
                         # fast path: a well-formed keyed line without media references
-                        key = obj.get("key")
-                        req = obj.get("request")
+                        key: Any = obj.get("key")
+                        req: Any = obj.get("request")
                         if (
                             type(key) is str
                             and key
@@ -196,8 +196,8 @@ def validate_file(
                         continue
                     bare = "key" not in obj and "request" not in obj
                     if bare:
-                        key: Any = str(line_no)
-                        req: Any = obj
+                        key = str(line_no)
+                        req = obj
                     else:
                         key = obj.get("key")
                         req = obj.get("request")
