@@ -57,7 +57,6 @@ class Context:
     metrics: Any = None  # daemon.metrics.Metrics once the control socket exists
     # Set by stages so that status can say what is going on without a query.
     last_api_error: dict[str, Any] | None = None
-    accepting: bool = True  # False once shutdown began: intake stops taking files
 
     @property
     def work_dir(self) -> Path:

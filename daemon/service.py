@@ -137,9 +137,11 @@ async def run_service(
 ) -> None:
     """Run every stage until cancelled. ``ctx_factory(cfg)`` is an async context manager yielding
     the :class:`Context` (store and API client opened); tests pass their own."""
+    from daemon.claim import recover_claims
     from daemon.collect import run_collector
     from daemon.control import run_control
-    from daemon.inbox import recover_claims, run_inbox, run_validator
+    from daemon.inbox import run_inbox
+    from daemon.intake import run_validator
     from daemon.poll import run_pollers
     from daemon.submit import recover_submissions, run_submitter
 

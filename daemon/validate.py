@@ -11,23 +11,31 @@ Token estimate: ``len(request line bytes) // 4`` per request (crude; used only f
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import sys
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import orjson
 
 from daemon.config import MODEL_ID_RE, Config
+from daemon.validate_io import (
+    MAX_MEDIA_NAMES,
+    Hasher,
+    MediaChecker,
+    PartPlan,
+    PartWriter,
+    blocks_of_lines,
+    media_uris,
+    part_file_name,
+)
+
+__all__ = ["PartPlan", "Problem", "Validation", "check_main", "part_file_name", "validate_file"]
 
 Kind = Literal["generate", "embed"]
 MAX_PROBLEMS = 100
-MAX_MEDIA_NAMES = 10_000
 _READ_BUFFER = 1 << 20
 _WS = b" \t\r\n"
 _MASK64 = (1 << 64) - 1
@@ -39,21 +47,6 @@ class Problem:
 
     line: int
     reason: str
-
-
-@dataclass(frozen=True)
-class PartPlan:
-    """A run of consecutive requests submitted as one batch job."""
-
-    part_no: int
-    first_line: int
-    last_line: int
-    start_offset: int
-    end_offset: int
-    request_count: int
-    size_bytes: int  # canonical {"key","request"} line bytes
-    est_tokens: int
-    source_path: Path | None  # the canonical part file, when written
 
 
 @dataclass
@@ -80,163 +73,10 @@ def is_model_id(name: str) -> bool:
     return bool(MODEL_ID_RE.match(name))
 
 
-def part_file_name(part_no: int, attempt: int = 1) -> str:
-    return f"part-{part_no}-a{attempt}.jsonl"
-
-
-class _MediaChecker:
-    """Checks ``file:NAME`` references against ``media_dir``, caching verdicts by name."""
-
-    def __init__(self, media_dir: Path) -> None:
-        self.root = os.path.realpath(media_dir)
-        self.cache: dict[str, str | None] = {}
-
-    def check(self, name: str) -> str | None:
-        verdict = self.cache.get(name, "")
-        if verdict != "":
-            return verdict
-        verdict = self._check(name)
-        if len(self.cache) < MAX_MEDIA_NAMES:
-            self.cache[name] = verdict
-        return verdict
-
-    def _check(self, name: str) -> str | None:
-        if not name:
-            return "media reference 'file:' has no file name"
-        p = PurePosixPath(name)
-        if p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name:
-            return f"media file {name!r} is outside media_dir"
-        real = os.path.realpath(os.path.join(self.root, name))
-        if not real.startswith(self.root + os.sep):
-            return f"media file {name!r} is outside media_dir (symlink)"
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            return f"media file {name!r} not found in media_dir"
-        except OSError as e:
-            return f"media file {name!r} cannot be read: {e.strerror}"
-        if not stat.S_ISREG(st.st_mode):
-            return f"media file {name!r} is not a regular file"
-        try:
-            with open(real, "rb"):
-                pass
-        except OSError as e:
-            return f"media file {name!r} cannot be read: {e.strerror}"
-        return None
-
-
-def _media_uris(request: dict[str, Any], kind: Kind) -> Iterator[str]:
-    """``file:`` URIs in ``contents[].parts[]`` (generate) or ``content.parts[]`` (embed)."""
-    if kind == "embed":
-        content = request.get("content")
-        contents = [content] if isinstance(content, dict) else []
-    else:
-        found = request.get("contents")
-        if not isinstance(found, list):
-            return
-        contents = found
-    for content in contents:
-        if not isinstance(content, dict):
-            continue
-        parts = content.get("parts")
-        if not isinstance(parts, list):
-            continue
-        for part in parts:
-            if not isinstance(part, dict):
-                continue
-            fd = part.get("fileData", part.get("file_data"))
-            if isinstance(fd, dict):
-                uri = fd.get("fileUri", fd.get("file_uri"))
-                if isinstance(uri, str) and uri.startswith("file:"):
-                    yield uri[5:]
-
-
 def _object_kind(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
     )
-
-
-class _PartWriter:
-    """Plans parts in input order and (optionally) writes their canonical files."""
-
-    def __init__(self, cfg: Config, out_dir: Path | None) -> None:
-        self.max_requests = cfg.submit.max_requests_per_job
-        self.max_bytes = cfg.submit.max_job_bytes
-        self.out_dir = out_dir
-        self.parts: list[PartPlan] = []
-        self.written: list[Path] = []
-        self.file: IO[bytes] | None = None
-        self.writing = out_dir is not None
-        self._reset()
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-
-    def _reset(self) -> None:
-        self.count = self.size = self.tokens = 0
-        self.first_line = self.last_line = self.start = self.end = 0
-
-    def add(self, line_no: int, start: int, end: int, canon: bytes, tokens: int) -> None:
-        n = len(canon)
-        if self.count and (self.count >= self.max_requests or self.size + n > self.max_bytes):
-            self.finish()
-        if not self.count:
-            self.first_line, self.start = line_no, start
-            if self.writing:
-                assert self.out_dir is not None
-                path = self.out_dir / part_file_name(len(self.parts) + 1)
-                self.file = open(path, "wb", buffering=_READ_BUFFER)
-                self.written.append(path)
-        self.count += 1
-        self.size += n
-        self.tokens += tokens
-        self.last_line, self.end = line_no, end
-        if self.file is not None:
-            self.file.write(canon)
-
-    def finish(self) -> None:
-        if not self.count:
-            return
-        source: Path | None = None
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            self.file = None
-            source = self.written[-1]
-        self.parts.append(
-            PartPlan(
-                part_no=len(self.parts) + 1,
-                first_line=self.first_line,
-                last_line=self.last_line,
-                start_offset=self.start,
-                end_offset=self.end,
-                request_count=self.count,
-                size_bytes=self.size,
-                est_tokens=self.tokens,
-                source_path=source,
-            )
-        )
-        self._reset()
-
-    def abandon(self) -> None:
-        """Stop writing and delete every part file written so far (the input is invalid)."""
-        self.writing = False
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        for path in self.written:
-            path.unlink(missing_ok=True)
-        self.written.clear()
-
-    def close(self, *, keep: bool) -> None:
-        self.finish()
-        if not keep:
-            self.abandon()
-        elif self.out_dir is not None and self.written:
-            from daemon.outbox import fsync_dir
-
-            fsync_dir(self.out_dir)
 
 
 def _read_line(readline: Any, limit: int, hasher: Any) -> tuple[bytes, int, bool]:
@@ -268,18 +108,20 @@ def validate_file(
     file cannot be read."""
     kind = model_kind(model)
     limit = cfg.inbox.max_line_bytes
-    media = _MediaChecker(cfg.media_dir)
+    media = MediaChecker(cfg.media_dir)
     problems: list[Problem] = []
     problem_count = 0
     request_count = est_tokens = media_refs = 0
     media_names: set[str] = set()
     hashes = [array("Q") for _ in range(256)]
     key_lines = [array("I") for _ in range(256)]
-    sha = hashlib.sha256()
-    update = sha.update
     loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
     need = "content" if kind == "embed" else "contents"
-    parts = _PartWriter(cfg, out_dir)
+    parts = PartWriter(cfg, out_dir)
+    add_part = parts.add
+    too_long_msg = f"line is longer than max_line_bytes ({limit} bytes)"
+    longest = limit + 1
 
     def problem(line: int, reason: str) -> None:
         nonlocal problem_count
@@ -291,94 +133,125 @@ def validate_file(
 
     offset = line_no = 0
     ok = False
+    hasher: Hasher | None = None
     try:
-        with open(path, "rb", buffering=_READ_BUFFER) as f:
-            readline = f.readline
-            while True:
-                raw, n, too_long = _read_line(readline, limit, update)
-                if not n:
-                    break
-                line_no += 1
-                start = offset
-                offset += n
-                if too_long:
-                    request_count += 1
-                    problem(line_no, f"line is longer than max_line_bytes ({limit} bytes)")
-                    continue
-                body = raw.strip(_WS)
-                if not body:
-                    continue
-                request_count += 1
-                if len(body) > limit:
-                    problem(line_no, f"line is longer than max_line_bytes ({limit} bytes)")
-                    continue
-                try:
-                    obj = loads(body)
-                except orjson.JSONDecodeError as e:
-                    try:
-                        body.decode()
-                    except UnicodeDecodeError as u:
-                        problem(line_no, f"not valid UTF-8 (byte {u.start + 1} of the line)")
+        with open(path, "rb", buffering=0) as f:
+            hasher = Hasher(os.fstat(f.fileno()).st_size)
+            for lines, last, has_file in blocks_of_lines(f, limit, hasher.update):
+                nl = 0 if last else 1
+                for raw in lines:
+                    line_no += 1
+                    start = offset
+                    if type(raw) is int:
+                        offset += raw
+                        request_count += 1
+                        problem(line_no, too_long_msg)
+                        continue
+                    n = len(raw)
+                    offset += n + nl
+                    if n > longest:
+                        request_count += 1
+                        problem(line_no, too_long_msg)
+                        continue
+                    if raw[:1] == b"{" and raw[-1:] == b"}":
+                        body = raw  # already stripped (the common case)
                     else:
-                        problem(line_no, f"invalid JSON: {e}")
-                    continue
-                if type(obj) is not dict:
-                    problem(line_no, f"line is not a JSON object (found {_object_kind(obj)})")
-                    continue
-                bare = "key" not in obj and "request" not in obj
-                if bare:
-                    key: Any = str(line_no)
-                    req: Any = obj
-                else:
-                    key = obj.get("key")
-                    req = obj.get("request")
-                    if "key" not in obj:
-                        problem(line_no, 'missing "key" (a line with "request" needs a "key")')
-                        key = None
-                    elif type(key) is not str or not key:
-                        problem(line_no, '"key" must be a non-empty string')
-                        key = None
-                    if len(obj) != ("key" in obj) + ("request" in obj):
-                        extra = sorted(k for k in obj if k not in ("key", "request"))
+                        body = raw.strip(_WS)
+                        if not body:
+                            continue
+                    request_count += 1
+                    if len(body) > limit:
+                        problem(line_no, too_long_msg)
+                        continue
+                    try:
+                        obj = loads(body)
+                    except decode_error as e:
+                        try:
+                            body.decode()
+                        except UnicodeDecodeError as u:
+                            problem(line_no, f"not valid UTF-8 (byte {u.start + 1} of the line)")
+                        else:
+                            problem(line_no, f"invalid JSON: {e}")
+                        continue
+                    if type(obj) is dict and len(obj) == 2 and not problem_count:
+                        # fast path: a well-formed keyed line without media references
+                        key: Any = obj.get("key")
+                        req: Any = obj.get("request")
+                        if (
+                            type(key) is str
+                            and key
+                            and type(req) is dict
+                            and need in req
+                            and not (has_file and b"file" in body)
+                        ):
+                            h = hash(key) & _MASK64
+                            hashes[h >> 56].append(h)
+                            key_lines[h >> 56].append(line_no)
+                            tokens = len(body) // 4
+                            est_tokens += tokens
+                            add_part(line_no, start, offset, body, tokens)
+                            continue
+                    if type(obj) is not dict:
+                        problem(line_no, f"line is not a JSON object (found {_object_kind(obj)})")
+                        continue
+                    bare = "key" not in obj and "request" not in obj
+                    if bare:
+                        key = str(line_no)
+                        req = obj
+                    else:
+                        key = obj.get("key")
+                        req = obj.get("request")
+                        if "key" not in obj:
+                            problem(line_no, 'missing "key" (a line with "request" needs a "key")')
+                            key = None
+                        elif type(key) is not str or not key:
+                            problem(line_no, '"key" must be a non-empty string')
+                            key = None
+                        if len(obj) != ("key" in obj) + ("request" in obj):
+                            extra = sorted(k for k in obj if k not in ("key", "request"))
+                            problem(
+                                line_no, f"unknown member(s) {', '.join(extra)} besides key/request"
+                            )
+                    if key is not None:
+                        h = hash(key) & _MASK64
+                        hashes[h >> 56].append(h)
+                        key_lines[h >> 56].append(line_no)
+                    if not bare and "request" not in obj:
+                        problem(line_no, 'missing "request"')
+                        continue
+                    if type(req) is not dict:
                         problem(
-                            line_no, f"unknown member(s) {', '.join(extra)} besides key/request"
+                            line_no, f'"request" is not a JSON object (found {_object_kind(req)})'
                         )
-                if key is not None:
-                    h = hash(key) & _MASK64
-                    hashes[h >> 56].append(h)
-                    key_lines[h >> 56].append(line_no)
-                if not bare and "request" not in obj:
-                    problem(line_no, 'missing "request"')
-                    continue
-                if type(req) is not dict:
-                    problem(line_no, f'"request" is not a JSON object (found {_object_kind(req)})')
-                    continue
-                if not req:
-                    problem(line_no, '"request" is empty')
-                    continue
-                if need not in req:
-                    what = (
-                        "an EmbedContentRequest" if kind == "embed" else "a GenerateContentRequest"
-                    )
-                    problem(line_no, f'request has no "{need}" ({model} takes {what})')
-                    continue
-                if b"file" in body:
-                    for name in _media_uris(req, kind):
-                        media_refs += 1
-                        if len(media_names) < MAX_MEDIA_NAMES:
-                            media_names.add(name)
-                        why = media.check(name)
-                        if why:
-                            problem(line_no, why)
-                if key is None or problem_count:
-                    continue
-                tokens = len(body) // 4
-                est_tokens += tokens
-                if bare:
-                    canon = b'{"key":"%d","request":%b}\n' % (line_no, body)
-                else:
-                    canon = body + b"\n"
-                parts.add(line_no, start, offset, canon, tokens)
+                        continue
+                    if not req:
+                        problem(line_no, '"request" is empty')
+                        continue
+                    if need not in req:
+                        what = (
+                            "an EmbedContentRequest"
+                            if kind == "embed"
+                            else "a GenerateContentRequest"
+                        )
+                        problem(line_no, f'request has no "{need}" ({model} takes {what})')
+                        continue
+                    if b"file" in body:
+                        for name in media_uris(req, kind):
+                            media_refs += 1
+                            if len(media_names) < MAX_MEDIA_NAMES:
+                                media_names.add(name)
+                            why = media.check(name)
+                            if why:
+                                problem(line_no, why)
+                    if key is None or problem_count:
+                        continue
+                    tokens = len(body) // 4
+                    est_tokens += tokens
+                    if bare:
+                        canon = b'{"key":"%d","request":%b}' % (line_no, body)
+                    else:
+                        canon = body
+                    add_part(line_no, start, offset, canon, tokens)
         if request_count == 0:
             problem(0, "the file has no request lines (empty)")
         candidates = _duplicate_candidates(hashes, key_lines)
@@ -392,13 +265,16 @@ def validate_file(
         ok = problem_count == 0
     finally:
         parts.close(keep=ok)
+        if hasher is not None:
+            hasher.close()
+    assert hasher is not None
     return Validation(
         ok=ok,
         problems=problems,
         problem_count=problem_count,
         request_count=request_count,
         size_bytes=offset,
-        sha256=sha.hexdigest(),
+        sha256=hasher.hexdigest(),
         kind=kind,
         est_tokens=est_tokens,
         media_refs=media_refs,

@@ -12,18 +12,11 @@ import anyio
 import orjson
 import pytest
 
+from daemon.claim import adopt_orphans, claim, recover_claims
 from daemon.config import parse_config
 from daemon.context import Context
-from daemon.inbox import (
-    SettleTracker,
-    claim,
-    classify,
-    recover_claims,
-    run_inbox,
-    run_validator,
-    scan_once,
-    validate_once,
-)
+from daemon.inbox import SettleTracker, classify, run_inbox, scan_once
+from daemon.intake import run_validator, validate_once
 from daemon.states import InputState
 from daemon.store import Store
 
@@ -279,13 +272,6 @@ async def test_run_inbox_picks_up_a_drop_via_the_watcher(ctx: Context) -> None:
     assert list(inbox.iterdir()) == []
 
 
-async def test_run_inbox_stops_taking_files_when_not_accepting(ctx: Context) -> None:
-    ctx.accepting = False
-    (inbox_of(ctx) / "a.jsonl").write_bytes(GOOD)
-    assert await settle_scan(ctx) == 0
-    assert (inbox_of(ctx) / "a.jsonl").exists()
-
-
 async def test_recover_half_done_claims(ctx: Context) -> None:
     inbox = inbox_of(ctx)
     # 1) row committed but the file still in the inbox (rename lost)
@@ -329,6 +315,60 @@ async def test_recover_half_done_claims(ctx: Context) -> None:
     assert not ctx.input_dir("never").exists()
     assert await validate_once(ctx) == 3
     assert {r["state"] for r in await rows(ctx)} == {"queued"}
+
+
+async def test_adopt_orphans_drops_a_copy_whose_source_is_still_in_the_inbox(
+    ctx: Context,
+) -> None:
+    # A cross-filesystem claim copied the file into state/work/ and crashed before deleting the
+    # source and committing: adopting the copy would run the file twice.
+    inbox = inbox_of(ctx)
+    src = inbox / "twice.jsonl"
+    src.write_bytes(GOOD)
+    st = os.lstat(src)
+    ident = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    ctx.work_dir.mkdir(parents=True)
+    notes = []
+    for input_id, rel, same in (("copy", "twice.jsonl", True), ("moved", "gone.jsonl", False)):
+        d = ctx.input_dir(input_id)
+        d.mkdir()
+        (d / "input.jsonl").write_bytes(GOOD)
+        notes.append(
+            {"id": input_id, "rel_path": rel, "model": "gemini-2.5-flash", "kind": "generate",
+             "dest": str(d / "input.jsonl"), "source": str(inbox / rel),
+             "ident": ident if same else [*ident[:2], ident[2] + 1, ident[3]]}
+        )  # fmt: skip
+    note = ctx.work_dir / ".claims-test.json"
+    note.write_bytes(orjson.dumps(notes))
+    await adopt_orphans(ctx)
+    assert [r["id"] for r in await rows(ctx)] == ["moved"]  # source gone: adopted
+    assert not ctx.input_dir("copy").exists()  # source still there: the copy is dropped
+    assert src.read_bytes() == GOOD and not note.exists()
+    assert await settle_scan(ctx) == 1  # and the inbox file is claimed again normally
+    assert {r["rel_path"] for r in await rows(ctx)} == {"gone.jsonl", "twice.jsonl"}
+
+
+async def test_many_drops_are_claimed_and_validated_in_batches(ctx: Context) -> None:
+    inbox = inbox_of(ctx)
+    for i in range(250):
+        (inbox / f"f{i:03}.jsonl").write_bytes(GOOD)
+    (inbox / "bad.jsonl").write_bytes(b"{broken\n")
+    assert await settle_scan(ctx) == 251
+    assert list(inbox.iterdir()) == []
+    assert not list(ctx.work_dir.glob(".claims-*"))  # batch notes are removed after the commit
+    assert await validate_once(ctx) == 251
+    got = await rows(ctx)
+    assert sorted(r["state"] for r in got).count("queued") == 250
+    bad = [r for r in got if r["rel_path"] == "bad.jsonl"]
+    assert (
+        bad[0]["state"] == "rejected" and error_file(ctx, "bad.jsonl")["input_id"] == bad[0]["id"]
+    )
+    one = next(r for r in got if r["rel_path"] == "f007.jsonl")
+    assert one["request_count"] == 5 and one["size_bytes"] == len(GOOD)
+    assert [p["request_count"] for p in await ctx.store.parts_of(one["id"])] == [2, 2, 1]
+    assert len(await ctx.store.jobs_of(one["id"])) == 3
+    hist = [h["state"] for h in await ctx.store.history(one["id"])]
+    assert hist == ["seen", "validating", "queued"]
 
 
 async def test_claim_of_vanished_file_returns_none(ctx: Context) -> None:

@@ -140,8 +140,13 @@ def test_media_references(tmp_path: Path) -> None:
         line("b", req("file:cat.png", "file:inside.png", snake=True)),
         line("c", req("https://example.com/x.png", "files/abc")),
     ]
-    v = validate_file(write(tmp_path, ok), model="gemini-2.5-flash", cfg=cfg_for(tmp_path))
+    path = write(tmp_path, ok)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
     assert v.ok and v.media_refs == 4
+    assert b"".join(p.source_path.read_bytes() for p in v.parts if p.source_path) == (
+        path.read_bytes()
+    )
     assert v.media_names == {"cat.png", "sub/dog.png", "inside.png"}
     bad = [
         line("a", req("file:cat.png")),
@@ -209,6 +214,14 @@ def test_split_by_count_writes_canonical_parts(tmp_path: Path) -> None:
             expected.append(doc["key"] if "key" in doc else str(n))
     assert read_keys([f for f in files if f]) == expected
     assert b"\r" not in b"".join(f.read_bytes() for f in files if f)
+    # every part file is exactly its canonical lines, one newline each
+    canonical = b"".join(
+        (raw.strip() if b'"key"' in raw else b'{"key":"%d","request":%b}' % (n, raw.strip()))
+        + b"\n"
+        for n, raw in enumerate(lines[:-1], 1)
+        if raw.strip()
+    )
+    assert b"".join(f.read_bytes() for f in files if f) == canonical
     # raw bytes of an already-canonical line are kept unchanged
     assert files[0] is not None
     assert files[0].read_bytes().split(b"\n")[0] == orjson.dumps(line("k1"))
@@ -273,3 +286,34 @@ def test_check_main_model_from_inbox_folder(
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"] == "gemini-embedding-001" and doc["kind"] == "embed"
     assert check_main(cfg, str(path), model="gemini-2.5-flash", as_json=False) == 1
+
+
+def test_lines_across_read_blocks_and_over_long_lines(tmp_path: Path) -> None:
+    # The validator reads 1 MiB blocks: lines that straddle blocks, and an over-long line that
+    # spans several blocks, keep their line numbers, offsets, hash and size.
+    filler = line("pad", {"contents": "y" * 5000})
+    data: list[Any] = [line(f"k{i}", {"contents": "x" * (700 + i % 13)}) for i in range(3000)]
+    data.insert(1500, {"key": "big", "request": {"contents": "z" * (3 << 20)}})
+    data.append(filler)
+    path = write(tmp_path, data)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1])  # and no newline at the end
+    cfg = cfg_for(tmp_path, inbox={"max_line_bytes": 100_000})
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg)
+    assert [(p.line, p.reason) for p in v.problems] == [
+        (1501, "line is longer than max_line_bytes (100000 bytes)")
+    ]
+    assert v.request_count == 3002 and v.size_bytes == len(raw) - 1
+    assert v.sha256 == hashlib.sha256(raw[:-1]).hexdigest()
+    del data[1500]
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    assert (
+        v.ok
+        and v.request_count == 3001
+        and v.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    )
+    parts = b"".join(p.source_path.read_bytes() for p in v.parts if p.source_path)
+    assert parts == path.read_bytes()
+    assert v.parts[-1].end_offset == path.stat().st_size

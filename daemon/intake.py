@@ -1,0 +1,253 @@
+"""Intake, second half: the validation stage (SPEC §2, §3 part planning).
+
+Every ``seen`` input is validated and becomes ``rejected`` (error file) or ``queued`` with its parts
+and planned jobs (or goes straight to collect when identical content already succeeded). Small files
+are validated in batches: one transaction marks the batch ``validating``, one worker-thread hop
+validates all of them, one transaction records their parts, jobs and states.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from daemon.claim import reject
+from daemon.config import Config
+from daemon.context import Context
+from daemon.states import InputState, JobState
+from daemon.store import loads
+from daemon.validate import Validation, part_file_name, validate_file
+
+log = structlog.get_logger(__name__)
+
+VALIDATE_INTERVAL = 30.0  # safety-net tick of the validator loop
+BATCH_FILES = 100  # small files validated per worker-thread hop and transaction
+SMALL_BYTES = 256 * 1024  # files up to this size are batched
+_NO_PROBLEMS = {"problems": [], "problem_count": 0}
+
+
+@dataclass
+class _Outcome:
+    row: dict[str, Any]
+    v: Validation | None = None
+    error: str | None = None  # the file could not be read
+
+
+def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> list[_Outcome]:
+    """Validate each row's file, writing its part files (runs in a worker thread)."""
+    out: list[_Outcome] = []
+    for row in rows:
+        out_dir = work_dir / row["id"]
+        for stale in out_dir.glob("part-*-a1.jsonl"):  # from a run cut short by a crash
+            stale.unlink()
+        try:
+            v = validate_file(Path(row["work_path"]), model=row["model"], cfg=cfg, out_dir=out_dir)
+        except OSError as e:
+            out.append(_Outcome(row, error=f"cannot read the file: {e.strerror or e}"))
+        else:
+            out.append(_Outcome(row, v))
+    return out
+
+
+def _batches(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    batches: list[list[dict[str, Any]]] = []
+    small: list[dict[str, Any]] = []
+    for row in rows:
+        try:
+            size = os.stat(row["work_path"]).st_size
+        except OSError:
+            size = 0  # validation reports it
+        if size > SMALL_BYTES:
+            batches.append([row])
+            continue
+        small.append(row)
+        if len(small) >= BATCH_FILES:
+            batches.append(small)
+            small = []
+    if small:
+        batches.append(small)
+    return batches
+
+
+async def validate_once(ctx: Context) -> int:
+    """Validate every ``seen`` input; returns how many were handled."""
+    done = 0
+    todo: list[dict[str, Any]] = []
+    for row in await ctx.store.inputs_in(InputState.SEEN):
+        if row["error"] is not None:  # claimed as unusable: only the rejection is left to do
+            await reject(ctx, row, row["reason"] or "rejected", loads(row["error"]))
+            done += 1
+        else:
+            todo.append(row)
+    for batch in await anyio.to_thread.run_sync(_batches, todo):
+        await _validate_batch(ctx, batch)
+        done += len(batch)
+    return done
+
+
+async def _set_states(
+    conn: Any, ids: list[str], state: InputState, now: float, note: str | None = None
+) -> None:
+    await conn.executemany(
+        "UPDATE inputs SET state = ?, updated_at = ? WHERE id = ?",
+        [(state.value, now, i) for i in ids],
+    )
+    await conn.executemany(
+        "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, ?)",
+        [(i, now, state.value, note) for i in ids],
+    )
+
+
+async def _validate_batch(ctx: Context, rows: list[dict[str, Any]]) -> None:
+    async with ctx.store.tx() as conn:
+        await _set_states(conn, [r["id"] for r in rows], InputState.VALIDATING, time.time())
+    outcomes = await anyio.to_thread.run_sync(_validate_rows, ctx.cfg, ctx.work_dir, rows)
+    good: list[_Outcome] = []
+    for o in outcomes:
+        if o.error is not None:
+            await reject(ctx, o.row, o.error, _NO_PROBLEMS)
+        elif o.v is not None and not o.v.ok:
+            await _reject_invalid(ctx, o.row, o.v)
+        else:
+            good.append(o)
+    if good:
+        await _queue(ctx, good)
+
+
+async def _reject_invalid(ctx: Context, row: dict[str, Any], v: Validation) -> None:
+    first = v.problems[0]
+    where = f"line {first.line}: " if first.line else ""
+    more = f" (and {v.problem_count - 1} more)" if v.problem_count > 1 else ""
+    details = {
+        "problems": [{"line": p.line, "reason": p.reason} for p in v.problems],
+        "problem_count": v.problem_count,
+    }
+    await reject(ctx, row, f"invalid input: {where}{first.reason}{more}", details)
+
+
+async def _reusable(ctx: Context, good: list[_Outcome]) -> dict[str, str]:
+    """Input id -> an earlier succeeded input with the same model and bytes whose results are
+    still kept (one query for the whole batch)."""
+    want = [o for o in good if ctx.cfg.submit.dedupe and not o.row["fresh"]]
+    if not want:
+        return {}
+    shas = sorted({o.v.sha256 for o in want if o.v is not None})
+    marks = ", ".join("?" for _ in shas)
+    earlier = await ctx.store.fetchall(
+        f"SELECT id, model, sha256, results_path FROM inputs WHERE sha256 IN ({marks}) "
+        "AND state = ? AND results_path IS NOT NULL ORDER BY finished_at DESC",
+        (*shas, InputState.SUCCEEDED.value),
+    )
+    if not earlier:
+        return {}
+    found: dict[str, str] = {}
+    for o in want:
+        assert o.v is not None
+        for e in earlier:
+            if (
+                e["sha256"] == o.v.sha256
+                and e["model"] == o.row["model"]
+                and e["id"] != o.row["id"]
+                and Path(e["results_path"]).is_file()
+            ):
+                found[o.row["id"]] = str(e["id"])
+                break
+    return found
+
+
+_FACTS = "size_bytes = ?, sha256 = ?, request_count = ?, est_tokens = ?, media_count = ?, kind = ?"
+
+
+async def _queue(ctx: Context, good: list[_Outcome]) -> None:
+    """Record parts, planned jobs and the new state of every valid input, in one transaction."""
+    cfg = ctx.cfg
+    reused = await _reusable(ctx, good)
+    now = time.time()
+    parts: list[tuple[Any, ...]] = []
+    jobs: list[tuple[Any, ...]] = []
+    states: list[tuple[Any, ...]] = []
+    history: list[tuple[Any, ...]] = []
+    for o in good:
+        v, input_id = o.v, o.row["id"]
+        assert v is not None
+        facts = (v.size_bytes, v.sha256, v.request_count, v.est_tokens, v.media_refs, v.kind)
+        earlier = reused.get(input_id)
+        if earlier is not None:
+            for part in v.parts:
+                if part.source_path is not None:
+                    part.source_path.unlink(missing_ok=True)
+            state, note = InputState.DOWNLOADING, f"same content as {earlier}"
+        else:
+            state, note = InputState.QUEUED, None
+            out_dir = ctx.input_dir(input_id)
+            for p in v.parts:
+                parts.append(
+                    (
+                        *(input_id, p.part_no, p.first_line, p.last_line, p.start_offset),
+                        *(p.end_offset, p.request_count, p.size_bytes, p.est_tokens),
+                    )
+                )
+                inline = v.kind == "generate" and p.size_bytes <= cfg.submit.inline_max_bytes
+                mode = "inline" if inline else "file"
+                source = str(p.source_path or out_dir / part_file_name(p.part_no))
+                name = f"gemini-batchd:{input_id}:{p.part_no}"
+                jobs.append(
+                    (
+                        *(input_id, p.part_no, 1, name, mode, source, p.request_count),
+                        *(p.est_tokens, JobState.PLANNED.value, now, now),
+                    )
+                )
+        states.append((state.value, now, earlier, *facts, input_id))
+        history.append((input_id, now, state.value, note))
+    async with ctx.store.tx() as conn:
+        await conn.executemany(
+            "INSERT INTO parts (input_id, part_no, first_line, last_line, start_offset, "
+            "end_offset, request_count, size_bytes, est_tokens) VALUES (?,?,?,?,?,?,?,?,?)",
+            parts,
+        )
+        await conn.executemany(
+            "INSERT INTO jobs (input_id, part_no, attempt, display_name, mode, source_path, "
+            "request_count, est_tokens, state, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            jobs,
+        )
+        await conn.executemany(
+            f"UPDATE inputs SET state = ?, updated_at = ?, reused_from = ?, {_FACTS} WHERE id = ?",
+            states,
+        )
+        await conn.executemany(
+            "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, ?)", history
+        )
+    for o in good:
+        assert o.v is not None
+        if o.row["id"] in reused:
+            log.info("input_reused", input_id=o.row["id"], reused_from=reused[o.row["id"]])
+        else:
+            log.info(
+                "input_queued",
+                input_id=o.row["id"],
+                requests=o.v.request_count,
+                parts=len(o.v.parts),
+                size_bytes=o.v.size_bytes,
+            )
+    if reused:
+        ctx.wake.collect.set()
+    if len(reused) < len(good):
+        ctx.wake.submit.set()
+
+
+async def run_validator(
+    ctx: Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """The validation stage loop."""
+    task_status.started()
+    while True:
+        await validate_once(ctx)
+        await ctx.wake.validate.wait(VALIDATE_INTERVAL)
