@@ -192,7 +192,6 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Console) -> int:
             [
                 ("version", data["version"]),
                 ("uptime", _duration(data["uptime_seconds"])),
-                ("accepting", "yes" if data["accepting"] else "no (shutting down)"),
                 ("inbox", data["paths"]["inbox"]),
                 ("outbox", data["paths"]["outbox"]),
                 ("state", data["paths"]["state"]),

@@ -200,7 +200,6 @@ async def get_status(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "started": _iso(request.app[STARTED]),
             "uptime_seconds": round(time.time() - request.app[STARTED], 3),
-            "accepting": True,  # shutdown cancels this server with the intake
             "paths": {
                 "inbox": str(cfg.inbox_dir),
                 "outbox": str(cfg.outbox_dir),
