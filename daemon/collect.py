@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,17 @@ import structlog
 
 from daemon.context import Context
 from daemon.crash import crash_point
-from daemon.finish import finish_index, reuse_input
-from daemon.merge import RETRYABLE_GRPC, RETRYABLE_HTTP, MergeIndex, Part, results_files
+from daemon.finish import finish_index, reuse_input, run_stoppable
+from daemon.merge import (
+    RETRYABLE_GRPC,
+    RETRYABLE_HTTP,
+    MergeIndex,
+    Part,
+    Rebuild,
+    ResultsFile,
+    remove_index,
+    results_files,
+)
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 
@@ -37,8 +47,11 @@ __all__ = [
     "run_collector",
 ]
 
-log = structlog.get_logger("collect")
+log = structlog.get_logger(__name__)
 _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
+# Inputs up to this many requests are merged in memory at settle time (no index file, nothing
+# done per job); bigger ones are indexed job by job as each is collected.
+SMALL_INPUT_REQUESTS = 10_000
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -57,7 +70,7 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
         try:
             await collect_once(ctx)
         except Exception:
-            log.exception("collect round failed")
+            log.exception("collect_round_failed")
         await ctx.wake.collect.wait(max(ctx.cfg.poll.min_interval, 1.0))
 
 
@@ -74,7 +87,7 @@ async def collect_once(ctx: Context) -> int:
             await _settle(ctx, row)
             n += 1
         except Exception:
-            log.exception("settling failed", input_id=row["id"])
+            log.exception("settle_failed", input_id=row["id"])
     return n
 
 
@@ -116,15 +129,16 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
     except Exception as exc:
         if getattr(exc, "kind", None) != "permanent":
             delay = ctx.cfg.api.backoff_initial
-            log.warning("collect failed, will retry", job=job["display_name"], error=str(exc))
+            log.warning("collect_failed_will_retry", job=job["display_name"], error=str(exc))
             ctx.last_api_error = {"at": time.time(), "message": str(exc)}
             async with ctx.store.tx() as conn:
                 await ctx.store.update_job(conn, job["id"], not_before=time.time() + delay)
             return False
         # The results are gone for good: the keys count as unanswered (and may be retried).
-        log.error("results lost", job=job["display_name"], error=str(exc))
+        log.error("results_lost", job=job["display_name"], error=str(exc))
         await anyio.to_thread.run_sync(_write_lines, dest, [])
     crash_point("after_download")
+    await _index_job(ctx, job, dest)
     with anyio.CancelScope(shield=True):
         async with ctx.store.tx() as conn:
             await ctx.store.update_job(
@@ -135,8 +149,40 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
                 result_file=result_file,
                 finished_at=job["finished_at"] or time.time(),
             )
-    log.info("job collected", job=job["display_name"], input_id=job["input_id"])
+    log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
     return True
+
+
+async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
+    """Fold a big input's job results into its merge index now, while other jobs still run,
+    so that settling the input has little left to do. Best effort: settling rebuilds whatever
+    is missing, so a failure here only costs time later."""
+    row = await ctx.store.get_input(job["input_id"])
+    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
+        return
+    jobs = await ctx.store.jobs_of(row["id"])
+    parts = await _parts(ctx, row, jobs)
+    path = _index_path(ctx, row)
+    stop = threading.Event()
+    rf = ResultsFile(dest, job["id"], job["attempt"])
+
+    def fold() -> None:
+        index = MergeIndex(path, stop)
+        try:
+            index.ensure_keys(Path(row["work_path"]), parts)
+            index.add_results(rf)
+            index.write_ordered(job["part_no"], path.with_name(f"part-{job['part_no']}.ordered"))
+        finally:
+            index.close()
+
+    try:
+        await run_stoppable(fold, stop)
+    except Rebuild as exc:
+        log.info("merge_index_reset", input_id=row["id"], why=str(exc))
+        await anyio.to_thread.run_sync(remove_index, path)
+    except Exception:
+        log.exception("merge_index_failed", input_id=row["id"])
+        await anyio.to_thread.run_sync(remove_index, path)
 
 
 def _gemini(ctx: Context) -> Any:
@@ -230,7 +276,6 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
         return await _plan(ctx, row, jobs, index, force=force)
     finally:
         index.close()
-        index.path.unlink(missing_ok=True)
 
 
 async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
@@ -250,14 +295,21 @@ async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) 
     return [Part(p, source=first[p]) for p in sorted(first)] or [Part(1)]
 
 
+def _index_path(ctx: Context, row: dict[str, Any]) -> Path:
+    return ctx.input_dir(row["id"]) / "merge.sqlite"
+
+
 async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> MergeIndex:
     parts = await _parts(ctx, row, jobs)
     files = results_files(j for j in jobs if j["state"] == JobState.COLLECTED)
-    path = ctx.input_dir(row["id"]) / "merge.sqlite"
+    path = _index_path(ctx, row)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return await anyio.to_thread.run_sync(
-        MergeIndex.build, path, Path(row["work_path"]), parts, files
-    )
+    small = (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS
+    if small and not path.exists():
+        path = Path(":memory:")
+    stop = threading.Event()
+    build = functools.partial(MergeIndex.build, path, Path(row["work_path"]), parts, files, stop)
+    return await run_stoppable(build, stop)
 
 
 async def _plan(
@@ -329,6 +381,6 @@ async def _plan(
             finished_at=None,
             cancel_requested=0,
         )
-    log.info("retries planned", input_id=row["id"], requests=total, jobs=len(planned))
+    log.info("retries_planned", input_id=row["id"], requests=total, jobs=len(planned))
     ctx.wake.submit.set()
     return total

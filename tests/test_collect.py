@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.collect import _inline_lines, collect_once, finish_input, plan_retries
+from daemon import collect
+from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.media import media_ext, safe_key
@@ -23,8 +24,14 @@ PNG = base64.b64decode(
 )
 
 
-@pytest.fixture
-async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+@pytest.fixture(params=["in-memory", "per-job"])
+async def ctx(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Context]:
+    """Every scenario runs twice: merged in memory at the end (small inputs), and with the
+    on-disk index filled job by job as each job is collected (big inputs)."""
+    if request.param == "per-job":
+        monkeypatch.setattr(collect, "SMALL_INPUT_REQUESTS", -1)
     cfg = parse_config(
         {
             "paths": {"root": str(tmp_path)},
@@ -139,6 +146,9 @@ class Input:
                 remote_state="BATCH_STATE_SUCCEEDED",
                 **fields,
             )
+        job = await self.ctx.store.get_job(job_id)
+        assert job is not None
+        await _index_job(self.ctx, job, path)
 
     async def done(self, job_id: int, **fields: Any) -> None:
         async with self.ctx.store.tx() as conn:
@@ -165,6 +175,13 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     inp = await Input.make(ctx, [keys1, keys2])
     await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
     await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    work = ctx.input_dir(inp.id)
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    # per job: both parts already indexed and put in order while "other jobs still ran"
+    assert (work / "merge.sqlite").exists() is per_job
+    assert sorted(p.name for p in work.glob("part-*.ordered")) == (
+        ["part-1.ordered", "part-2.ordered"] if per_job else []
+    )
     assert await collect_once(ctx) == 1
     row = await inp.row()
     assert row["state"] == "succeeded"
@@ -201,7 +218,6 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     # kept for dedupe as a hard link; scratch files gone, job results kept for `retry`
     kept = Path(row["results_path"])
     assert os.path.samefile(kept, out["results"])
-    work = ctx.input_dir(inp.id)
     assert not (work / "merge.sqlite").exists() and not list(work.glob("part-*"))
     assert (work / "input.jsonl").exists() and len(list(work.glob("job-*.results.jsonl"))) == 2
     assert not [p for p in out["results"].parent.iterdir() if p.name.endswith(".tmp")]
@@ -359,6 +375,23 @@ async def test_reuse_serves_earlier_results(ctx: Context) -> None:
     assert summary["reused"] is True and summary["reused_from"] == first.id
     assert summary["tokens"] == orjson.loads(first_row["summary"])["tokens"]
     assert summary["jobs"] == []
+    # A reuse of that reuse names the input that was paid for, not the middle one.
+    third = new_input_id()
+    (ctx.input_dir(third)).mkdir(parents=True)
+    async with ctx.store.tx() as conn:
+        await ctx.store.add_input(
+            conn,
+            id=third,
+            rel_path="third/foo.jsonl",
+            model="gemini-2.5-flash",
+            state="downloading",
+            work_path=str(work / "input.jsonl"),
+            reused_from=id_,
+        )
+    assert await collect_once(ctx) == 1
+    out3 = outbox_paths(ctx.cfg.outbox_dir, "third/foo.jsonl")
+    assert out3["results"].read_bytes() == first.out()["results"].read_bytes()
+    assert orjson.loads(out3["summary"].read_bytes())["reused_from"] == first.id
 
 
 def test_inline_operation_lines_join_on_metadata_key() -> None:
