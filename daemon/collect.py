@@ -2,11 +2,15 @@
 
 1. A ``done`` job's results (downloaded result file, or the inline responses of the raw operation)
    become ``state/work/<input>/job-<id>.results.jsonl`` (``{"key", "response"|"error"}`` lines),
-   then the job is ``collected``.
-2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: an on-disk
-   index (:mod:`daemon.merge`) picks each key's best answer; keys with a retryable error or no
-   answer are resubmitted as new ``planned`` jobs while the retry budget lasts; otherwise the
-   outbox is written (:mod:`daemon.finish`) and the input gets its final state.
+   then the job is ``collected``. For a big input the job's answers are first folded into the
+   input's on-disk index (:mod:`daemon.merge`) and its part's answers written in input order, so
+   this work overlaps with the jobs still running; the input's keys are loaded into that index
+   while its jobs are out at the API.
+2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: the index
+   (completed, or built in memory for a small input) gives each key's best answer; keys with a
+   retryable error or no answer are resubmitted as new ``planned`` jobs while the retry budget
+   lasts; otherwise the outbox is written (:mod:`daemon.finish`) and the input gets its final
+   state.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 # Inputs up to this many requests are merged in memory at settle time (no index file, nothing
 # done per job); bigger ones are indexed job by job as each is collected.
 SMALL_INPUT_REQUESTS = 10_000
+COLLECT_CONCURRENCY = 2
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -79,9 +84,23 @@ async def collect_once(ctx: Context) -> int:
     Returns how many jobs and inputs were handled."""
     n = 0
     now = time.time()
-    for job in await ctx.store.jobs_in(JobState.DONE):
-        if job["not_before"] <= now and await _collect_job(ctx, job):
-            n += 1
+    due = [j for j in await ctx.store.jobs_in(JobState.DONE) if j["not_before"] <= now]
+    limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
+
+    async def one(job: dict[str, Any]) -> None:
+        nonlocal n
+        async with limiter:
+            try:
+                n += await _collect_job(ctx, job)
+            except Exception:
+                log.exception("collect_failed", job=job["display_name"])
+
+    # A few at once: one job's download overlaps with an earlier one's indexing.
+    async with anyio.create_task_group() as tg:
+        for job in due:
+            tg.start_soon(one, job)
+    if not due:
+        await _prepare_indexes(ctx)
     for row in await _settled_inputs(ctx):
         try:
             await _settle(ctx, row)
@@ -153,36 +172,72 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
     return True
 
 
-async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
-    """Fold a big input's job results into its merge index now, while other jobs still run,
-    so that settling the input has little left to do. Best effort: settling rebuilds whatever
-    is missing, so a failure here only costs time later."""
-    row = await ctx.store.get_input(job["input_id"])
-    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
-        return
-    jobs = await ctx.store.jobs_of(row["id"])
-    parts = await _parts(ctx, row, jobs)
+_prepared: set[str] = set()  # inputs whose keys are in their merge index (this process)
+
+
+async def _prepare_indexes(ctx: Context) -> None:
+    """Load the keys of big inputs whose jobs are out at the API into their merge index now,
+    while the daemon waits anyway, rather than when their first job comes back."""
+    rows = await ctx.store.fetchall(
+        "SELECT * FROM inputs WHERE state IN ('submitted', 'running') AND request_count > ? "
+        "AND reused_from IS NULL ORDER BY created_at",
+        (SMALL_INPUT_REQUESTS,),
+    )
+    for row in rows:
+        if row["id"] in _prepared:
+            continue
+        jobs = await ctx.store.jobs_of(row["id"])
+        parts = await _parts(ctx, row, jobs)
+        await _fold(ctx, row, parts, None, 0)
+        _prepared.add(row["id"])
+
+
+def _fold_sync(
+    path: Path, work: Path, parts: list[Part], rf: ResultsFile | None, part_no: int, stop: Any
+) -> None:
+    index = MergeIndex(path, stop)
+    try:
+        index.ensure_keys(work, parts)
+        if rf is not None:
+            index.add_results(rf)
+            index.write_ordered(part_no, path.with_name(f"part-{part_no}.ordered"))
+    finally:
+        index.close()
+
+
+async def _fold(
+    ctx: Context, row: dict[str, Any], parts: list[Part], rf: ResultsFile | None, part_no: int
+) -> None:
+    """Keys (and a job's results) into the input's merge index. Best effort: settling
+    rebuilds whatever is missing, so a failure here only costs time later."""
     path = _index_path(ctx, row)
     stop = threading.Event()
-    rf = ResultsFile(dest, job["id"], job["attempt"])
-
-    def fold() -> None:
-        index = MergeIndex(path, stop)
-        try:
-            index.ensure_keys(Path(row["work_path"]), parts)
-            index.add_results(rf)
-            index.write_ordered(job["part_no"], path.with_name(f"part-{job['part_no']}.ordered"))
-        finally:
-            index.close()
-
+    fold = functools.partial(_fold_sync, path, Path(row["work_path"]), parts, rf, part_no, stop)
+    started = time.monotonic()
     try:
         await run_stoppable(fold, stop)
+        log.info(
+            "merge_index_updated",
+            input_id=row["id"],
+            job_id=rf.job_id if rf else None,
+            seconds=round(time.monotonic() - started, 2),
+        )
     except Rebuild as exc:
         log.info("merge_index_reset", input_id=row["id"], why=str(exc))
         await anyio.to_thread.run_sync(remove_index, path)
     except Exception:
         log.exception("merge_index_failed", input_id=row["id"])
         await anyio.to_thread.run_sync(remove_index, path)
+
+
+async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
+    """Fold a big input's job results into its merge index now, while other jobs still run,
+    so that settling the input has little left to do."""
+    row = await ctx.store.get_input(job["input_id"])
+    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
+        return
+    parts = await _parts(ctx, row, await ctx.store.jobs_of(row["id"]))
+    await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
 
 
 def _gemini(ctx: Context) -> Any:

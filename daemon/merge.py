@@ -15,109 +15,54 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-RETRYABLE_GRPC = {4, 8, 13, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE
-RETRYABLE_HTTP = {429, 500, 503, 504}
-RETRYABLE_STATUS = {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"}
-_BATCH = 5000
-TOKEN_FIELDS = (
-    "promptTokenCount",
-    "candidatesTokenCount",
-    "thoughtsTokenCount",
-    "cachedContentTokenCount",
-    "totalTokenCount",
+from daemon.merge_lines import (
+    RETRYABLE_GRPC,
+    RETRYABLE_HTTP,
+    RETRYABLE_STATUS,
+    TOKEN_FIELDS,
+    Answer,
+    Part,
+    ResultsFile,
+    canonical_line,
+    derive_key,
+    fast_key,
+    is_retryable,
+    iter_lines,
+    parse_result,
+    results_files,
 )
+
+__all__ = [
+    "RETRYABLE_GRPC",
+    "RETRYABLE_HTTP",
+    "RETRYABLE_STATUS",
+    "TOKEN_FIELDS",
+    "Answer",
+    "MergeIndex",
+    "Part",
+    "Rebuild",
+    "ResultsFile",
+    "Stopped",
+    "canonical_line",
+    "derive_key",
+    "fast_key",
+    "is_retryable",
+    "iter_lines",
+    "remove_index",
+    "results_files",
+]
+
+_BATCH = 5000
 
 
 class Stopped(Exception):
     """The caller asked a long-running pass to stop (shutdown)."""
-
-
-def is_retryable(error: Any) -> bool:
-    """Whether a per-request ``google.rpc.Status`` error is worth resubmitting (SPEC §3)."""
-    if not isinstance(error, dict):
-        return False
-    code = error.get("code")
-    if isinstance(code, int) and (code in RETRYABLE_GRPC or code in RETRYABLE_HTTP):
-        return True
-    return error.get("status") in RETRYABLE_STATUS
-
-
-def derive_key(obj: Any, line_no: int) -> str:
-    """The key of an input line: its ``key`` field, or the physical line number for a bare request."""
-    if isinstance(obj, dict) and ("key" in obj or "request" in obj):
-        return str(obj.get("key"))
-    return str(line_no)
-
-
-def canonical_line(raw: bytes, line_no: int) -> tuple[str, bytes]:
-    """``(key, line)`` where line is a ``{"key", "request"}`` line (keyed lines pass through)."""
-    obj = orjson.loads(raw)
-    if isinstance(obj, dict) and ("key" in obj or "request" in obj):
-        return str(obj.get("key")), raw.rstrip(b"\r\n")
-    key = str(line_no)
-    return key, b'{"key":' + orjson.dumps(key) + b',"request":' + raw.strip() + b"}"
-
-
-def iter_lines(
-    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
-) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw line)`` for the non-blank lines of ``path[start:end]``."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        pos, line_no = start, first_line
-        for raw in f:
-            if end is not None and pos >= end:
-                break
-            pos += len(raw)
-            if raw.strip():
-                yield line_no, raw
-            line_no += 1
-
-
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
-@dataclass
-class ResultsFile:
-    """One job's normalised results: ``{"key", "response"|"error"}`` lines."""
-
-    path: Path
-    job_id: int
-    attempt: int
-
-
-@dataclass
-class Part:
-    """Where the requests of one part live: an attempt-1 source file of canonical lines, or a
-    byte range of the input file (``first_line`` is the line number at ``start``)."""
-
-    part_no: int
-    source: Path | None = None
-    start: int = 0
-    end: int | None = None
-    first_line: int = 1
-
-
-@dataclass
-class Answer:
-    ord: int
-    key: str
-    ok: bool | None  # None: no answer at all
-    part: int
-    line: bytes | None
 
 
 _VERSION = "2"
@@ -127,19 +72,6 @@ _LOCKS_GUARD = threading.Lock()
 
 class Rebuild(Exception):
     """The on-disk index does not match what it is asked to hold: start it afresh."""
-
-
-def fast_key(raw: bytes) -> str | None:
-    """The key of a ``{"key":"K",...}`` line without a JSON parse; None when unsure."""
-    if not raw.startswith(b'{"key":"'):
-        return None
-    end = raw.find(b'"', 8)
-    if end < 0 or raw.find(b"\\", 8, end) >= 0 or raw.find(b'"key"', end) >= 0:
-        return None
-    try:
-        return raw[8:end].decode()
-    except UnicodeDecodeError:
-        return None
 
 
 def _lock(path: Path) -> threading.Lock:
@@ -174,7 +106,7 @@ class MergeIndex:
             self.db = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=60
             )
-            pragmas = ["PRAGMA cache_size=-16000", "PRAGMA temp_store=FILE"]  # bounds memory
+            pragmas = ["PRAGMA cache_size=-8000", "PRAGMA temp_store=FILE"]  # bounds memory
             if not self.memory:
                 # WAL + NORMAL: a crash (or power loss) loses at most the last transactions,
                 # never corrupts; :meth:`add_results` reloads whatever is missing.
@@ -310,9 +242,20 @@ class MergeIndex:
     def part_keys(input_path: Path, part: Part) -> Iterator[str]:
         """The keys of ``part`` in input order (canonical part files: mostly without a parse)."""
         if part.source is not None and part.source.exists():
-            for _n, raw in iter_lines(part.source):
-                key = fast_key(raw)
-                yield key if key is not None else derive_key(orjson.loads(raw), 0)
+            with open(part.source, "rb") as f:
+                rest = b""
+                while block := f.read(1 << 20):
+                    lines = (rest + block).split(b"\n")
+                    rest = lines.pop()
+                    for raw in lines:
+                        key = fast_key(raw)
+                        if key is not None:
+                            yield key
+                        elif raw.strip():
+                            yield derive_key(orjson.loads(raw), 0)
+                if rest.strip():
+                    key = fast_key(rest)
+                    yield key if key is not None else derive_key(orjson.loads(rest), 0)
         else:
             for key, _line in MergeIndex.part_lines(input_path, part):
                 yield key
@@ -356,7 +299,7 @@ class MergeIndex:
                     line = raw.rstrip(b"\r\n")
                     if not line.strip():
                         continue
-                    key, ok, retry, code, *usage = _parse_result(line)
+                    key, ok, retry, code, *usage = parse_result(line)
                     rows.append((key, ok, retry, code, line_off, len(line), *usage))
                     if len(rows) >= _BATCH:
                         self._check()
@@ -550,29 +493,6 @@ class MergeIndex:
                 os.close(fd)
 
 
-def _parse_result(line: bytes) -> tuple[Any, ...]:
-    """``(key, ok, retryable, code, *usage)`` of one results line; key None if it is not one."""
-    none = (None, 0, 0, None, 0, 0, 0, 0, 0)
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return none
-    if not isinstance(obj, dict):
-        return none
-    key = obj.get("key")
-    key = key if isinstance(key, str) else (str(key) if isinstance(key, int) else None)
-    if "response" in obj:
-        resp = obj["response"]
-        usage = resp.get("usageMetadata") if isinstance(resp, dict) else None
-        if not isinstance(usage, dict):
-            usage = {}
-        return (key, 1, 0, None, *(_int(usage.get(f)) for f in TOKEN_FIELDS))
-    error = obj.get("error")
-    code = error.get("code") if isinstance(error, dict) else None
-    code = code if isinstance(code, int) else None
-    return (key, 0, int(is_retryable(error)), code, 0, 0, 0, 0, 0)
-
-
 def remove_index(path: Path) -> None:
     """Delete an index file and its SQLite side files."""
     if str(path) == ":memory:":
@@ -580,12 +500,3 @@ def remove_index(path: Path) -> None:
     for p in [path] + [path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm")]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-
-
-def results_files(rows: Iterable[dict[str, Any]]) -> list[ResultsFile]:
-    """The results files of collected job rows (``results_path`` set)."""
-    return [
-        ResultsFile(Path(r["results_path"]), r["id"], r["attempt"])
-        for r in rows
-        if r.get("results_path")
-    ]

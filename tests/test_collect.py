@@ -16,6 +16,7 @@ from daemon.collect import _index_job, _inline_lines, collect_once, finish_input
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.media import media_ext, safe_key
+from daemon.merge import MergeIndex
 from daemon.outbox import outbox_paths
 from daemon.store import Store, new_input_id
 
@@ -426,3 +427,22 @@ async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) 
     assert job is not None and job["state"] == "done" and job["not_before"] > 0
     assert (await inp.row())["state"] == "running"
     assert await collect_once(ctx) == 0  # backing off: not even tried
+
+
+async def test_big_inputs_get_their_keys_indexed_while_jobs_run(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    assert await collect_once(ctx) == 0  # nothing finished yet
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    assert (work / "merge.sqlite").exists() is per_job
+    if per_job:
+        index = MergeIndex(work / "merge.sqlite")
+        try:
+            assert index.ranges() == [(1, 1, 2), (2, 3, 3)]
+            assert [a.key for a in index.answers()] == ["a", "b", "c"]
+        finally:
+            index.close()
+    await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    await inp.collected(inp.jobs[2], [ok("c")])
+    assert await collect_once(ctx) == 1
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c"]
