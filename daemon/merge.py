@@ -307,9 +307,9 @@ class MergeIndex:
                         rows.clear()
             db.executemany(sql, rows)
             self._check()
-            lines, known, distinct = db.execute(
-                "SELECT (SELECT COUNT(*) FROM stage), COUNT(*), COUNT(DISTINCT k.ord) "
-                "FROM stage s JOIN keys k ON k.key = s.key"
+            lines, known, distinct, lo, hi = db.execute(
+                "SELECT (SELECT COUNT(*) FROM stage), COUNT(*), COUNT(DISTINCT k.ord), "
+                "MIN(k.ord), MAX(k.ord) FROM stage s JOIN keys k ON k.key = s.key"
             ).fetchone()
             # Inside one job the first line of a key wins (the rest are duplicates); across
             # jobs a success beats an error, then the later (attempt, job) wins.
@@ -331,10 +331,12 @@ class MergeIndex:
                 {"job": rf.job_id, "attempt": rf.attempt},
             )
             # Pre-ordered part files whose answers may have changed are stale now.
-            db.execute(
-                "UPDATE ordered SET valid = 0 WHERE valid = 1 AND part IN (SELECT DISTINCT "
-                "k.part FROM stage s JOIN keys k ON k.key = s.key)"
-            )
+            if lo is not None:  # (a job answers its own part: one range)
+                db.execute(
+                    "UPDATE ordered SET valid = 0 WHERE valid = 1 AND part IN "
+                    "(SELECT part FROM ranges WHERE lo <= ? AND hi >= ?)",
+                    (hi, lo),
+                )
             db.execute("DELETE FROM stage")
             db.execute(
                 "INSERT INTO loaded VALUES (?, ?, ?, ?, ?, ?)",
