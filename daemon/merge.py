@@ -291,6 +291,7 @@ class MergeIndex:
             )
             db.execute("DELETE FROM stage")
             rows: list[tuple[Any, ...]] = []
+            lines = 0
             sql = "INSERT INTO stage VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             with open(rf.path, "rb") as f:
                 off = 0
@@ -301,18 +302,16 @@ class MergeIndex:
                         continue
                     key, ok, retry, code, *usage = parse_result(line)
                     rows.append((key, ok, retry, code, line_off, len(line), *usage))
+                    lines += 1
                     if len(rows) >= _BATCH:
                         self._check()
                         db.executemany(sql, rows)
                         rows.clear()
             db.executemany(sql, rows)
             self._check()
-            lines, known, distinct, lo, hi = db.execute(
-                "SELECT (SELECT COUNT(*) FROM stage), COUNT(*), COUNT(DISTINCT k.ord), "
-                "MIN(k.ord), MAX(k.ord) FROM stage s JOIN keys k ON k.key = s.key"
-            ).fetchone()
             # Inside one job the first line of a key wins (the rest are duplicates); across
             # jobs a success beats an error, then the later (attempt, job) wins.
+            before = db.total_changes
             db.execute(
                 """
                 INSERT INTO best
@@ -330,17 +329,24 @@ class MergeIndex:
                 """,
                 {"job": rf.job_id, "attempt": rf.attempt},
             )
-            # Pre-ordered part files whose answers may have changed are stale now.
-            if lo is not None:  # (a job answers its own part: one range)
-                db.execute(
-                    "UPDATE ordered SET valid = 0 WHERE valid = 1 AND part IN "
-                    "(SELECT part FROM ranges WHERE lo <= ? AND hi >= ?)",
-                    (hi, lo),
-                )
+            unknown = duplicates = 0
+            if db.total_changes - before != lines:  # not every line took a key of its own
+                known, distinct = db.execute(
+                    "SELECT COUNT(*), COUNT(DISTINCT k.ord) FROM stage s "
+                    "JOIN keys k ON k.key = s.key"
+                ).fetchone()
+                unknown, duplicates = lines - known, known - distinct
+            # Pre-ordered part files with an answer from this job are stale now.
+            db.execute(
+                "UPDATE ordered SET valid = 0 WHERE valid = 1 AND part IN (SELECT r.part "
+                "FROM ranges r WHERE EXISTS (SELECT 1 FROM best b "
+                "WHERE b.ord BETWEEN r.lo AND r.hi AND b.job_id = ?))",
+                (rf.job_id,),
+            )
             db.execute("DELETE FROM stage")
             db.execute(
                 "INSERT INTO loaded VALUES (?, ?, ?, ?, ?, ?)",
-                (rf.job_id, str(rf.path), rf.attempt, size, lines - known, known - distinct),
+                (rf.job_id, str(rf.path), rf.attempt, size, unknown, duplicates),
             )
             db.execute("COMMIT")
         except BaseException:
