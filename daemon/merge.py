@@ -58,7 +58,7 @@ __all__ = [
     "results_files",
 ]
 
-_BATCH = 5000
+_BATCH = 2000
 
 
 class Stopped(Exception):
@@ -483,7 +483,7 @@ class MergeIndex:
         )
         pread = os.pread
         try:
-            while rows := cur.fetchmany(2000):
+            while rows := cur.fetchmany(500):
                 self._check()
                 chunk = []
                 for ord_, key, part, job, ok, off, ln in rows:
