@@ -437,14 +437,15 @@ class MergeIndex:
         tmp = dest.with_name(dest.name + ".tmp")
         with open(tmp, "wb") as out:
             for chunk in self.answer_chunks(lo, hi):
-                for ans in chunk:
-                    if (
-                        ans.ok
-                        and not media
-                        and (b"inlineData" in ans.line or b"inline_data" in ans.line)
-                    ):
-                        media = True
-                out.write(b"".join(ans.line + b"\n" for ans in chunk))
+                lines = [a.line + b"\n" for a in chunk if a.line is not None]
+                if len(lines) != len(chunk):  # cannot happen: every key was counted answered
+                    raise Rebuild(f"part {part_no} lost an answer")
+                if not media:
+                    media = any(
+                        a.ok and (b"inlineData" in line or b"inline_data" in line)
+                        for a, line in zip(chunk, lines, strict=True)
+                    )
+                out.write(b"".join(lines))
         os.replace(tmp, dest)
         self.db.execute(
             "INSERT OR REPLACE INTO ordered VALUES (?, ?, ?, 1, ?)",
