@@ -2,17 +2,22 @@
 
 1. A ``done`` job's results (downloaded result file, or the inline responses of the raw operation)
    become ``state/work/<input>/job-<id>.results.jsonl`` (``{"key", "response"|"error"}`` lines),
-   then the job is ``collected``.
-2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: an on-disk
-   index (:mod:`daemon.merge`) picks each key's best answer; keys with a retryable error or no
-   answer are resubmitted as new ``planned`` jobs while the retry budget lasts; otherwise the
-   outbox is written (:mod:`daemon.finish`) and the input gets its final state.
+   then the job is ``collected``. For a big input the job's answers are first folded into the
+   input's on-disk index (:mod:`daemon.merge`) and its part's answers written in input order, so
+   this work overlaps with the jobs still running; the input's keys are loaded into that index
+   while its jobs are out at the API.
+2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: the index
+   (completed, or built in memory for a small input) gives each key's best answer; keys with a
+   retryable error or no answer are resubmitted as new ``planned`` jobs while the retry budget
+   lasts; otherwise the outbox is written (:mod:`daemon.finish`) and the input gets its final
+   state.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,17 @@ import structlog
 
 from daemon.context import Context
 from daemon.crash import crash_point
-from daemon.finish import finish_index, reuse_input
-from daemon.merge import RETRYABLE_GRPC, RETRYABLE_HTTP, MergeIndex, Part, results_files
+from daemon.finish import finish_index, reuse_input, run_stoppable
+from daemon.merge import (
+    RETRYABLE_GRPC,
+    RETRYABLE_HTTP,
+    MergeIndex,
+    Part,
+    Rebuild,
+    ResultsFile,
+    remove_index,
+    results_files,
+)
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 
@@ -37,8 +51,12 @@ __all__ = [
     "run_collector",
 ]
 
-log = structlog.get_logger("collect")
+log = structlog.get_logger(__name__)
 _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
+# Inputs up to this many requests are merged in memory at settle time (no index file, nothing
+# done per job); bigger ones are indexed job by job as each is collected.
+SMALL_INPUT_REQUESTS = 10_000
+COLLECT_CONCURRENCY = 1  # more overlaps downloads with indexing, but costs RSS
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -57,7 +75,7 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
         try:
             await collect_once(ctx)
         except Exception:
-            log.exception("collect round failed")
+            log.exception("collect_round_failed")
         await ctx.wake.collect.wait(max(ctx.cfg.poll.min_interval, 1.0))
 
 
@@ -66,15 +84,29 @@ async def collect_once(ctx: Context) -> int:
     Returns how many jobs and inputs were handled."""
     n = 0
     now = time.time()
-    for job in await ctx.store.jobs_in(JobState.DONE):
-        if job["not_before"] <= now and await _collect_job(ctx, job):
-            n += 1
+    due = [j for j in await ctx.store.jobs_in(JobState.DONE) if j["not_before"] <= now]
+    limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
+
+    async def one(job: dict[str, Any]) -> None:
+        nonlocal n
+        async with limiter:
+            try:
+                n += await _collect_job(ctx, job)
+            except Exception:
+                log.exception("collect_failed", job=job["display_name"])
+
+    # A few at once: one job's download overlaps with an earlier one's indexing.
+    async with anyio.create_task_group() as tg:
+        for job in due:
+            tg.start_soon(one, job)
+    if not due:
+        await _prepare_indexes(ctx)
     for row in await _settled_inputs(ctx):
         try:
             await _settle(ctx, row)
             n += 1
         except Exception:
-            log.exception("settling failed", input_id=row["id"])
+            log.exception("settle_failed", input_id=row["id"])
     return n
 
 
@@ -116,15 +148,16 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
     except Exception as exc:
         if getattr(exc, "kind", None) != "permanent":
             delay = ctx.cfg.api.backoff_initial
-            log.warning("collect failed, will retry", job=job["display_name"], error=str(exc))
+            log.warning("collect_failed_will_retry", job=job["display_name"], error=str(exc))
             ctx.last_api_error = {"at": time.time(), "message": str(exc)}
             async with ctx.store.tx() as conn:
                 await ctx.store.update_job(conn, job["id"], not_before=time.time() + delay)
             return False
         # The results are gone for good: the keys count as unanswered (and may be retried).
-        log.error("results lost", job=job["display_name"], error=str(exc))
+        log.error("results_lost", job=job["display_name"], error=str(exc))
         await anyio.to_thread.run_sync(_write_lines, dest, [])
     crash_point("after_download")
+    await _index_job(ctx, job, dest)
     with anyio.CancelScope(shield=True):
         async with ctx.store.tx() as conn:
             await ctx.store.update_job(
@@ -135,8 +168,76 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
                 result_file=result_file,
                 finished_at=job["finished_at"] or time.time(),
             )
-    log.info("job collected", job=job["display_name"], input_id=job["input_id"])
+    log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
     return True
+
+
+_prepared: set[str] = set()  # inputs whose keys are in their merge index (this process)
+
+
+async def _prepare_indexes(ctx: Context) -> None:
+    """Load the keys of big inputs whose jobs are out at the API into their merge index now,
+    while the daemon waits anyway, rather than when their first job comes back."""
+    rows = await ctx.store.fetchall(
+        "SELECT * FROM inputs WHERE state IN ('submitted', 'running') AND request_count > ? "
+        "AND reused_from IS NULL ORDER BY created_at",
+        (SMALL_INPUT_REQUESTS,),
+    )
+    for row in rows:
+        if row["id"] in _prepared:
+            continue
+        jobs = await ctx.store.jobs_of(row["id"])
+        parts = await _parts(ctx, row, jobs)
+        await _fold(ctx, row, parts, None, 0)
+        _prepared.add(row["id"])
+
+
+def _fold_sync(
+    path: Path, work: Path, parts: list[Part], rf: ResultsFile | None, part_no: int, stop: Any
+) -> None:
+    index = MergeIndex(path, stop)
+    try:
+        index.ensure_keys(work, parts)
+        if rf is not None:
+            index.add_results(rf)
+            index.write_ordered(part_no, path.with_name(f"part-{part_no}.ordered"))
+    finally:
+        index.close()
+
+
+async def _fold(
+    ctx: Context, row: dict[str, Any], parts: list[Part], rf: ResultsFile | None, part_no: int
+) -> None:
+    """Keys (and a job's results) into the input's merge index. Best effort: settling
+    rebuilds whatever is missing, so a failure here only costs time later."""
+    path = _index_path(ctx, row)
+    stop = threading.Event()
+    fold = functools.partial(_fold_sync, path, Path(row["work_path"]), parts, rf, part_no, stop)
+    started = time.monotonic()
+    try:
+        await run_stoppable(fold, stop)
+        log.info(
+            "merge_index_updated",
+            input_id=row["id"],
+            job_id=rf.job_id if rf else None,
+            seconds=round(time.monotonic() - started, 2),
+        )
+    except Rebuild as exc:
+        log.info("merge_index_reset", input_id=row["id"], why=str(exc))
+        await anyio.to_thread.run_sync(remove_index, path)
+    except Exception:
+        log.exception("merge_index_failed", input_id=row["id"])
+        await anyio.to_thread.run_sync(remove_index, path)
+
+
+async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
+    """Fold a big input's job results into its merge index now, while other jobs still run,
+    so that settling the input has little left to do."""
+    row = await ctx.store.get_input(job["input_id"])
+    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
+        return
+    parts = await _parts(ctx, row, await ctx.store.jobs_of(row["id"]))
+    await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
 
 
 def _gemini(ctx: Context) -> Any:
@@ -230,7 +331,6 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
         return await _plan(ctx, row, jobs, index, force=force)
     finally:
         index.close()
-        index.path.unlink(missing_ok=True)
 
 
 async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
@@ -250,14 +350,21 @@ async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) 
     return [Part(p, source=first[p]) for p in sorted(first)] or [Part(1)]
 
 
+def _index_path(ctx: Context, row: dict[str, Any]) -> Path:
+    return ctx.input_dir(row["id"]) / "merge.sqlite"
+
+
 async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> MergeIndex:
     parts = await _parts(ctx, row, jobs)
     files = results_files(j for j in jobs if j["state"] == JobState.COLLECTED)
-    path = ctx.input_dir(row["id"]) / "merge.sqlite"
+    path = _index_path(ctx, row)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return await anyio.to_thread.run_sync(
-        MergeIndex.build, path, Path(row["work_path"]), parts, files
-    )
+    small = (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS
+    if small and not path.exists():
+        path = Path(":memory:")
+    stop = threading.Event()
+    build = functools.partial(MergeIndex.build, path, Path(row["work_path"]), parts, files, stop)
+    return await run_stoppable(build, stop)
 
 
 async def _plan(
@@ -329,6 +436,6 @@ async def _plan(
             finished_at=None,
             cancel_requested=0,
         )
-    log.info("retries planned", input_id=row["id"], requests=total, jobs=len(planned))
+    log.info("retries_planned", input_id=row["id"], requests=total, jobs=len(planned))
     ctx.wake.submit.set()
     return total

@@ -8,10 +8,14 @@ rewrites the same files atomically. Afterwards the remote files are deleted (bes
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import anyio
 import orjson
@@ -20,7 +24,7 @@ import structlog
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
-from daemon.merge import MergeIndex, iter_lines
+from daemon.merge import MergeIndex, iter_lines, remove_index
 from daemon.outbox import (
     atomic_writer,
     copy_atomic,
@@ -31,7 +35,7 @@ from daemon.outbox import (
 )
 from daemon.states import InputState, RemoteState
 
-log = structlog.get_logger("collect")
+log = structlog.get_logger(__name__)
 TOKEN_NAMES = {
     "promptTokenCount": "prompt",
     "candidatesTokenCount": "candidates",
@@ -40,6 +44,34 @@ TOKEN_NAMES = {
     "totalTokenCount": "total",
 }
 _ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED}
+_T = TypeVar("_T")
+
+
+async def run_stoppable(fn: Callable[[], _T], stop: threading.Event) -> _T:
+    """``fn()`` in a worker thread; if the caller is cancelled (shutdown), ``stop`` is set so a
+    long merge pass ends early (it raises :class:`~daemon.merge.Stopped`), and the cancellation
+    goes on once the thread has let go."""
+    finished = threading.Event()
+    box: list[_T] = []
+
+    def run() -> _T:
+        try:
+            box.append(fn())
+            return box[0]
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait, 30.0)
+            for result in box:  # finished anyway: nobody will use it, release it
+                close = getattr(result, "close", None)
+                if close is not None:
+                    await anyio.to_thread.run_sync(close)
+        raise
 
 
 def iso(ts: float | None) -> str | None:
@@ -78,21 +110,54 @@ def _unanswered(state: InputState, attempts: int, job: dict[str, Any] | None) ->
 def _write_results(
     index: MergeIndex, dest: Path, media_dir: Path | None, unanswered: dict[int, bytes]
 ) -> list[str]:
-    """Results in input order (answers' raw lines); media of successful answers."""
+    """Results in input order (answers' raw lines); media of successful answers. A part whose
+    answers were put in order while the jobs ran (:meth:`MergeIndex.write_ordered`) is copied
+    as is (in the kernel); the others are read line by line from the job results files."""
     media: list[str] = []
+    first = True
     with atomic_writer(dest) as out:
-        for ans in index.answers():
-            if ans.line is None:
-                out.write(b'{"key":' + orjson.dumps(ans.key) + b',"error":')
-                out.write(unanswered[ans.part] + b"}\n")
-                continue
-            out.write(ans.line + b"\n")
-            if ans.ord == 1:
+        for part, lo, hi in index.ranges():
+            ready = index.ordered_file(part)
+            if ready is not None and not (ready[1] and media_dir is not None):
+                _copy_into(ready[0], out)
+            else:
+                for chunk in index.answer_chunks(lo, hi):
+                    buf = []
+                    for ans in chunk:
+                        if ans.line is None:
+                            buf.append(b'{"key":' + orjson.dumps(ans.key) + b',"error":')
+                            buf.append(unanswered[ans.part] + b"}\n")
+                            continue
+                        buf.append(ans.line + b"\n")
+                        if ans.ok and media_dir is not None:
+                            media += extract_media(ans.line, media_dir)
+                    out.write(b"".join(buf))
+            if first:
+                first = False
                 out.flush()
                 crash_point("mid_outbox")
-            if ans.ok and media_dir is not None:
-                media += extract_media(ans.line, media_dir)
     return media
+
+
+def _copy_into(src: Path, out: IO[bytes]) -> None:
+    """Append ``src`` to ``out`` (kernel copy where the file system allows it)."""
+    out.flush()
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(f.fileno(), out.fileno(), size - done, done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+        if done < size:
+            f.seek(done)
+            out.seek(0, os.SEEK_END)
+            shutil.copyfileobj(f, out, 1 << 20)
+    out.seek(0, os.SEEK_END)
 
 
 def _media_from_file(src: Path, media_dir: Path) -> list[str]:
@@ -178,7 +243,7 @@ async def finish_index(
             media = _write_results(index, paths["results"], media_dir, unanswered)
         return media, index.tokens(), index.error_codes()
 
-    media, raw_tokens, error_codes = await anyio.to_thread.run_sync(write_outbox)
+    media, raw_tokens, error_codes = await run_stoppable(write_outbox, index.stop)
     tokens = {TOKEN_NAMES[k]: v for k, v in raw_tokens.items()}
     now = time.time()
     doc: dict[str, Any] = {
@@ -245,7 +310,7 @@ async def finish_index(
                 results_path=str(keep) if state == InputState.SUCCEEDED else None,
                 finished_at=now,
             )
-    log.info("input finished", input_id=row["id"], state=state.value, **counts)
+    log.info("input_finished", input_id=row["id"], state=state.value, **counts)
     await anyio.to_thread.run_sync(_cleanup_work, ctx.input_dir(row["id"]), index.path)
     await _cleanup_remote(ctx, jobs)
 
@@ -264,7 +329,8 @@ class _Default(dict[int, bytes]):
 def _cleanup_work(work: Path, index_path: Path) -> None:
     """Drop the scratch index and the retry part files; ``input.jsonl`` and the job results
     stay for ``retry``."""
-    for p in [index_path, *work.glob("part-*-a*.jsonl")]:
+    remove_index(index_path)
+    for p in [*work.glob("part-*-a*.jsonl"), *work.glob("part-*.ordered*")]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
@@ -279,7 +345,7 @@ async def _cleanup_remote(ctx: Context, jobs: list[dict[str, Any]]) -> None:
             try:
                 await ctx.gemini.delete_file(name)
             except Exception as exc:
-                log.warning("remote file not deleted", file=name, error=str(exc))
+                log.warning("remote_file_not_deleted", file=name, error=str(exc))
 
 
 async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
@@ -287,7 +353,7 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
     src_row = await ctx.store.get_input(row["reused_from"])
     src = Path(src_row["results_path"]) if src_row and src_row["results_path"] else None
     if src is None or not src.exists():
-        log.warning("reuse impossible, submitting again", input_id=row["id"])
+        log.warning("reuse_impossible_submitting_again", input_id=row["id"])
         async with ctx.store.tx() as conn:
             await ctx.store.update_input(conn, row["id"], reused_from=None)
         return False
@@ -296,6 +362,8 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
     media_dir = paths["media"] if ctx.cfg.outbox.extract_media else None
     keep = ctx.results_dir / f"{row['id']}.jsonl"
     before = orjson.loads(src_row["summary"]) if src_row["summary"] else {}
+    # A reuse of a reuse names the input that was paid for (each reuse records it).
+    origin = (before.get("reused") and before.get("reused_from")) or src_row["id"]
     now = time.time()
     doc: dict[str, Any] = {
         "input_id": row["id"],
@@ -311,7 +379,7 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
         "finished_at": iso(now),
         "outbox": {"results": str(paths["results"]), "summary": str(paths["summary"])},
         "reused": True,
-        "reused_from": src_row["id"],
+        "reused_from": origin,
     }
 
     def write() -> None:
@@ -331,10 +399,10 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
                 conn,
                 row["id"],
                 InputState.SUCCEEDED,
-                note=f"reused results of {src_row['id']}",
+                note=f"reused results of {origin}",
                 summary=doc,
                 results_path=str(keep),
                 finished_at=now,
             )
-    log.info("input served from earlier results", input_id=row["id"], reused_from=src_row["id"])
+    log.info("input_reused", input_id=row["id"], reused_from=origin)
     return True

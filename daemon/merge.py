@@ -1,9 +1,11 @@
 """The per-input answer index, on disk: which result line answers each input key.
 
-Synchronous (run it in a worker thread). Everything large lives in a scratch SQLite file
+Synchronous (run it in a worker thread). Everything large lives in a SQLite file
 (``state/work/<input>/merge.sqlite``), so memory stays flat whatever the number of requests:
-Python only ever holds one line and one batch of rows. The index is rebuilt from the job results
-files each time an input settles, so it never needs to be crash-safe (journal off).
+Python only ever holds one line and one batch of rows. The collector folds each job's results in
+as soon as the job is collected (overlapping with jobs still running), so settling an input only
+has to read the answers in order. The file is a cache of the job results files: whatever does not
+match is rebuilt.
 """
 
 from __future__ import annotations
@@ -12,135 +14,151 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-RETRYABLE_GRPC = {4, 8, 13, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE
-RETRYABLE_HTTP = {429, 500, 503, 504}
-RETRYABLE_STATUS = {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"}
-_BATCH = 5000
-TOKEN_FIELDS = (
-    "promptTokenCount",
-    "candidatesTokenCount",
-    "thoughtsTokenCount",
-    "cachedContentTokenCount",
-    "totalTokenCount",
+from daemon.merge_lines import (
+    RETRYABLE_GRPC,
+    RETRYABLE_HTTP,
+    RETRYABLE_STATUS,
+    TOKEN_FIELDS,
+    Answer,
+    Part,
+    ResultsFile,
+    canonical_line,
+    derive_key,
+    fast_key,
+    is_retryable,
+    iter_lines,
+    parse_result,
+    results_files,
 )
+
+__all__ = [
+    "RETRYABLE_GRPC",
+    "RETRYABLE_HTTP",
+    "RETRYABLE_STATUS",
+    "TOKEN_FIELDS",
+    "Answer",
+    "MergeIndex",
+    "Part",
+    "Rebuild",
+    "ResultsFile",
+    "Stopped",
+    "canonical_line",
+    "derive_key",
+    "fast_key",
+    "is_retryable",
+    "iter_lines",
+    "remove_index",
+    "results_files",
+]
+
+_BATCH = 2000
 
 
 class Stopped(Exception):
     """The caller asked a long-running pass to stop (shutdown)."""
 
 
-def is_retryable(error: Any) -> bool:
-    """Whether a per-request ``google.rpc.Status`` error is worth resubmitting (SPEC §3)."""
-    if not isinstance(error, dict):
-        return False
-    code = error.get("code")
-    if isinstance(code, int) and (code in RETRYABLE_GRPC or code in RETRYABLE_HTTP):
-        return True
-    return error.get("status") in RETRYABLE_STATUS
+_VERSION = "2"
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
 
 
-def derive_key(obj: Any, line_no: int) -> str:
-    """The key of an input line: its ``key`` field, or the physical line number for a bare request."""
-    if isinstance(obj, dict) and ("key" in obj or "request" in obj):
-        return str(obj.get("key"))
-    return str(line_no)
+class Rebuild(Exception):
+    """The on-disk index does not match what it is asked to hold: start it afresh."""
 
 
-def canonical_line(raw: bytes, line_no: int) -> tuple[str, bytes]:
-    """``(key, line)`` where line is a ``{"key", "request"}`` line (keyed lines pass through)."""
-    obj = orjson.loads(raw)
-    if isinstance(obj, dict) and ("key" in obj or "request" in obj):
-        return str(obj.get("key")), raw.rstrip(b"\r\n")
-    key = str(line_no)
-    return key, b'{"key":' + orjson.dumps(key) + b',"request":' + raw.strip() + b"}"
-
-
-def iter_lines(
-    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
-) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw line)`` for the non-blank lines of ``path[start:end]``."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        pos, line_no = start, first_line
-        for raw in f:
-            if end is not None and pos >= end:
-                break
-            pos += len(raw)
-            if raw.strip():
-                yield line_no, raw
-            line_no += 1
-
-
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
-@dataclass
-class ResultsFile:
-    """One job's normalised results: ``{"key", "response"|"error"}`` lines."""
-
-    path: Path
-    job_id: int
-    attempt: int
-
-
-@dataclass
-class Part:
-    """Where the requests of one part live: an attempt-1 source file of canonical lines, or a
-    byte range of the input file (``first_line`` is the line number at ``start``)."""
-
-    part_no: int
-    source: Path | None = None
-    start: int = 0
-    end: int | None = None
-    first_line: int = 1
-
-
-@dataclass
-class Answer:
-    ord: int
-    key: str
-    ok: bool | None  # None: no answer at all
-    part: int
-    line: bytes | None
+def _lock(path: Path) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(path), threading.Lock())
 
 
 class MergeIndex:
-    """Key → best answer for one input. Build with :meth:`build`; close when done."""
+    """Key → best answer for one input, kept on disk and filled job by job.
+
+    ``keys`` holds every input key with its position (``ord``) in input order; ``best`` holds,
+    per position, the best answer line seen so far (a success beats an error; among equals the
+    later attempt, then the later job wins; inside one job the first line wins, the others are
+    counted as duplicates). :meth:`add_results` folds one job's results file in; it is idempotent
+    (a job already loaded is skipped), so collecting each job as it finishes and building at the
+    end agree. The file is a cache: :meth:`build` starts it afresh when it does not match. While
+    open, an index holds a per-path lock (the collector and a command never interleave).
+    """
 
     def __init__(self, path: Path, stop: threading.Event | None = None) -> None:
         self.path = path
         self.stop = stop or threading.Event()
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        for pragma in (
-            "PRAGMA journal_mode=OFF",
-            "PRAGMA synchronous=OFF",
-            "PRAGMA cache_size=-8000",  # 8 MB page cache: the bound on this index's memory
-            "PRAGMA temp_store=FILE",
-        ):
-            self.db.execute(pragma)
-        self.files: dict[int, Path] = {}
-        self.duplicates = 0
-        self.unknown = 0
+        self.memory = str(path) == ":memory:"
+        self._lock = threading.Lock() if self.memory else _lock(path)
+        deadline = time.monotonic() + 600
+        while not self._lock.acquire(timeout=0.1):
+            self._check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"merge index busy: {path}")
+        try:
+            self._check()
+            self.db = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=60
+            )
+            pragmas = ["PRAGMA cache_size=-8000", "PRAGMA temp_store=FILE"]  # bounds memory
+            if not self.memory:
+                # WAL + NORMAL: a crash (or power loss) loses at most the last transactions,
+                # never corrupts; :meth:`add_results` reloads whatever is missing.
+                pragmas += ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL"]
+            for pragma in pragmas:
+                self.db.execute(pragma)
+            self._schema()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.files: dict[int, Path] = {
+            job: Path(p) for job, p in self.db.execute("SELECT job_id, path FROM loaded")
+        }
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.db.close()
+        finally:
+            self._lock.release()
 
     def _check(self) -> None:
         if self.stop.is_set():
             raise Stopped
+
+    def _schema(self) -> None:
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+            CREATE TABLE IF NOT EXISTS keys (ord INTEGER PRIMARY KEY, key TEXT NOT NULL,
+                                             part INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS loaded (job_id INTEGER PRIMARY KEY, path TEXT,
+                attempt INT, size INT, unknown INT, duplicates INT);
+            CREATE TABLE IF NOT EXISTS ranges (part INTEGER PRIMARY KEY, lo INT, hi INT);
+            CREATE TABLE IF NOT EXISTS ordered (part INTEGER PRIMARY KEY, path TEXT, size INT,
+                                                valid INT, media INT);
+            CREATE TABLE IF NOT EXISTS best (ord INTEGER PRIMARY KEY, job_id INT, attempt INT,
+                ok INT, retry INT, code INT, off INT, len INT, p INT, c INT, t INT, ca INT,
+                tot INT);
+            """
+        )
+
+    def _meta(self, k: str) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return row[0] if row else None
+
+    @property
+    def duplicates(self) -> int:
+        return int(self.db.execute("SELECT TOTAL(duplicates) FROM loaded").fetchone()[0])
+
+    @property
+    def unknown(self) -> int:
+        return int(self.db.execute("SELECT TOTAL(unknown) FROM loaded").fetchone()[0])
 
     # ---- build ------------------------------------------------------------------------------
     @classmethod
@@ -152,116 +170,196 @@ class MergeIndex:
         results: list[ResultsFile],
         stop: threading.Event | None = None,
     ) -> MergeIndex:
-        """A fresh index of ``input_path``'s keys and every results file's answers."""
-        for p in (path, path.with_name(path.name + "-journal")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        index = cls(path, stop)
-        try:
-            index._schema()
-            index.db.execute("BEGIN")  # one transaction for the bulk load: far faster
-            index._load_keys(input_path, parts)
-            for file_no, rf in enumerate(sorted(results, key=lambda r: (r.attempt, r.job_id))):
-                index._load_results(file_no, rf)
-            index.db.execute("COMMIT")
-            index._reconcile()
-        except BaseException:
-            index.close()
-            raise
-        return index
+        """The index of ``input_path``'s keys and exactly the answers of ``results``: reuses
+        what earlier :meth:`add_results` calls loaded, starts afresh when that does not fit.
+        ``path`` ``:memory:`` keeps a small index off disk."""
+        for fresh in (False, True):
+            if fresh:
+                remove_index(path)
+            try:
+                index = cls(path, stop)
+            except sqlite3.DatabaseError:
+                if fresh:
+                    raise
+                continue
+            try:
+                index.ensure_keys(input_path, parts)
+                wanted = {rf.job_id for rf in results}
+                if set(index.files) - wanted:
+                    raise Rebuild("the index holds results of jobs no longer listed")
+                for rf in sorted(results, key=lambda r: (r.attempt, r.job_id)):
+                    index.add_results(rf)
+                return index
+            except (Rebuild, sqlite3.DatabaseError):
+                index.close()
+                if fresh:
+                    raise
+            except BaseException:
+                index.close()
+                raise
+        raise AssertionError("unreachable")
 
-    def _schema(self) -> None:
-        self.db.executescript(
-            """
-            CREATE TABLE keys (ord INTEGER PRIMARY KEY, key TEXT NOT NULL, part INTEGER NOT NULL);
-            CREATE TABLE files (file_no INTEGER PRIMARY KEY, path TEXT, job_id INT, attempt INT);
-            CREATE TABLE raw (seq INTEGER PRIMARY KEY, file_no INT, key TEXT, ok INT, retry INT,
-                              code INT, off INT, len INT, p INT, c INT, t INT, ca INT, tot INT);
-            """
-        )
-
-    def _load_keys(self, input_path: Path, parts: list[Part]) -> None:
-        rows: list[tuple[int, str, int]] = []
-        ord_ = 0
+    def ensure_keys(self, input_path: Path, parts: list[Part]) -> None:
+        """Load the input's keys once (in input order); a different part plan is a rebuild."""
         if not parts:  # no plan known: the whole input is one part
             parts = [Part(1)]
-        for part in parts:
-            for key, _line in self.part_lines(input_path, part):
-                ord_ += 1
-                rows.append((ord_, key, part.part_no))
-                if len(rows) >= _BATCH:
-                    self._check()
-                    self.db.executemany("INSERT INTO keys VALUES (?, ?, ?)", rows)
-                    rows.clear()
-        self.db.executemany("INSERT INTO keys VALUES (?, ?, ?)", rows)
-        self.db.execute("CREATE UNIQUE INDEX keys_key ON keys(key)")
+        plan = orjson.dumps([(p.part_no, p.start, p.end, p.first_line) for p in parts]).decode()
+        known = self._meta("plan")
+        if known is not None:
+            if known != plan or self._meta("version") != _VERSION:
+                raise Rebuild("the part plan changed")
+            return
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute("DELETE FROM keys")
+            rows: list[tuple[int, str, int]] = []
+            ord_ = 0
+            for part in parts:
+                lo = ord_ + 1
+                for key in self.part_keys(input_path, part):
+                    ord_ += 1
+                    rows.append((ord_, key, part.part_no))
+                    if len(rows) >= _BATCH:
+                        self._check()
+                        db.executemany("INSERT INTO keys VALUES (?, ?, ?)", rows)
+                        rows.clear()
+                if ord_ >= lo:
+                    db.execute(
+                        "INSERT OR REPLACE INTO ranges VALUES (?, ?, ?)", (part.part_no, lo, ord_)
+                    )
+            db.executemany("INSERT INTO keys VALUES (?, ?, ?)", rows)
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS keys_key ON keys(key)")
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [("plan", plan), ("version", _VERSION)]
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def part_keys(input_path: Path, part: Part) -> Iterator[str]:
+        """The keys of ``part`` in input order (canonical part files: mostly without a parse)."""
+        if part.source is not None and part.source.exists():
+            with open(part.source, "rb") as f:
+                rest = b""
+                while block := f.read(1 << 20):
+                    lines = (rest + block).split(b"\n")
+                    rest = lines.pop()
+                    for raw in lines:
+                        key = fast_key(raw)
+                        if key is not None:
+                            yield key
+                        elif raw.strip():
+                            yield derive_key(orjson.loads(raw), 0)
+                if rest.strip():
+                    key = fast_key(rest)
+                    yield key if key is not None else derive_key(orjson.loads(rest), 0)
+        else:
+            for key, _line in MergeIndex.part_lines(input_path, part):
+                yield key
 
     @staticmethod
     def part_lines(input_path: Path, part: Part) -> Iterator[tuple[str, bytes]]:
         """``(key, canonical line)`` for each request of ``part``, in input order."""
         if part.source is not None and part.source.exists():
             for _n, raw in iter_lines(part.source):
-                obj = orjson.loads(raw)
-                yield derive_key(obj, 0), raw.rstrip(b"\r\n")
+                key = fast_key(raw)
+                if key is None:
+                    key = derive_key(orjson.loads(raw), 0)
+                yield key, raw.rstrip(b"\r\n")
         else:
             for line_no, raw in iter_lines(input_path, part.start, part.end, part.first_line):
                 yield canonical_line(raw, line_no)
 
-    def _load_results(self, file_no: int, rf: ResultsFile) -> None:
-        self.files[file_no] = rf.path
-        self.db.execute(
-            "INSERT INTO files VALUES (?, ?, ?, ?)", (file_no, str(rf.path), rf.job_id, rf.attempt)
-        )
-        rows: list[tuple[Any, ...]] = []
-        sql = "INSERT INTO raw VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        with open(rf.path, "rb") as f:
-            off = 0
-            for raw in f:
-                line_off, off = off, off + len(raw)
-                line = raw.rstrip(b"\r\n")
-                if not line.strip():
-                    continue
-                key, ok, retry, code, *usage = _parse_result(line)
-                rows.append((file_no, key, ok, retry, code, line_off, len(line), *usage))
-                if len(rows) >= _BATCH:
-                    self._check()
-                    self.db.executemany(sql, rows)
-                    rows.clear()
-        self.db.executemany(sql, rows)
-
-    def _reconcile(self) -> None:
-        self._check()
+    def add_results(self, rf: ResultsFile) -> bool:
+        """Fold one job's results file in (keys must be loaded). False if it already was;
+        :class:`Rebuild` if a different file was loaded for that job."""
+        size = rf.path.stat().st_size
+        row = self.db.execute("SELECT size FROM loaded WHERE job_id = ?", (rf.job_id,)).fetchone()
+        if row is not None:
+            if row[0] != size:
+                raise Rebuild(f"results of job {rf.job_id} changed")
+            return False
         db = self.db
         db.execute("BEGIN")
-        # Lines whose key is not in the input (or that are not a result line at all).
-        cur = db.execute("DELETE FROM raw WHERE key IS NULL OR key NOT IN (SELECT key FROM keys)")
-        self.unknown = cur.rowcount
-        # A key answered twice by one job: keep the first line.
-        cur = db.execute(
-            "DELETE FROM raw WHERE seq NOT IN (SELECT MIN(seq) FROM raw GROUP BY file_no, key)"
-        )
-        self.duplicates = cur.rowcount
-        # Best answer per key: a success beats an error; among errors the latest attempt wins.
-        db.execute(
-            """
-            CREATE TABLE best AS
-            SELECT key, file_no, ok, retry, code, off, len, p, c, t, ca, tot FROM (
-                SELECT r.*, ROW_NUMBER() OVER (
-                    PARTITION BY r.key ORDER BY r.ok DESC, f.attempt DESC, r.seq DESC) AS rn
-                FROM raw r JOIN files f USING (file_no))
-            WHERE rn = 1
-            """
-        )
-        db.execute("CREATE UNIQUE INDEX best_key ON best(key)")
-        db.execute("DELETE FROM raw")
-        db.execute("COMMIT")
+        try:
+            db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS stage (line INTEGER PRIMARY KEY, key TEXT, ok INT,"
+                " retry INT, code INT, off INT, len INT, p INT, c INT, t INT, ca INT, tot INT)"
+            )
+            db.execute("DELETE FROM stage")
+            rows: list[tuple[Any, ...]] = []
+            lines = 0
+            sql = "INSERT INTO stage VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            with open(rf.path, "rb") as f:
+                off = 0
+                for raw in f:
+                    line_off, off = off, off + len(raw)
+                    line = raw.rstrip(b"\r\n")
+                    if not line.strip():
+                        continue
+                    key, ok, retry, code, *usage = parse_result(line)
+                    rows.append((key, ok, retry, code, line_off, len(line), *usage))
+                    lines += 1
+                    if len(rows) >= _BATCH:
+                        self._check()
+                        db.executemany(sql, rows)
+                        rows.clear()
+            db.executemany(sql, rows)
+            self._check()
+            # Inside one job the first line of a key wins (the rest are duplicates); across
+            # jobs a success beats an error, then the later (attempt, job) wins.
+            before = db.total_changes
+            db.execute(
+                """
+                INSERT INTO best
+                SELECT k.ord, :job, :attempt, s.ok, s.retry, s.code, s.off, s.len,
+                       s.p, s.c, s.t, s.ca, s.tot
+                FROM stage s JOIN keys k ON k.key = s.key WHERE true ORDER BY k.ord, s.line
+                ON CONFLICT(ord) DO UPDATE SET
+                    job_id = excluded.job_id, attempt = excluded.attempt, ok = excluded.ok,
+                    retry = excluded.retry, code = excluded.code, off = excluded.off,
+                    len = excluded.len, p = excluded.p, c = excluded.c, t = excluded.t,
+                    ca = excluded.ca, tot = excluded.tot
+                WHERE excluded.job_id != best.job_id AND (excluded.ok > best.ok OR (
+                    excluded.ok = best.ok AND (excluded.attempt, excluded.job_id)
+                                              > (best.attempt, best.job_id)))
+                """,
+                {"job": rf.job_id, "attempt": rf.attempt},
+            )
+            unknown = duplicates = 0
+            if db.total_changes - before != lines:  # not every line took a key of its own
+                known, distinct = db.execute(
+                    "SELECT COUNT(*), COUNT(DISTINCT k.ord) FROM stage s "
+                    "JOIN keys k ON k.key = s.key"
+                ).fetchone()
+                unknown, duplicates = lines - known, known - distinct
+            # Pre-ordered part files with an answer from this job are stale now.
+            db.execute(
+                "UPDATE ordered SET valid = 0 WHERE valid = 1 AND part IN (SELECT r.part "
+                "FROM ranges r WHERE EXISTS (SELECT 1 FROM best b "
+                "WHERE b.ord BETWEEN r.lo AND r.hi AND b.job_id = ?))",
+                (rf.job_id,),
+            )
+            db.execute("DELETE FROM stage")
+            db.execute(
+                "INSERT INTO loaded VALUES (?, ?, ?, ?, ?, ?)",
+                (rf.job_id, str(rf.path), rf.attempt, size, unknown, duplicates),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.files[rf.job_id] = rf.path
+        return True
 
     # ---- queries ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        total, ok, answered = self.db.execute(
-            "SELECT COUNT(*), COUNT(CASE WHEN b.ok = 1 THEN 1 END), COUNT(b.key) "
-            "FROM keys k LEFT JOIN best b ON b.key = k.key"
-        ).fetchone()
+        (total,) = self.db.execute("SELECT COUNT(*) FROM keys").fetchone()
+        answered, ok = self.db.execute("SELECT COUNT(*), TOTAL(ok) FROM best").fetchone()
+        ok = int(ok)
         return {
             "total": total,
             "succeeded": ok,
@@ -281,12 +379,12 @@ class MergeIndex:
         """Per-request error codes among the best answers, most frequent first, with a sample."""
         out = []
         rows = self.db.execute(
-            "SELECT code, COUNT(*), MIN(file_no), MIN(off) FROM best WHERE ok = 0 "
+            "SELECT code, COUNT(*), MIN(ord) FROM best WHERE ok = 0 "
             "GROUP BY code ORDER BY COUNT(*) DESC LIMIT 10"
         ).fetchall()
-        for code, n, _f, _o in rows:
+        for code, n, ord_ in rows:
             f, o, ln = self.db.execute(
-                "SELECT file_no, off, len FROM best WHERE ok = 0 AND code IS ? LIMIT 1", (code,)
+                "SELECT job_id, off, len FROM best WHERE ord = ?", (ord_,)
             ).fetchone()
             with open(self.files[f], "rb") as fh:
                 fh.seek(o)
@@ -297,12 +395,12 @@ class MergeIndex:
     def retry_keys(self, part_no: int, *, force: bool) -> int:
         """Select the keys of ``part_no`` to resubmit into the ``retry_sel`` table; returns how
         many. Unanswered and retryable-error keys; with ``force`` every key without a success."""
-        self.db.execute("CREATE TABLE IF NOT EXISTS retry_sel (key TEXT PRIMARY KEY)")
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS retry_sel (key TEXT PRIMARY KEY)")
         self.db.execute("DELETE FROM retry_sel")
         cond = "b.ok = 0" if force else "b.ok = 0 AND b.retry = 1"
         cur = self.db.execute(
-            "INSERT INTO retry_sel SELECT k.key FROM keys k LEFT JOIN best b ON b.key = k.key "
-            f"WHERE k.part = ? AND (b.key IS NULL OR ({cond}))",
+            "INSERT INTO retry_sel SELECT k.key FROM keys k LEFT JOIN best b ON b.ord = k.ord "
+            f"WHERE k.part = ? AND (b.ord IS NULL OR ({cond}))",
             (part_no,),
         )
         return cur.rowcount
@@ -318,64 +416,96 @@ class MergeIndex:
                 n += 1
         return n
 
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """``(part, first ord, last ord)`` of every non-empty part, in input order."""
+        return self.db.execute("SELECT part, lo, hi FROM ranges ORDER BY lo").fetchall()
+
+    def write_ordered(self, part_no: int, dest: Path) -> bool:
+        """Write ``part_no``'s answer lines in input order to ``dest`` ahead of the final merge
+        (while other jobs still run), if every key of the part has an answer. The final merge
+        copies it as is unless a later job changed one of its answers."""
+        row = self.db.execute("SELECT lo, hi FROM ranges WHERE part = ?", (part_no,)).fetchone()
+        if row is None:
+            return False
+        lo, hi = row
+        (n,) = self.db.execute(
+            "SELECT COUNT(*) FROM best WHERE ord BETWEEN ? AND ?", (lo, hi)
+        ).fetchone()
+        if n != hi - lo + 1:
+            return False
+        media = False
+        tmp = dest.with_name(dest.name + ".tmp")
+        with open(tmp, "wb") as out:
+            for chunk in self.answer_chunks(lo, hi):
+                lines = [a.line + b"\n" for a in chunk if a.line is not None]
+                if len(lines) != len(chunk):  # cannot happen: every key was counted answered
+                    raise Rebuild(f"part {part_no} lost an answer")
+                if not media:
+                    media = any(
+                        a.ok and (b"inlineData" in line or b"inline_data" in line)
+                        for a, line in zip(chunk, lines, strict=True)
+                    )
+                out.write(b"".join(lines))
+        os.replace(tmp, dest)
+        self.db.execute(
+            "INSERT OR REPLACE INTO ordered VALUES (?, ?, ?, 1, ?)",
+            (part_no, str(dest), dest.stat().st_size, int(media)),
+        )
+        return True
+
+    def ordered_file(self, part_no: int) -> tuple[Path, bool] | None:
+        """``(path, has inline media)`` of a still valid pre-ordered part file, or None."""
+        row = self.db.execute(
+            "SELECT path, size, media FROM ordered WHERE part = ? AND valid = 1", (part_no,)
+        ).fetchone()
+        if row is None:
+            return None
+        path = Path(row[0])
+        try:
+            if path.stat().st_size != row[1]:
+                return None
+        except FileNotFoundError:
+            return None
+        return path, bool(row[2])
+
     def answers(self) -> Iterator[Answer]:
         """Every input key in input order with its best answer line (raw bytes), or none."""
-        handles: dict[int, IO[bytes]] = {}
+        for chunk in self.answer_chunks():
+            yield from chunk
+
+    def answer_chunks(self, lo: int = 1, hi: int | None = None) -> Iterator[list[Answer]]:
+        """The answers of positions ``lo..hi`` in input order, a batch at a time."""
+        fds: dict[int, int] = {}
         cur = self.db.execute(
-            "SELECT k.ord, k.key, k.part, b.file_no, b.ok, b.off, b.len "
-            "FROM keys k LEFT JOIN best b ON b.key = k.key ORDER BY k.ord"
+            "SELECT k.ord, k.key, k.part, b.job_id, b.ok, b.off, b.len "
+            "FROM keys k LEFT JOIN best b ON b.ord = k.ord WHERE k.ord BETWEEN ? AND ? "
+            "ORDER BY k.ord",
+            (lo, hi if hi is not None else 1 << 62),
         )
+        pread = os.pread
         try:
-            while rows := cur.fetchmany(1000):
+            while rows := cur.fetchmany(500):
                 self._check()
-                for ord_, key, part, file_no, ok, off, ln in rows:
-                    if file_no is None:
-                        yield Answer(ord_, key, None, part, None)
+                chunk = []
+                for ord_, key, part, job, ok, off, ln in rows:
+                    if job is None:
+                        chunk.append(Answer(ord_, key, None, part, None))
                         continue
-                    fh = handles.get(file_no)
-                    if fh is None:
-                        fh = handles[file_no] = open(self.files[file_no], "rb")
-                    fh.seek(off)
-                    yield Answer(ord_, key, bool(ok), part, fh.read(ln))
+                    fd = fds.get(job)
+                    if fd is None:
+                        fd = fds[job] = os.open(self.files[job], os.O_RDONLY)
+                    chunk.append(Answer(ord_, key, bool(ok), part, pread(fd, ln, off)))
+                yield chunk
         finally:
             cur.close()
-            for fh in handles.values():
-                fh.close()
-
-
-def _parse_result(line: bytes) -> tuple[Any, ...]:
-    """``(key, ok, retryable, code, *usage)`` of one results line; key None if it is not one."""
-    none = (None, 0, 0, None, 0, 0, 0, 0, 0)
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return none
-    if not isinstance(obj, dict):
-        return none
-    key = obj.get("key")
-    key = key if isinstance(key, str) else (str(key) if isinstance(key, int) else None)
-    if "response" in obj:
-        resp = obj["response"]
-        usage = resp.get("usageMetadata") if isinstance(resp, dict) else None
-        if not isinstance(usage, dict):
-            usage = {}
-        return (key, 1, 0, None, *(_int(usage.get(f)) for f in TOKEN_FIELDS))
-    error = obj.get("error")
-    code = error.get("code") if isinstance(error, dict) else None
-    code = code if isinstance(code, int) else None
-    return (key, 0, int(is_retryable(error)), code, 0, 0, 0, 0, 0)
+            for fd in fds.values():
+                os.close(fd)
 
 
 def remove_index(path: Path) -> None:
-    for p in (path, path.with_name(path.name + "-journal")):
+    """Delete an index file and its SQLite side files."""
+    if str(path) == ":memory:":
+        return
+    for p in [path] + [path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm")]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-
-
-def results_files(rows: Iterable[dict[str, Any]]) -> list[ResultsFile]:
-    """The results files of collected job rows (``results_path`` set)."""
-    return [
-        ResultsFile(Path(r["results_path"]), r["id"], r["attempt"])
-        for r in rows
-        if r.get("results_path")
-    ]

@@ -11,10 +11,12 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.collect import _inline_lines, collect_once, finish_input, plan_retries
+from daemon import collect
+from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.media import media_ext, safe_key
+from daemon.merge import MergeIndex
 from daemon.outbox import outbox_paths
 from daemon.store import Store, new_input_id
 
@@ -23,8 +25,14 @@ PNG = base64.b64decode(
 )
 
 
-@pytest.fixture
-async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+@pytest.fixture(params=["in-memory", "per-job"])
+async def ctx(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Context]:
+    """Every scenario runs twice: merged in memory at the end (small inputs), and with the
+    on-disk index filled job by job as each job is collected (big inputs)."""
+    if request.param == "per-job":
+        monkeypatch.setattr(collect, "SMALL_INPUT_REQUESTS", -1)
     cfg = parse_config(
         {
             "paths": {"root": str(tmp_path)},
@@ -139,6 +147,9 @@ class Input:
                 remote_state="BATCH_STATE_SUCCEEDED",
                 **fields,
             )
+        job = await self.ctx.store.get_job(job_id)
+        assert job is not None
+        await _index_job(self.ctx, job, path)
 
     async def done(self, job_id: int, **fields: Any) -> None:
         async with self.ctx.store.tx() as conn:
@@ -165,6 +176,13 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     inp = await Input.make(ctx, [keys1, keys2])
     await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
     await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    work = ctx.input_dir(inp.id)
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    # per job: both parts already indexed and put in order while "other jobs still ran"
+    assert (work / "merge.sqlite").exists() is per_job
+    assert sorted(p.name for p in work.glob("part-*.ordered")) == (
+        ["part-1.ordered", "part-2.ordered"] if per_job else []
+    )
     assert await collect_once(ctx) == 1
     row = await inp.row()
     assert row["state"] == "succeeded"
@@ -201,7 +219,6 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     # kept for dedupe as a hard link; scratch files gone, job results kept for `retry`
     kept = Path(row["results_path"])
     assert os.path.samefile(kept, out["results"])
-    work = ctx.input_dir(inp.id)
     assert not (work / "merge.sqlite").exists() and not list(work.glob("part-*"))
     assert (work / "input.jsonl").exists() and len(list(work.glob("job-*.results.jsonl"))) == 2
     assert not [p for p in out["results"].parent.iterdir() if p.name.endswith(".tmp")]
@@ -359,6 +376,23 @@ async def test_reuse_serves_earlier_results(ctx: Context) -> None:
     assert summary["reused"] is True and summary["reused_from"] == first.id
     assert summary["tokens"] == orjson.loads(first_row["summary"])["tokens"]
     assert summary["jobs"] == []
+    # A reuse of that reuse names the input that was paid for, not the middle one.
+    third = new_input_id()
+    (ctx.input_dir(third)).mkdir(parents=True)
+    async with ctx.store.tx() as conn:
+        await ctx.store.add_input(
+            conn,
+            id=third,
+            rel_path="third/foo.jsonl",
+            model="gemini-2.5-flash",
+            state="downloading",
+            work_path=str(work / "input.jsonl"),
+            reused_from=id_,
+        )
+    assert await collect_once(ctx) == 1
+    out3 = outbox_paths(ctx.cfg.outbox_dir, "third/foo.jsonl")
+    assert out3["results"].read_bytes() == first.out()["results"].read_bytes()
+    assert orjson.loads(out3["summary"].read_bytes())["reused_from"] == first.id
 
 
 def test_inline_operation_lines_join_on_metadata_key() -> None:
@@ -393,3 +427,22 @@ async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) 
     assert job is not None and job["state"] == "done" and job["not_before"] > 0
     assert (await inp.row())["state"] == "running"
     assert await collect_once(ctx) == 0  # backing off: not even tried
+
+
+async def test_big_inputs_get_their_keys_indexed_while_jobs_run(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    assert await collect_once(ctx) == 0  # nothing finished yet
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    assert (work / "merge.sqlite").exists() is per_job
+    if per_job:
+        index = MergeIndex(work / "merge.sqlite")
+        try:
+            assert index.ranges() == [(1, 1, 2), (2, 3, 3)]
+            assert [a.key for a in index.answers()] == ["a", "b", "c"]
+        finally:
+            index.close()
+    await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    await inp.collected(inp.jobs[2], [ok("c")])
+    assert await collect_once(ctx) == 1
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c"]

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
 
-from daemon.merge import MergeIndex, Part, ResultsFile, canonical_line, derive_key, is_retryable
+from daemon.merge import (
+    MergeIndex,
+    Part,
+    ResultsFile,
+    Stopped,
+    canonical_line,
+    derive_key,
+    fast_key,
+    is_retryable,
+)
 
 
 def ok_line(key: str) -> bytes:
@@ -219,3 +229,116 @@ def test_merging_200k_requests_keeps_memory_flat(tmp_path: Path) -> None:
     growth = (peak - before) / 1e6
     print(f"RSS growth merging {n} requests: {growth:.1f} MB")
     assert growth < 50, growth
+
+
+def test_jobs_folded_in_one_by_one_equal_a_fresh_build(tmp_path: Path) -> None:
+    write_input(tmp_path / "input.jsonl", ["a", "b", "c"])
+    r1 = write_results(
+        tmp_path / "job-1.results.jsonl",
+        [err_line("a", 13), err_line("a", 14), ok_line("c"), ok_line("zz")],
+    )
+    r2 = write_results(tmp_path / "job-2.results.jsonl", [err_line("a", 8), ok_line("b")])
+    r2.attempt = 2
+    r3 = write_results(tmp_path / "job-3.results.jsonl", [ok_line("b"), err_line("c", 13)])
+    r3.attempt = 3
+
+    def snapshot(index: MergeIndex) -> tuple[object, ...]:
+        return (index.counts(), [(a.key, a.line) for a in index.answers()])
+
+    (tmp_path / "fresh").mkdir()
+    fresh = build(tmp_path / "fresh", tmp_path / "input.jsonl", [r1, r2, r3])
+    expected = snapshot(fresh)
+    fresh.close()
+    path = tmp_path / "merge.sqlite"
+    index = MergeIndex(path)
+    index.ensure_keys(tmp_path / "input.jsonl", [])
+    assert index.add_results(r3) and index.add_results(r1)  # any order
+    assert not index.add_results(r3)  # idempotent: already there
+    index.close()
+    index = MergeIndex.build(path, tmp_path / "input.jsonl", [], [r1, r2, r3])
+    try:
+        assert snapshot(index) == expected
+        got = {a.key: orjson.loads(a.line or b"null") for a in index.answers()}
+        assert got["a"]["error"]["code"] == 8  # latest attempt's error
+        counts = index.counts()
+        assert counts["duplicates_dropped"] == 1 and counts["unknown_dropped"] == 1
+    finally:
+        index.close()
+
+
+def test_an_index_that_does_not_fit_is_rebuilt(tmp_path: Path) -> None:
+    write_input(tmp_path / "input.jsonl", ["a", "b"])
+    r1 = write_results(tmp_path / "job-1.results.jsonl", [ok_line("a")])
+    r2 = write_results(tmp_path / "job-2.results.jsonl", [ok_line("b")])
+    path = tmp_path / "merge.sqlite"
+    build(tmp_path, tmp_path / "input.jsonl", [r1, r2]).close()
+    # job 2 is no longer listed: its answer must not linger
+    index = build(tmp_path, tmp_path / "input.jsonl", [r1])
+    assert [a.ok for a in index.answers()] == [True, None]
+    index.close()
+    r1.path.write_bytes(ok_line("a") + b"\n" + ok_line("b") + b"\n")  # changed file
+    index = build(tmp_path, tmp_path / "input.jsonl", [r1])
+    assert [a.ok for a in index.answers()] == [True, True]
+    index.close()
+    path.write_bytes(b"this is not a database" * 100)  # damaged cache
+    index = build(tmp_path, tmp_path / "input.jsonl", [r1])
+    assert [a.ok for a in index.answers()] == [True, True]
+    index.close()
+
+
+def test_ordered_part_files_and_their_invalidation(tmp_path: Path) -> None:
+    write_input(tmp_path / "input.jsonl", ["a", "b", "c"])
+    src = tmp_path / "part-1-a1.jsonl"
+    src.write_bytes((tmp_path / "input.jsonl").read_bytes())
+    parts = [Part(1, src)]
+    r1 = write_results(
+        tmp_path / "job-1.results.jsonl", [ok_line("c"), err_line("a", 13), ok_line("b")]
+    )
+    index = MergeIndex(tmp_path / "merge.sqlite")
+    try:
+        index.ensure_keys(tmp_path / "nothing.jsonl", parts)
+        index.add_results(r1)
+        dest = tmp_path / "part-1.ordered"
+        assert index.write_ordered(1, dest)
+        assert dest.read_bytes() == b"".join(
+            a.line + b"\n" for a in index.answers() if a.line is not None
+        )
+        assert [orjson.loads(x)["key"] for x in dest.read_bytes().splitlines()] == ["a", "b", "c"]
+        assert index.ordered_file(1) == (dest, False)
+        r2 = write_results(tmp_path / "job-2.results.jsonl", [ok_line("a")])
+        r2.attempt = 2
+        index.add_results(r2)
+        assert index.ordered_file(1) is None  # a's answer changed: the file is stale
+        r3 = write_results(tmp_path / "job-3.results.jsonl", [])
+        index.add_results(r3)
+        assert index.write_ordered(1, dest) and index.ordered_file(1) == (dest, False)
+        dest.write_bytes(b"truncated")
+        assert index.ordered_file(1) is None
+    finally:
+        index.close()
+    write_input(tmp_path / "input.jsonl", ["a", "b"])
+    r4 = write_results(tmp_path / "job-4.results.jsonl", [ok_line("a")])
+    (tmp_path / "x").mkdir()
+    index = build(tmp_path / "x", tmp_path / "input.jsonl", [r4])
+    try:
+        assert not index.write_ordered(1, tmp_path / "p.ordered")  # b unanswered
+    finally:
+        index.close()
+
+
+def test_fast_key_only_answers_when_certain() -> None:
+    assert fast_key(b'{"key":"abc","request":{}}\n') == "abc"
+    assert fast_key(b'{"key":"h\\u00e9","request":{}}') is None  # escapes: parse it
+    assert fast_key(b'{"key": "abc", "request": {}}') is None  # not the canonical form
+    assert fast_key(b'{"key":"a","request":{},"key":"b"}') is None  # last one would win
+    assert fast_key('{"key":"é","request":{"t":"x\\"key\\""}}'.encode()) == "é"
+
+
+def test_a_stop_request_ends_a_long_build(tmp_path: Path) -> None:
+    write_input(tmp_path / "input.jsonl", [f"k{i}" for i in range(20_000)])
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):
+        MergeIndex.build(tmp_path / "merge.sqlite", tmp_path / "input.jsonl", [], [], stop)
+    # the index is usable again afterwards (its lock was released)
+    build(tmp_path, tmp_path / "input.jsonl", []).close()
