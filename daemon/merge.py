@@ -446,6 +446,10 @@ class MergeIndex:
                         for a, line in zip(chunk, lines, strict=True)
                     )
                 out.write(b"".join(lines))
+            # Durable before it is trusted: after a power loss a file of the right size could
+            # otherwise hold zeros, and the outbox is built from it.
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, dest)
         self.db.execute(
             "INSERT OR REPLACE INTO ordered VALUES (?, ?, ?, 1, ?)",
