@@ -247,7 +247,16 @@ class Api:
             {"file": self.store.file_json(rec, ctx.base)}, self.stats, headers=final
         )
 
+    def _check_id_length(self, fid: str, request: str) -> None:
+        if self.settings.file_id_limit and len(fid) > 40:
+            raise ApiError(
+                400,
+                f"* {request}.name: File ID (name excluding 'files/') cannot be more than 40 "
+                "characters.\n",
+            )
+
     async def file_get(self, ctx: Ctx) -> web.StreamResponse:
+        self._check_id_length(ctx.args[0], "GetFileRequest")
         return json_response(self.store.file_json(self._file(ctx.args[0]), ctx.base), self.stats)
 
     async def file_list(self, ctx: Ctx) -> web.StreamResponse:
@@ -261,6 +270,7 @@ class Api:
         return json_response(body, self.stats)
 
     async def file_delete(self, ctx: Ctx) -> web.StreamResponse:
+        self._check_id_length(ctx.args[0], "DeleteFileRequest")
         self._file(ctx.args[0])
         self.store.delete_file(ctx.args[0])
         return json_response({}, self.stats)

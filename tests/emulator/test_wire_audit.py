@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from google import genai
+from google.genai import errors, types
 
 from daemon.emulator import Emulator
-from tests.emulator.helpers import KEY
+from tests.emulator.helpers import KEY, wait_until
 from tests.emulator.test_rest import upload, wait_op
 
 H = {"x-goog-api-key": KEY}
@@ -189,3 +191,24 @@ async def test_create_body_over_20_mib_is_refused(
     assert status == 400
     assert body["error"]["message"] == "Request payload size exceeds the limit: 20971520 bytes."
     assert emulator.stats["jobs"] == 0
+
+
+def test_file_id_limit_reproduces_issue_1759(
+    sync_emulator: Emulator, client: genai.Client, tmp_path: Path
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"key": "a", "request": {"contents": "hi"}}\n')
+    up = client.files.upload(file=str(src), config={"mime_type": "application/jsonl"})
+    job = client.batches.create(model="gemini-2.5-flash", src=up.name or "")
+    job = wait_until(lambda: (j := client.batches.get(name=job.name or "")).done and j)
+    out = job.dest.file_name if job.dest else None
+    assert out and len(out.removeprefix("files/")) == 42
+    assert client.files.get(name=out).source == types.FileSource.GENERATED  # off by default
+    sync_emulator.settings.file_id_limit = True
+    with pytest.raises(errors.ClientError) as e:
+        client.files.get(name=out)
+    assert e.value.code == 400 and "cannot be more than 40 characters" in (e.value.message or "")
+    with pytest.raises(errors.ClientError):
+        client.files.delete(name=out)
+    assert b'"key":"a"' in client.files.download(file=out)  # the SDK's download path still works
+    assert client.files.get(name=up.name or "").name == up.name  # 12-char ids are fine
