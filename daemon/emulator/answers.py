@@ -12,26 +12,6 @@ from typing import Any
 
 import orjson
 
-GRPC_STATUS = {
-    0: "OK",
-    1: "CANCELLED",
-    2: "UNKNOWN",
-    3: "INVALID_ARGUMENT",
-    4: "DEADLINE_EXCEEDED",
-    5: "NOT_FOUND",
-    6: "ALREADY_EXISTS",
-    7: "PERMISSION_DENIED",
-    8: "RESOURCE_EXHAUSTED",
-    9: "FAILED_PRECONDITION",
-    10: "ABORTED",
-    11: "OUT_OF_RANGE",
-    12: "UNIMPLEMENTED",
-    13: "INTERNAL",
-    14: "UNAVAILABLE",
-    15: "DATA_LOSS",
-    16: "UNAUTHENTICATED",
-}
-
 _ERROR_RE = re.compile(r"\[\[error:(\d+)\]\]")
 _TRANSIENT_RE = re.compile(r"\[\[transient:(\d+)\]\]")
 DEFAULT_EMBED_DIM = 768
@@ -84,7 +64,9 @@ def request_hash(request: dict[str, Any]) -> str:
 
 
 def rpc_error(code: int, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message, "status": GRPC_STATUS.get(code, "UNKNOWN")}
+    """A per-request ``google.rpc.Status``: ``code`` and ``message`` only (no ``status`` string,
+    which exists only in the HTTP error envelope)."""
+    return {"code": code, "message": message}
 
 
 def marker_error(text: str, first_time: bool) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from daemon.emulator.wire import (
     Ctx,
     Dropped,
     Handler,
+    check_fields,
     json_response,
     page,
     route,
@@ -30,6 +31,23 @@ from daemon.emulator.worker import count_lines
 
 log = logging.getLogger(__name__)
 SMALL_INPUT = 16 * 1024 * 1024
+# The guide's inline limit ("total request size < 20 MB"); the error text is the Google front
+# end's generic one (UNVERIFIED for this endpoint).
+MAX_CREATE_BODY = 20 * 1024 * 1024
+BATCH_FIELDS = (
+    "name",
+    "model",
+    "displayName",
+    "inputConfig",
+    "output",
+    "createTime",
+    "endTime",
+    "updateTime",
+    "batchStats",
+    "state",
+    "priority",
+    "webhookConfig",
+)
 
 
 class Api:
@@ -114,9 +132,11 @@ class Api:
                 ],
             )
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+    async def _json_body(self, request: web.Request, limit: int | None = None) -> dict[str, Any]:
         raw = await request.read()
         self.stats.bytes_in += len(raw)
+        if limit is not None and len(raw) > limit:
+            raise ApiError(400, f"Request payload size exceeds the limit: {limit} bytes.")
         if not raw.strip():
             return {}
         try:
@@ -227,18 +247,30 @@ class Api:
             {"file": self.store.file_json(rec, ctx.base)}, self.stats, headers=final
         )
 
+    def _check_id_length(self, fid: str, request: str) -> None:
+        if self.settings.file_id_limit and len(fid) > 40:
+            raise ApiError(
+                400,
+                f"* {request}.name: File ID (name excluding 'files/') cannot be more than 40 "
+                "characters.\n",
+            )
+
     async def file_get(self, ctx: Ctx) -> web.StreamResponse:
+        self._check_id_length(ctx.args[0], "GetFileRequest")
         return json_response(self.store.file_json(self._file(ctx.args[0]), ctx.base), self.stats)
 
     async def file_list(self, ctx: Ctx) -> web.StreamResponse:
         recs = sorted(self.store.files.values(), key=lambda r: r["create"], reverse=True)
         items, token = page(ctx.request.query, recs)
-        body: dict[str, Any] = {"files": [self.store.file_json(r, ctx.base) for r in items]}
+        body: dict[str, Any] = {}
+        if items:  # proto3 JSON omits an empty repeated field: no files → `{}`
+            body["files"] = [self.store.file_json(r, ctx.base) for r in items]
         if token:
             body["nextPageToken"] = token
         return json_response(body, self.stats)
 
     async def file_delete(self, ctx: Ctx) -> web.StreamResponse:
+        self._check_id_length(ctx.args[0], "DeleteFileRequest")
         self._file(ctx.args[0])
         self.store.delete_file(ctx.args[0])
         return json_response({}, self.stats)
@@ -272,11 +304,17 @@ class Api:
             )
         if answers.is_embedding_model(mid) != embed:
             raise ApiError(400, f"models/{mid} does not support {method}.")
-        body = await self._json_body(ctx.request)
+        body = await self._json_body(ctx.request, MAX_CREATE_BODY)
+        check_fields(body, ("batch",))
         batch = body.get("batch")
         if not isinstance(batch, dict):
             raise ApiError(400, "Invalid request: the `batch` field is required.")
+        check_fields(batch, BATCH_FIELDS, "batch")
         cfg = answers.get(batch, "inputConfig") or {}
+        if not isinstance(cfg, dict):
+            raise ApiError(400, "Invalid value at 'batch.input_config': expected an object.")
+        check_fields(cfg, ("fileName", "requests"), "batch.input_config")
+        priority = self._priority(answers.get(batch, "priority"))
         file_name = answers.get(cfg, "fileName")
         requests = answers.get(cfg, "requests")
         inline: list[dict[str, Any]] | None = None
@@ -292,11 +330,17 @@ class Api:
             if rec["size"] <= SMALL_INPUT:  # count now so the PENDING job shows requestCount
                 count = await asyncio.to_thread(count_lines, self.store.file_path(fid))
         else:
+            if isinstance(requests, dict):
+                check_fields(requests, ("requests",), "batch.input_config.requests")
             items = requests.get("requests") if isinstance(requests, dict) else None
             if not isinstance(items, list) or not items:
                 raise ApiError(400, "input_config.requests.requests must be a non-empty list.")
             inline = []
-            for item in items:
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    check_fields(
+                        item, ("request", "metadata"), f"batch.input_config.requests.requests[{i}]"
+                    )
                 if not isinstance(item, dict) or not isinstance(item.get("request"), dict):
                     raise ApiError(400, "Each inlined request needs a `request` object.")
                 entry = {"request": item["request"]}
@@ -315,9 +359,25 @@ class Api:
             inline=inline,
             tokens=tokens,
             request_count=count,
+            priority=priority,
         )
         self.stats.creates_by_display_name[display or ""] += 1
         return json_response(self.store.operation(job), self.stats)
+
+    @staticmethod
+    def _priority(value: Any) -> int:
+        """`batch.priority` (int64: a JSON number or a decimal string), 0 when absent."""
+        if value is None:
+            return 0
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError) as e:
+            raise ApiError(
+                400,
+                f"Invalid value at 'batch.priority' (TYPE_INT64), {orjson.dumps(value).decode()}",
+            ) from e
 
     def _check_limits(self, mid: str, tokens: int) -> None:
         active = self.store.active()
@@ -341,9 +401,9 @@ class Api:
     async def batch_list(self, ctx: Ctx) -> web.StreamResponse:
         recs = sorted(self.store.jobs.values(), key=lambda r: r["create"], reverse=True)
         items, token = page(ctx.request.query, recs)
-        body: dict[str, Any] = {
-            "operations": [self.store.operation(r, with_inline=False) for r in items]
-        }
+        body: dict[str, Any] = {}
+        if items:  # proto3 JSON omits an empty repeated field: no batches → `{}`
+            body["operations"] = [self.store.operation(r, with_inline=False) for r in items]
         if token:
             body["nextPageToken"] = token
         return json_response(body, self.stats)

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. batches.get, or *) with probability P (repeatable)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and fault draws")
+    parser.add_argument(
+        "--file-id-limit",
+        action="store_true",
+        help="refuse files.get/delete of ids over 40 chars, like the API bug python-genai#1759",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> object:
@@ -67,6 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
         max_enqueued_tokens=tokens,
         fault_rates=rates,
         seed=args.seed,
+        file_id_limit=args.file_id_limit,
     )
 
 

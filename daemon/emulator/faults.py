@@ -38,6 +38,8 @@ class EmulatorSettings:
     max_enqueued_tokens: dict[str, int] = field(default_factory=dict)
     fault_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
+    # Reproduce python-genai#1759: files.get/delete refuse ids over 40 chars (`batch-<36>` is 42).
+    file_id_limit: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update; raises ValueError for unknown fields or bad values."""
@@ -70,6 +72,7 @@ _TYPES: dict[str, type] = {
     "max_enqueued_tokens": dict,
     "fault_rates": dict,
     "seed": int,
+    "file_id_limit": bool,
 }
 
 

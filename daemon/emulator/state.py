@@ -103,9 +103,10 @@ class Store:
         out: dict[str, Any] = {"name": f"files/{fid}"}
         if rec.get("display_name"):
             out["displayName"] = rec["display_name"]
+        out["mimeType"] = rec["mime_type"]
+        if rec["size"]:  # proto3 JSON omits a zero int64
+            out["sizeBytes"] = str(rec["size"])
         out |= {
-            "mimeType": rec["mime_type"],
-            "sizeBytes": str(rec["size"]),
             "createTime": rfc3339(rec["create"]),
             "updateTime": rfc3339(rec["create"]),
             "expirationTime": rfc3339(rec["create"] + EXPIRY_SECONDS),
@@ -135,6 +136,7 @@ class Store:
         inline: list[dict[str, Any]] | None,
         tokens: int,
         request_count: int | None = None,
+        priority: int = 0,
     ) -> dict[str, Any]:
         """Record a new job and start its result worker."""
         jid = new_id(36)
@@ -146,6 +148,7 @@ class Store:
             "input_file": input_file,
             "inline": inline is not None,
             "tokens": tokens,
+            "priority": priority,
             "create": time.time(),
             "pending_s": self.settings.pending_seconds,
             "running_s": self.settings.running_seconds,
@@ -315,6 +318,8 @@ class Store:
             meta["displayName"] = rec["display_name"]
         if rec["input_file"]:
             meta["inputConfig"] = {"fileName": rec["input_file"]}
+        if rec.get("priority"):
+            meta["priority"] = str(rec["priority"])
         if state == "PENDING":
             update = rec["create"]
             total = rec["request_count"]
@@ -329,8 +334,9 @@ class Store:
                 output = {"responsesFile": f"files/batch-{jid}"}
             elif with_inline:
                 items = self.inline_results(rec)
-                field = "inlinedEmbedContentResponses" if rec["embed"] else "inlinedResponses"
-                output = {field: {"inlinedResponses": items}}
+                # Embedding batches use the same field name (EmbedContentBatchOutput.inlinedResponses);
+                # the SDK renames it to inlined_embed_content_responses client-side.
+                output = {"inlinedResponses": {"inlinedResponses": items}}
         if output is not None:
             meta["output"] = output
         meta |= {"createTime": rfc3339(rec["create"]), "updateTime": rfc3339(update)}

@@ -17,12 +17,14 @@ API_PATH = re.compile(
 FILE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 HTTP_STATUS = {
     400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     409: "ALREADY_EXISTS",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 UPLOAD_GRANULARITY = 8 * 1024 * 1024
 
@@ -93,11 +95,44 @@ def json_response(
 
 
 def page(query: Any, items: list[Any]) -> tuple[list[Any], str | None]:
+    """One page of `items`: `pageSize` absent or 0 means 10, above 100 means 100, negative is a
+    400 (AIP-158); the page token is an offset."""
     try:
-        size = int(query.get("pageSize") or query.get("page_size") or 10)
+        size = int(query.get("pageSize") or query.get("page_size") or 0)
         start = int(query.get("pageToken") or query.get("page_token") or 0)
     except ValueError as e:
         raise ApiError(400, f"Invalid page size or token: {e}") from e
-    size = max(1, min(size, 100))
+    if size < 0:
+        raise ApiError(400, f"page_size must not be negative, got {size}.")
+    if start < 0:
+        raise ApiError(400, "Invalid page token.")
+    size = min(size or 10, 100)
     end = start + size
     return items[start:end], (str(end) if end < len(items) else None)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def check_fields(obj: dict[str, Any], known: tuple[str, ...], at: str = "") -> None:
+    """Reject keys of a proto message that are not among `known` (camelCase; snake_case is
+    accepted too) with the real API's 400: `Invalid JSON payload received. Unknown name "x"
+    at 'batch': Cannot find field.` plus a `BadRequest` detail. `at` is the snake_case path."""
+    allowed = set(known) | {_snake(k) for k in known}
+    unknown = [k for k in obj if k not in allowed]
+    if not unknown:
+        return
+    where = f" at '{at}'" if at else ""
+    texts = [
+        f'Invalid JSON payload received. Unknown name "{k}"{where}: Cannot find field.'
+        for k in unknown
+    ]
+    violations = [{"field": at, "description": t} if at else {"description": t} for t in texts]
+    raise ApiError(
+        400,
+        "\n".join(texts),
+        details=[
+            {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": violations}
+        ],
+    )
