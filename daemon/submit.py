@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from daemon.group_commit import GroupCommit
 from daemon.media_upload import resolve_media, resolved_path
 from daemon.states import InputState, JobState
 from daemon.store import dumps, loads
+from daemon.submit_writes import Activation, commit_intents, write_activations
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +106,7 @@ class Submitter:
         self.busy: set[int] = set()
         self.activated = 0
         self._more = False  # the last round left due jobs for later (queue bound reached)
-        self._writer: GroupCommit[_Activation] = GroupCommit(ctx.store, _write_activations)
+        self._writer: GroupCommit[Activation] = GroupCommit(ctx.store, write_activations)
 
     async def round(self) -> int:
         """Start every due job that the caps admit; returns the number of jobs cancelled."""
@@ -158,7 +158,7 @@ class Submitter:
             active += 1  # reserved: the intent below makes it count in flight for later rounds
             tokens[job["model"]] = model_tokens + job["est_tokens"]
             planned.append(job)
-        planned = await _commit_intents(ctx, planned, waiting_reason)
+        planned = await commit_intents(ctx, planned, waiting_reason)
         for job in creating:
             self._start(job, remote, fresh=False)
         for job in planned:
@@ -205,118 +205,6 @@ async def submit_once(ctx: Context) -> int:
         activated += sub.activated
         more = sub._more
     return done + activated
-
-
-async def _commit_intents(
-    ctx: Context, jobs: list[dict[str, Any]], waiting_reason: dict[str, str]
-) -> list[dict[str, Any]]:
-    """One transaction: each planned job → ``creating`` (inline) or ``uploading`` (file mode or
-    local media), inputs → ``uploading`` where needed, and the waiting reasons. Returns the jobs
-    that were still planned and not cancelled (only those may be started)."""
-    if not jobs and not waiting_reason:
-        return []
-    now = time.time()
-    async with ctx.store.tx() as conn:
-        if waiting_reason:
-            await conn.executemany(
-                "UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?",
-                [(r, now, i) for i, r in waiting_reason.items()],
-            )
-        if not jobs:
-            return []
-        marks = ", ".join("?" for _ in jobs)
-        async with conn.execute(
-            f"SELECT j.id FROM jobs j JOIN inputs i ON i.id = j.input_id WHERE j.id IN ({marks}) "
-            "AND j.state = 'planned' AND i.cancel_requested = 0",
-            [j["id"] for j in jobs],
-        ) as cur:
-            still = {r[0] for r in await cur.fetchall()}
-        jobs = [j for j in jobs if j["id"] in still]
-        for job in jobs:
-            job["state"] = (
-                JobState.UPLOADING.value if _needs_upload(job) else JobState.CREATING.value
-            )
-        await conn.executemany(
-            "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-            [(j["state"], now, j["id"]) for j in jobs],
-        )
-        uploading = {j["input_id"] for j in jobs if j["state"] == JobState.UPLOADING.value}
-        if uploading:
-            await _advance_inputs(conn, uploading, InputState.UPLOADING, now)
-    return jobs
-
-
-def _needs_upload(job: dict[str, Any]) -> bool:
-    return job["mode"] == "file" or bool(job["media_count"])
-
-
-_BEFORE = {
-    InputState.UPLOADING: ("queued",),
-    InputState.SUBMITTED: ("queued", "uploading"),
-    InputState.RUNNING: ("queued", "uploading", "submitted"),
-}
-
-
-async def _advance_inputs(
-    conn: Any,
-    input_ids: Iterable[str],
-    state: InputState,
-    now: float,
-    *,
-    clear_reason: bool = False,
-) -> None:
-    """Batched :func:`advance_input`: move inputs forward to ``state`` (with a history entry)
-    unless they are already further along; optionally clear their reason."""
-    ids = sorted(set(input_ids))
-    before = ", ".join(f"'{s}'" for s in _BEFORE[state])
-    await conn.executemany(
-        "INSERT INTO history (input_id, at, state, note) "
-        f"SELECT id, ?, ?, NULL FROM inputs WHERE id = ? AND state IN ({before})",
-        [(now, state.value, i) for i in ids],
-    )
-    # A waiting reason stays while another part of the input still waits for admission.
-    reason = (
-        ", reason = CASE WHEN reason LIKE 'waiting:%' AND EXISTS (SELECT 1 FROM jobs "
-        "WHERE jobs.input_id = inputs.id AND jobs.state = 'planned') THEN reason ELSE NULL END"
-        if clear_reason
-        else ""
-    )
-    await conn.executemany(
-        f"UPDATE inputs SET state = CASE WHEN state IN ({before}) THEN ? ELSE state END{reason}, "
-        "updated_at = ? WHERE id = ?",
-        [(state.value, now, i) for i in ids],
-    )
-
-
-_Activation = tuple[int, str, dict[str, Any], float, float]  # job, input, Operation, at, interval
-
-
-async def _write_activations(conn: Any, items: list[_Activation]) -> None:
-    rows = []
-    for job_id, _, op, at, interval in items:
-        meta = op.get("metadata") or {}
-        rows.append(
-            (
-                op["name"],
-                meta.get("state") or "BATCH_STATE_PENDING",
-                meta.get("createTime"),
-                at,
-                interval,
-                at + interval,
-                at,
-                job_id,
-            )
-        )
-    await conn.executemany(
-        "UPDATE jobs SET state = 'active', remote_name = ?, remote_state = ?, "
-        "remote_create_time = ?, submitted_at = ?, poll_interval = ?, next_poll_at = ?, "
-        "not_before = 0, error = NULL, updated_at = ? WHERE id = ?",
-        rows,
-    )
-    now = max(item[3] for item in items)
-    await _advance_inputs(
-        conn, (item[1] for item in items), InputState.SUBMITTED, now, clear_reason=True
-    )
 
 
 async def _remote_index(ctx: Context) -> dict[str, dict[str, Any]] | None:
@@ -416,20 +304,6 @@ async def _create(
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]
-
-
-async def advance_input(
-    ctx: Context, conn: Any, input_id: str, state: InputState, **fields: Any
-) -> None:
-    """Move the input forward to ``state`` unless it is already further along."""
-    order = [InputState.QUEUED, InputState.UPLOADING, InputState.SUBMITTED, InputState.RUNNING]
-    async with conn.execute("SELECT state FROM inputs WHERE id = ?", (input_id,)) as cur:
-        row = await cur.fetchone()
-    current = InputState(row[0]) if row else None
-    if current in order and order.index(current) < order.index(state):
-        await ctx.store.set_input_state(conn, input_id, state, **fields)
-    elif fields:
-        await ctx.store.update_input(conn, input_id, **fields)
 
 
 def note_api_error(ctx: Context, e: ApiError) -> None:
