@@ -57,8 +57,10 @@ async def poll_once(ctx: Context) -> int:
     pending = {j["remote_name"]: j for j in due}
     recorded = 0
     writer: GroupCommit[_Seen] = GroupCommit(ctx.store, _write)
-    n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
-    pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
+    pages = 1
+    if len(due) > 2:  # a list walk might pay off: count the pages it would take
+        n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
+        pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
     if len(due) > pages + 1:
         recorded += await _poll_by_list(
             ctx, pending, writer, max_pages=max(pages + 1, len(due) // 2)

@@ -111,18 +111,20 @@ class Submitter:
     async def round(self) -> int:
         """Start every due job that the caps admit; returns the number of jobs cancelled."""
         ctx = self.ctx
-        done = await _cancel_planned(ctx)
         busy = set(self.busy)  # taken before the query: a job finishing meanwhile stays skipped
         now = time.time()
         rows = await ctx.store.fetchall(
-            "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count "
+            "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count, "
+            "i.cancel_requested AS cancel_requested "
             "FROM jobs j JOIN inputs i ON i.id = j.input_id "
             "WHERE j.state IN ('planned', 'creating') AND j.not_before <= ? "
-            "AND i.cancel_requested = 0 "
             "ORDER BY j.state = 'planned', i.created_at, i.id, j.part_no, j.attempt",
             (now,),
         )
-        rows = [r for r in rows if r["id"] not in busy]
+        done = 0
+        if any(r["cancel_requested"] and r["state"] == "planned" for r in rows):
+            done = await _cancel_planned(ctx)
+        rows = [r for r in rows if r["id"] not in busy and not r["cancel_requested"]]
         self._more = False
         if not rows:
             return done
@@ -130,7 +132,9 @@ class Submitter:
         remote: dict[str, dict[str, Any]] | None = None
         if any(r["state"] == "creating" and _needs_check(r) for r in rows[:room]):
             remote = await _remote_index(ctx)
-        active, tokens = await _in_flight(ctx)
+        active, tokens = 0, dict[str, int]()
+        if any(r["state"] == "planned" for r in rows[:room]):
+            active, tokens = await _in_flight(ctx)
         cfg = ctx.cfg.submit
         waiting_reason: dict[str, str] = {}
         creating: list[dict[str, Any]] = []

@@ -23,27 +23,25 @@ async def commit_intents(
     async with ctx.store.tx() as conn:
         if waiting_reason:
             await conn.executemany(
-                "UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?",
-                [(r, now, i) for i, r in waiting_reason.items()],
+                "UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ? AND reason IS NOT ?",
+                [(r, now, i, r) for i, r in waiting_reason.items()],
             )
         if not jobs:
             return []
         marks = ", ".join("?" for _ in jobs)
+        upload_ids = [j["id"] for j in jobs if needs_upload(j)]
+        umarks = ", ".join("?" for _ in upload_ids) or "NULL"
         async with conn.execute(
-            f"SELECT j.id FROM jobs j JOIN inputs i ON i.id = j.input_id WHERE j.id IN ({marks}) "
-            "AND j.state = 'planned' AND i.cancel_requested = 0",
-            [j["id"] for j in jobs],
+            f"UPDATE jobs SET state = CASE WHEN id IN ({umarks}) THEN 'uploading' "
+            f"ELSE 'creating' END, updated_at = ? WHERE id IN ({marks}) AND state = 'planned' "
+            "AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.id = jobs.input_id "
+            "AND i.cancel_requested = 1) RETURNING id, state",
+            [*upload_ids, now, *(j["id"] for j in jobs)],
         ) as cur:
-            still = {r[0] for r in await cur.fetchall()}
-        jobs = [j for j in jobs if j["id"] in still]
+            started = {r[0]: r[1] for r in await cur.fetchall()}
+        jobs = [j for j in jobs if j["id"] in started]
         for job in jobs:
-            job["state"] = (
-                JobState.UPLOADING.value if needs_upload(job) else JobState.CREATING.value
-            )
-        await conn.executemany(
-            "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-            [(j["state"], now, j["id"]) for j in jobs],
-        )
+            job["state"] = started[job["id"]]
         uploading = {j["input_id"] for j in jobs if j["state"] == JobState.UPLOADING.value}
         if uploading:
             await advance_inputs(conn, uploading, InputState.UPLOADING, now)
