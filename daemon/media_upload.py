@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from daemon.context import Context
 
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
+_locks: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def resolved_path(job: dict[str, Any]) -> Path:
@@ -84,35 +88,52 @@ def _rewrite(src: Path, dest: Path, uris: dict[str, str]) -> None:
 
 async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
     """Upload (or reuse) every distinct local media file and write the resolved source file."""
-    gem = ctx.gemini
-    assert gem is not None
     src = Path(job["source_path"])
     refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir)
     uris: dict[str, str] = {}
     for name, (path, mime) in refs.items():
         sha = await anyio.to_thread.run_sync(_sha256, path)
-        cached = await ctx.store.get_media(sha)
-        if cached and cached["expires_at"] >= time.time() + MEDIA_MIN_REMAINING:
-            uris[name] = cached["uri"]
-            continue
-        mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        up = await gem.upload_file(
-            path, display_name=f"gemini-batchd-media:{sha[:16]}", mime_type=mime
-        )
-        now = time.time()
-        await ctx.store.put_media(
-            sha256=sha,
-            file_name=up["name"],
-            uri=up["uri"],
-            mime_type=mime,
-            size_bytes=path.stat().st_size,
-            uploaded_at=now,
-            expires_at=_expiry(up.get("expirationTime"), now),
-        )
-        uris[name] = up["uri"]
+        async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
+            uris[name] = await _upload_once(ctx, sha, path, mime)
     dest = resolved_path(job)
     await anyio.to_thread.run_sync(_rewrite, src, dest, uris)
     return dest
+
+
+@asynccontextmanager
+async def _media_lock(ctx: Context, sha: str) -> AsyncIterator[None]:
+    locks = _locks.setdefault(ctx.store, {})
+    entry = locks.setdefault(sha, [anyio.Lock(), 0])
+    entry[1] += 1
+    try:
+        async with entry[0]:
+            yield
+    finally:
+        entry[1] -= 1
+        if not entry[1]:
+            del locks[sha]
+
+
+async def _upload_once(ctx: Context, sha: str, path: Path, mime: str | None) -> str:
+    """The URI of a usable upload of ``path``: from the cache, else uploaded now and cached."""
+    gem = ctx.gemini
+    assert gem is not None
+    cached = await ctx.store.get_media(sha)
+    if cached and cached["expires_at"] >= time.time() + MEDIA_MIN_REMAINING:
+        return str(cached["uri"])
+    mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    up = await gem.upload_file(path, display_name=f"gemini-batchd-media:{sha[:16]}", mime_type=mime)
+    now = time.time()
+    await ctx.store.put_media(
+        sha256=sha,
+        file_name=up["name"],
+        uri=up["uri"],
+        mime_type=mime,
+        size_bytes=path.stat().st_size,
+        uploaded_at=now,
+        expires_at=_expiry(up.get("expirationTime"), now),
+    )
+    return str(up["uri"])
 
 
 def _expiry(text: str | None, now: float) -> float:

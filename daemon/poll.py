@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,8 +19,11 @@ import structlog
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
+from daemon.group_commit import GroupCommit
 from daemon.states import InputState, JobState, RemoteState
-from daemon.submit import advance_input, note_api_error
+from daemon.store import dumps
+from daemon.submit import note_api_error
+from daemon.submit_writes import advance_inputs
 
 log = structlog.get_logger(__name__)
 
@@ -52,17 +56,29 @@ async def poll_once(ctx: Context) -> int:
         return 0
     pending = {j["remote_name"]: j for j in due}
     recorded = 0
-    n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
-    pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
+    writer: GroupCommit[_Seen] = GroupCommit(ctx.store, _write)
+    pages = 1
+    if len(due) > 2:  # a list walk might pay off: count the pages it would take
+        n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
+        pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
     if len(due) > pages + 1:
-        recorded += await _poll_by_list(ctx, pending, max_pages=max(pages + 1, len(due) // 2))
+        recorded += await _poll_by_list(
+            ctx, pending, writer, max_pages=max(pages + 1, len(due) // 2)
+        )
     if pending:
-        recorded += await _poll_by_get(ctx, list(pending.values()))
+        recorded += await _poll_by_get(ctx, list(pending.values()), writer)
     return recorded
 
 
-async def _poll_by_list(ctx: Context, pending: dict[str, dict[str, Any]], *, max_pages: int) -> int:
-    """Walk ``batches.list`` until every pending job was seen (or ``max_pages``)."""
+async def _poll_by_list(
+    ctx: Context,
+    pending: dict[str, dict[str, Any]],
+    writer: GroupCommit[_Seen],
+    *,
+    max_pages: int,
+) -> int:
+    """Walk ``batches.list`` until every pending job was seen (or ``max_pages``); each page's
+    answers are written in one transaction."""
     gem = ctx.gemini
     assert gem is not None
     recorded, token, walked = 0, None, 0
@@ -73,18 +89,21 @@ async def _poll_by_list(ctx: Context, pending: dict[str, dict[str, Any]], *, max
             note_api_error(ctx, e)
             return recorded
         walked += 1
-        for op in page.get("operations") or []:
-            job = pending.pop(op.get("name"), None)
-            if job is not None:
-                await record(ctx, job, op)
-                recorded += 1
+        seen = [
+            _seen(ctx, job, op)
+            for op in page.get("operations") or []
+            if (job := pending.pop(op.get("name"), None)) is not None
+        ]
+        if seen:
+            await _commit(ctx, writer, seen)
+            recorded += len(seen)
         token = page.get("nextPageToken")
         if not token:
             break
     return recorded
 
 
-async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]]) -> int:
+async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]], writer: GroupCommit[_Seen]) -> int:
     gem = ctx.gemini
     assert gem is not None
     recorded = 0
@@ -103,8 +122,8 @@ async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]]) -> int:
                 note_api_error(ctx, e)
                 await _retry_later(ctx, job)
                 return
-            await record(ctx, job, op)
-            recorded += 1
+        await _commit(ctx, writer, [_seen(ctx, job, op)])  # group-committed with other workers
+        recorded += 1
 
     async with anyio.create_task_group() as tg:
         for job in jobs:
@@ -134,15 +153,24 @@ def _grow(ctx: Context, job: dict[str, Any]) -> float:
     return min(ctx.cfg.poll.max_interval, max(ctx.cfg.poll.min_interval, current * 2))
 
 
-async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
-    """Store one Operation's state and progress for ``job``; finish it if terminal."""
+@dataclass
+class _Seen:
+    """One Operation's answer for one job, ready to be written."""
+
+    job: dict[str, Any]
+    state: str
+    fields: dict[str, Any]
+    terminal: bool
+    changed: bool
+    stuck_reason: str | None
+
+
+def _seen(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> _Seen:
     meta = op.get("metadata") or {}
     state = meta.get("state") or RemoteState.UNSPECIFIED.value
     stats = meta.get("batchStats") or {}
     now = time.time()
     changed = state != job.get("remote_state")
-    if state not in _KNOWN and changed:
-        log.warning("unknown_remote_state", job=job["id"], state=state)
     interval = ctx.cfg.poll.min_interval if changed else _grow(ctx, job)
     fields: dict[str, Any] = {
         "remote_state": state,
@@ -160,27 +188,65 @@ async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
         fields |= {"state": JobState.DONE, "finished_at": now, "error": op.get("error")}
         if output.get("responsesFile"):
             fields["result_file"] = output["responsesFile"]
-    stuck = (
+    stuck = None
+    if (
         not terminal
         and job.get("submitted_at")
         and now - job["submitted_at"] > ctx.cfg.poll.stuck_after
         and not (job.get("input_reason") or "").startswith("stuck:")
-    )
-    async with ctx.store.tx() as conn:
-        await ctx.store.update_job(conn, job["id"], **fields)
-        if state == RemoteState.RUNNING.value:
-            await advance_input(ctx, conn, job["input_id"], InputState.RUNNING)
-        if stuck:
-            hours = (now - job["submitted_at"]) / 3600
-            reason = f"stuck: job {job['remote_name']} {state} for {hours:.1f} h"
-            log.warning("job_stuck", job=job["id"], remote=job["remote_name"], state=state)
-            await ctx.store.update_input(conn, job["input_id"], reason=reason)
-    if changed:
-        log.info("job_state", job=job["id"], remote=job["remote_name"], state=state)
-    if state == RemoteState.RUNNING.value:
+    ):
+        hours = (now - job["submitted_at"]) / 3600
+        stuck = f"stuck: job {job['remote_name']} {state} for {hours:.1f} h"
+    return _Seen(job, state, fields, terminal, changed, stuck)
+
+
+async def _write(conn: Any, items: list[_Seen]) -> None:
+    """Write a batch of answers: one UPDATE per job, inputs advanced to running together."""
+    now = time.time()
+    by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for it in items:
+        fields = it.fields | {"updated_at": now}
+        by_cols.setdefault(tuple(fields), []).append(
+            (*(_sql(v) for v in fields.values()), it.job["id"])
+        )
+    for cols, rows in by_cols.items():
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        await conn.executemany(f"UPDATE jobs SET {sets} WHERE id = ?", rows)
+    running = [it.job["input_id"] for it in items if it.state == RemoteState.RUNNING.value]
+    if running:
+        await advance_inputs(conn, running, InputState.RUNNING, now)
+    stuck = [(it.stuck_reason, now, it.job["input_id"]) for it in items if it.stuck_reason]
+    if stuck:
+        await conn.executemany("UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?", stuck)
+
+
+def _sql(value: Any) -> Any:
+    if isinstance(value, JobState):
+        return value.value
+    return dumps(value) if isinstance(value, dict | list) else value
+
+
+async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) -> None:
+    for it in items:
+        if it.state not in _KNOWN and it.changed:
+            log.warning("unknown_remote_state", job=it.job["id"], state=it.state)
+    await writer.put(items)
+    for it in items:
+        job = it.job
+        if it.stuck_reason:
+            log.warning("job_stuck", job=job["id"], remote=job["remote_name"], state=it.state)
+        if it.changed:
+            log.info("job_state", job=job["id"], remote=job["remote_name"], state=it.state)
+    if any(it.state == RemoteState.RUNNING.value for it in items):
         crash_point("while_running")
-    if terminal:
+    if any(it.terminal for it in items):
         ctx.wake.collect.set()
+
+
+async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
+    """Store one Operation's state and progress for ``job``; finish it if terminal."""
+    writer: GroupCommit[_Seen] = GroupCommit(ctx.store, _write)
+    await _commit(ctx, writer, [_seen(ctx, job, op)])
 
 
 async def _next_due(ctx: Context) -> float:

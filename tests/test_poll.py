@@ -118,12 +118,12 @@ async def test_transient_error_keeps_job_and_backs_off(env: Env) -> None:
     assert env.ctx.last_api_error and env.ctx.last_api_error["code"] == 503
 
 
-@pytest.mark.parametrize("cfg_sections", [{"poll": {"stuck_after": 60.0}}])
+@pytest.mark.parametrize("cfg_sections", [{"poll": {"stuck_after": 5}}])
 async def test_stuck_job_is_flagged_once(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env.emu.settings.pending_seconds = 30
     iid, _ = await active_jobs(env, 1)
-    async with env.ctx.store.tx() as conn:  # submitted two hours ago (not "polled within 10 ms")
-        await conn.execute("UPDATE jobs SET submitted_at = submitted_at - 7200")
+    async with env.ctx.store.tx() as conn:  # submitted longer ago than stuck_after
+        await conn.execute("UPDATE jobs SET submitted_at = submitted_at - 10")
     for _ in range(3):
         await make_due(env)
         await poll_once(env.ctx)

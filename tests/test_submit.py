@@ -218,3 +218,51 @@ async def test_creating_row_without_history_is_looked_up_first(env: Env) -> None
     assert await submit_once(env.ctx) == 1  # no recovery ran: still adopted, not created again
     assert (await job(env, jid))["remote_name"] == made["name"]
     assert env.emu.stats["creates_by_display_name"] == {name: 1}
+
+
+@pytest.mark.parametrize("cfg_sections", [{"submit": {"max_active_jobs": 23}}])
+async def test_concurrent_rounds_never_exceed_active_cap(env: Env) -> None:
+    ids: list[int] = []
+    for _ in range(8):  # 40 jobs: more than one round's bound of queued jobs
+        ids += (await env.add_input(lines_for(1), mode="inline", parts=5))[1]
+    assert await submit_once(env.ctx) == 23
+    states = [(await job(env, j))["state"] for j in ids]
+    assert states == ["active"] * 23 + ["planned"] * 17  # admitted in input/part order
+    assert env.emu.stats["calls"]["batches.create"] == 23
+    assert all(v == 1 for v in env.emu.stats["creates_by_display_name"].values())
+    history = await env.ctx.store.fetchall(
+        "SELECT input_id, COUNT(*) AS n FROM history WHERE state = 'submitted' GROUP BY input_id"
+    )
+    assert [h["n"] for h in history] == [1] * 5  # one entry per input, however many parts
+
+
+@pytest.mark.parametrize("cfg_sections", [{"submit": {"max_enqueued_tokens": 100}}])
+async def test_concurrent_uploads_respect_token_cap(env: Env) -> None:
+    _, ids = await env.add_input(lines_for(3), mode="file", parts=14, est_tokens=10)
+    env.emu.fail_next("files.upload", "503")  # one upload fails and backs off; the rest go on
+    await submit_once(env.ctx)
+    states = [(await job(env, j))["state"] for j in ids]
+    assert states.count("active") == 9 and states[10:] == ["planned"] * 4
+    assert env.emu.stats["calls"]["batches.create"] == 9
+
+
+async def test_run_submitter_pipelines_rounds(env: Env) -> None:
+    import anyio
+
+    from daemon.submit import run_submitter
+
+    ids: list[int] = []
+    for _ in range(10):
+        ids += (await env.add_input(lines_for(2), mode="inline", parts=5))[1]
+    env.emu.fail_next("batches.create", "create_then_503")
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_submitter, env.ctx)
+
+        async def all_active() -> bool:
+            n = await env.ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
+            return bool(n == len(ids))
+
+        await wait_for(all_active)
+        tg.cancel_scope.cancel()
+    creates = env.emu.stats["creates_by_display_name"]
+    assert len(creates) == 50 and all(v == 1 for v in creates.values())  # the ambiguous one adopted
