@@ -19,6 +19,8 @@ import functools
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -304,33 +306,35 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
         index.close()
 
 
-async def finish_input(ctx: Context, input_id: str) -> None:
-    """Merge what the input's collected jobs answered, write the outbox and the final state
-    (also the end of a cancel: the state is then ``cancelled``)."""
+@asynccontextmanager
+async def _input_index(
+    ctx: Context, input_id: str
+) -> AsyncIterator[tuple[dict[str, Any], list[dict[str, Any]], MergeIndex]]:
+    """The input's row, its jobs and its answer index (closed on exit)."""
     row = await ctx.store.get_input(input_id)
     if row is None:
         raise KeyError(input_id)
     jobs = await ctx.store.jobs_of(input_id)
     index = await _build_index(ctx, row, jobs)
     try:
-        await finish_index(ctx, row, jobs, index)
+        yield row, jobs, index
     finally:
         index.close()
+
+
+async def finish_input(ctx: Context, input_id: str) -> None:
+    """Merge what the input's collected jobs answered, write the outbox and the final state
+    (also the end of a cancel: the state is then ``cancelled``)."""
+    async with _input_index(ctx, input_id) as (row, jobs, index):
+        await finish_index(ctx, row, jobs, index)
 
 
 async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> int:
     """Plan follow-up jobs for the input's unanswered and retryable requests; returns how many
     requests were planned. ``force`` (the ``retry`` command): every request without a success,
     ignoring the budget. The input goes back to ``queued`` when anything was planned."""
-    row = await ctx.store.get_input(input_id)
-    if row is None:
-        raise KeyError(input_id)
-    jobs = await ctx.store.jobs_of(input_id)
-    index = await _build_index(ctx, row, jobs)
-    try:
+    async with _input_index(ctx, input_id) as (row, jobs, index):
         return await _plan(ctx, row, jobs, index, force=force)
-    finally:
-        index.close()
 
 
 async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
