@@ -338,7 +338,12 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
 
 
 async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
-    first = {j["part_no"]: Path(j["source_path"]) for j in jobs if j["attempt"] == 1}
+    # a part submitted straight from the work file (a byte range of it) has no source of its own
+    first = {
+        j["part_no"]: None if j.get("source_start") is not None else Path(j["source_path"])
+        for j in jobs
+        if j["attempt"] == 1
+    }
     rows = await ctx.store.parts_of(row["id"])
     if rows:
         return [

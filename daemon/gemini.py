@@ -14,6 +14,7 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -252,16 +253,27 @@ class GeminiClient:
 
     # ---- files ----------------------------------------------------------------------------
     async def upload_file(
-        self, path: Path, *, display_name: str, mime_type: str = "application/jsonl"
+        self,
+        path: Path,
+        *,
+        display_name: str,
+        mime_type: str = "application/jsonl",
+        span: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Resumable upload (streamed from disk by the SDK); returns the File as camelCase JSON."""
-        f = await self._call(
-            "files.upload",
-            lambda: self._sdk.aio.files.upload(
-                file=str(path),
-                config=types.UploadFileConfig(mime_type=mime_type, display_name=display_name),
-            ),
-        )
+        """Resumable upload (streamed from disk by the SDK) of ``path``, or of its bytes
+        ``span[0]:span[1]``; returns the File as camelCase JSON."""
+        config = types.UploadFileConfig(mime_type=mime_type, display_name=display_name)
+        if span is None:
+            f = await self._call(
+                "files.upload", lambda: self._sdk.aio.files.upload(file=str(path), config=config)
+            )
+        else:
+
+            async def go() -> Any:
+                with FileWindow(path, *span) as window:  # a fresh window for each attempt
+                    return await self._sdk.aio.files.upload(file=window, config=config)
+
+            f = await self._call("files.upload", go)
         return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
     async def delete_file(self, name: str) -> None:
@@ -376,3 +388,43 @@ class GeminiClient:
         except ApiError as e:
             if e.http_code != 404:
                 raise
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes ``start:end`` of a file, for the SDK's upload of an
+    IO object (it takes the size from ``seek``/``tell`` and reads in chunks)."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        self._f = open(path, "rb", buffering=0)
+        self._start, self._end, self._pos = start, end, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end - self._start}
+        self._pos = max(0, base[whence] + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._end - self._start - self._pos
+        if size < 0 or size > left:
+            size = max(0, left)
+        data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()

@@ -248,7 +248,9 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
                     source = await resolve_media(ctx, job)
                 fields: dict[str, Any] = {"state": JobState.CREATING}
                 if job["mode"] == "file":
-                    up = await gem.upload_file(source, display_name=job["display_name"])
+                    up = await gem.upload_file(
+                        source, display_name=job["display_name"], span=_span(job, source)
+                    )
                     crash_point("after_upload")
                     job["upload_name"] = fields["upload_name"] = up["name"]
             async with ctx.store.tx() as conn:
@@ -298,10 +300,12 @@ async def _create(
             path = source or (
                 resolved_path(job) if job["media_count"] else Path(job["source_path"])
             )
-            if path.stat().st_size <= _READ_INLINE_BYTES:
-                lines = _read_lines(path)  # small: cheaper than a thread hand-off
+            span = _span(job, path)
+            size = span[1] - span[0] if span else path.stat().st_size
+            if size <= _READ_INLINE_BYTES:
+                lines = _read_lines(path, span)  # small: cheaper than a thread hand-off
             else:
-                lines = await anyio.to_thread.run_sync(_read_lines, path)
+                lines = await anyio.to_thread.run_sync(_read_lines, path, span)
             op = await gem.create_inline_job(
                 model=job["model"], requests=lines, display_name=job["display_name"]
             )
@@ -314,9 +318,20 @@ async def _create(
     return 1
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:
+    """The byte range of ``source`` the job submits; None for the whole file (a part file, or
+    the media-resolved copy of one)."""
+    if job.get("source_start") is None or str(source) != job["source_path"]:
+        return None
+    return job["source_start"], job["source_end"]
+
+
+def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     with path.open("rb") as f:
-        return [orjson.loads(line) for line in f if line.strip()]
+        if span is None:
+            return [orjson.loads(line) for line in f if line.strip()]
+        f.seek(span[0])
+        return [orjson.loads(line) for line in f.read(span[1] - span[0]).splitlines()]
 
 
 def note_api_error(ctx: Context, e: ApiError) -> None:
