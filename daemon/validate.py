@@ -17,7 +17,6 @@ import functools
 import os
 import sys
 from array import array
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from pathlib import Path
@@ -28,7 +27,8 @@ import orjson
 from daemon.config import MODEL_ID_RE, Config
 from daemon.validate_io import (
     MAX_MEDIA_NAMES,
-    FileHasher,
+    MEDIA_MARK,
+    FileScan,
     MediaChecker,
     PartPlan,
     PartWriter,
@@ -46,10 +46,8 @@ _loads = orjson.loads
 _get = dict.get
 _has: Any = dict.__contains__
 _TWO, _STR, _DICT = {2}, {str}, {dict}
-_SET_CHECK = 1 << 17  # up to this many keys, one set finds repeats
-_CHUNK = 1 << 16
-_BUCKETS = 64
-_BOUNDS = [-(1 << 63) + i * ((1 << 64) // _BUCKETS) for i in range(1, _BUCKETS)]
+_BUCKETS = 64  # key hashes (signed 64-bit) are kept in buckets by their top 6 bits
+_SHIFT, _HALF = 58, 32
 
 
 @dataclass(frozen=True)
@@ -120,17 +118,17 @@ def validate_file(
     written there (deleted again if the file turns out invalid). Raises OSError when the file
     cannot be read."""
     with open(path, "rb", buffering=_READ_BUFFER) as f:
-        hasher = FileHasher(path, os.fstat(f.fileno()).st_size)
+        scan = FileScan(path, os.fstat(f.fileno()).st_size)
         try:
-            run = _Pass(path, f, model=model, cfg=cfg, out_dir=out_dir)
-            ok = False
-            try:
-                run.read_all()
-                ok = run.finish()
-            finally:
-                run.parts.close(keep=ok)
+            run = _run(path, f, model=model, cfg=cfg, out_dir=out_dir, check_media=False)
         finally:
-            digest = hasher.hexdigest()
+            digest, media_marks = scan.result()
+        if media_marks:  # some line may refer to local media: look at every line for it
+            run.parts.close(keep=False)
+            f.seek(0)
+            run = _run(path, f, model=model, cfg=cfg, out_dir=out_dir, check_media=True)
+    ok = run.ok
+    run.parts.close(keep=ok)
     return Validation(
         ok=ok,
         problems=run.problems,
@@ -146,13 +144,31 @@ def validate_file(
     )
 
 
+def _run(path: Path, f: IO[bytes], **kw: Any) -> _Pass:
+    run = _Pass(path, f, **kw)
+    try:
+        run.read_all()
+        run.finish()
+    except BaseException:
+        run.parts.close(keep=False)
+        raise
+    return run
+
+
 class _Pass:
     """The state of one validation pass. Lines come in small blocks (bounded ``readline`` calls,
     so an over-long line is never held whole); a block of well-formed keyed lines is checked with
     C-level ``map``s over the whole block, anything else line by line with exact messages."""
 
     def __init__(
-        self, path: Path, f: IO[bytes], *, model: str, cfg: Config, out_dir: Path | None
+        self,
+        path: Path,
+        f: IO[bytes],
+        *,
+        model: str,
+        cfg: Config,
+        out_dir: Path | None,
+        check_media: bool,
     ) -> None:
         self.path, self.f, self.model = path, f, model
         self.kind: Kind = model_kind(model)
@@ -165,7 +181,11 @@ class _Pass:
         self.problem_count = 0
         self.request_count = self.est_tokens = self.media_refs = 0
         self.media_names: set[str] = set()
-        self.hashes = array("q")  # hash() of every key, in line order
+        self.check_media = check_media
+        # hash() of every key, partitioned by value so that each bucket fits one set later
+        self.buckets = [array("q") for _ in range(_BUCKETS)]
+        self.add_hash = [b.append for b in self.buckets]
+        self.ok = False
         self.offset = self.line_no = 0
         self.too_long = f"line is longer than max_line_bytes ({self.limit} bytes)"
 
@@ -201,14 +221,18 @@ class _Pass:
                 and all(map(bytes.startswith, lines, repeat(b"{")))
                 and all(map(bytes.endswith, lines, repeat(b"}\n")))
                 and max(map(len, lines)) <= self.limit + 1
-                and not any(map(bytes.__contains__, lines, repeat(b"file")))
+                and not (
+                    self.check_media and any(map(bytes.__contains__, lines, repeat(MEDIA_MARK)))
+                )
             ):
                 return False
         except (orjson.JSONDecodeError, TypeError):
             return False
         count = len(lines)
         size = sum(map(len, lines))
-        self.hashes.extend(map(hash, keys))
+        add_hash = self.add_hash
+        for h in map(hash, keys):
+            add_hash[(h >> _SHIFT) + _HALF](h)
         tokens = (size - count) // 4
         self.parts.add_block(self.line_no + 1, self.offset, lines, size, tokens)
         self.line_no += count
@@ -281,7 +305,8 @@ class _Pass:
                 extra = sorted(k for k in obj if k not in ("key", "request"))
                 self.problem(line_no, f"unknown member(s) {', '.join(extra)} besides key/request")
         if key is not None:
-            self.hashes.append(hash(key))
+            h = hash(key)
+            self.add_hash[(h >> _SHIFT) + _HALF](h)
         if not bare and "request" not in obj:
             self.problem(line_no, 'missing "request"')
             return
@@ -315,37 +340,25 @@ class _Pass:
         same = not media and len(raw) == len(body) + (raw[-1:] == b"\n") and not bare
         self.parts.add(line_no, start, self.offset, canon, tokens, same=same)
 
-    def finish(self) -> bool:
-        """After the last line: empty-file and duplicate-key checks; True if the file is valid."""
+    def finish(self) -> None:
+        """After the last line: empty-file and duplicate-key checks; sets ``ok``."""
         if self.request_count == 0:
             self.problem(0, "the file has no request lines (empty)")
-        dup = _duplicate_hashes(self.hashes)
-        self.hashes = array("q")
+        dup = _duplicate_hashes(self.buckets)
+        self.buckets = []
+        self.add_hash = []
         if dup:
             found, count = _confirm_duplicates(self.path, dup, self.limit)
             if count:
                 self.parts.abandon()
                 self.problem_count += count
                 self.problems = sorted(self.problems + found, key=lambda p: p.line)[:MAX_PROBLEMS]
-        return self.problem_count == 0
+        self.ok = self.problem_count == 0
 
 
-def _duplicate_hashes(hashes: array[int]) -> set[int]:
-    """Key hashes that occur more than once (true duplicates or, rarely, collisions), in memory
-    bounded by a small multiple of the array: big arrays are partitioned by value into buckets
-    (sorted chunks cut with ``bisect``), then each bucket is checked with a set."""
-    if len(hashes) <= _SET_CHECK:
-        buckets: list[Any] = [hashes]
-    else:
-        buckets = [array("q") for _ in range(_BUCKETS)]
-        for i in range(0, len(hashes), _CHUNK):
-            chunk = sorted(hashes[i : i + _CHUNK])
-            lo = 0
-            for b, bound in enumerate(_BOUNDS):
-                hi = bisect_left(chunk, bound, lo)
-                buckets[b].extend(chunk[lo:hi])
-                lo = hi
-            buckets[-1].extend(chunk[lo:])
+def _duplicate_hashes(buckets: list[array[int]]) -> set[int]:
+    """Key hashes that occur more than once (true duplicates or, rarely, collisions); one set
+    per bucket at a time keeps the memory small."""
     found: set[int] = set()
     for bucket in buckets:
         if len(set(bucket)) == len(bucket):

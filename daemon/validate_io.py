@@ -1,9 +1,10 @@
-"""Building blocks of the validator: hashing in a second thread, the part planner/writer (byte
+"""Building blocks of the validator: the whole-file scan (sha256, media marks) in a second thread, the part planner/writer (byte
 ranges of the input, or canonical part files written in big blocks and fsynced once each), and
 media checks."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import os
@@ -18,38 +19,76 @@ from daemon.config import Config
 
 MAX_MEDIA_NAMES = 10_000
 BLOCK = 1 << 20
-_THREAD_HASH_BYTES = 8 * BLOCK  # smaller files are hashed inline
+_THREAD_SCAN_BYTES = 8 * BLOCK  # smaller files are scanned inline
 
 
 def part_file_name(part_no: int, attempt: int = 1) -> str:
     return f"part-{part_no}-a{attempt}.jsonl"
 
 
-class FileHasher:
-    """sha256 of a file, read on its own. A big file is hashed in a worker thread while the
-    validator parses it (hashlib releases the GIL), a small one when asked for the digest."""
+MEDIA_MARK = b'"file:'  # how a local media reference (a "file:NAME" URI) starts in JSON
+
+
+class FileScan:
+    """One read of a file in a worker thread, for facts about the whole of it: its sha256 and
+    whether ``"file:`` occurs anywhere (i.e. whether any line may refer to local media). Both
+    run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file is scanned
+    on the second core while the validator parses it; a small one is scanned when asked."""
 
     def __init__(self, path: Path, size: int) -> None:
         self._path = path
-        self._digest: str | None = None
-        self._pool = ThreadPoolExecutor(1) if size > _THREAD_HASH_BYTES else None
-        self._future = self._pool.submit(self._hash) if self._pool is not None else None
+        self._result: tuple[str, bool] | None = None
+        self._pool = ThreadPoolExecutor(1) if size > _THREAD_SCAN_BYTES else None
+        self._future = self._pool.submit(self._scan) if self._pool is not None else None
 
-    def _hash(self) -> str:
+    def _scan(self) -> tuple[str, bool]:
+        sha = hashlib.sha256()
+        found = False
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        tail = b""  # the end of the previous block, for a mark across two blocks
         with open(self._path, "rb", buffering=0) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            while n := f.readinto(buf):
+                chunk = view[:n]
+                sha.update(chunk)
+                if not found:
+                    found = _has_mark(buf, n) or MEDIA_MARK in tail + bytes(chunk[:8])
+                    tail = bytes(chunk[-8:])
+        return sha.hexdigest(), found
 
-    def hexdigest(self) -> str:
-        if self._digest is None:
+    def result(self) -> tuple[str, bool]:
+        """``(sha256 hex digest, "file:" seen)``."""
+        if self._result is None:
             if self._future is None:
-                self._digest = self._hash()
+                self._result = self._scan()
             else:
                 try:
-                    self._digest = self._future.result()
+                    self._result = self._future.result()
                 finally:
                     assert self._pool is not None
                     self._pool.shutdown()
-        return self._digest
+        return self._result
+
+
+def _memmem() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.memmem
+    except (OSError, AttributeError):  # no libc memmem: bytes.find (holds the GIL)
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return fn
+
+
+_MEMMEM = _memmem()
+
+
+def _has_mark(buf: bytearray, n: int) -> bool:
+    if _MEMMEM is None:
+        return buf.find(MEDIA_MARK, 0, n) >= 0
+    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    return bool(_MEMMEM(base, n, MEDIA_MARK, len(MEDIA_MARK)))
 
 
 class MediaChecker:

@@ -387,3 +387,55 @@ def test_duplicate_keys_among_many(tmp_path: Path) -> None:
         cfg=cfg_for(tmp_path),
     )
     assert v.ok and v.request_count == n
+
+
+@pytest.mark.parametrize("straddle", [False, True])
+def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, straddle: bool) -> None:
+    # Big files are taken a block at a time without looking for media references; a second
+    # thread scans the whole file for '"file:' and, when it is there, the file is validated
+    # again with every line checked. The mark may straddle two of the scan's 1 MiB reads.
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "cat.png").write_bytes(b"png")
+    filler = [line(f"k{i}", {"contents": "x" * 1000}) for i in range(9_500)]  # > 8 MiB
+    ref = line("m", {"contents": [{"parts": [media_part("file:cat.png")]}]})
+    missing = line("n", {"contents": [{"parts": [media_part("file:nope.png")]}]})
+    body = b"".join(orjson.dumps(x) + b"\n" for x in filler)
+    if straddle:
+        head = orjson.dumps(ref)
+        cut = (1 << 20) - head.index(b'"file:') - 3  # the mark starts 3 bytes before 1 MiB
+        first = body[:cut]
+        first = first[: first.rindex(b"\n") + 1]
+        pad = cut - len(first) - len(b'{"key":"pad","request":{"contents":""}}\n')
+        assert pad >= 0
+        body = (
+            first
+            + b'{"key":"pad","request":{"contents":"%b"}}\n' % (b"p" * pad)
+            + head
+            + b"\n"
+            + body[len(first) :]
+        )
+        assert body.index(b'"file:') == (1 << 20) - 3
+        data = body
+    else:
+        data = body + orjson.dumps(ref) + b"\n"
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
+    assert v.ok and v.media_refs == 1 and v.media_names == {"cat.png"}
+    assert all(p.source_path is not None for p in v.parts)  # media lines need part files
+    assert b"".join(part_bytes(v, path)) == path.read_bytes()
+    got = problems(tmp_path, data + orjson.dumps(missing) + b"\n")
+    assert got == [(data.count(b"\n") + 1, "media file 'nope.png' not found in media_dir")]
+
+
+def test_file_mark_without_media_keeps_byte_ranges(tmp_path: Path) -> None:
+    # '"file:' inside a prompt is not a media reference: after the closer look, the parts stay
+    # byte ranges of the input.
+    data = [line(f"k{i}", {"contents": "x" * 1000}) for i in range(9_500)]
+    data.append(line("t", {"contents": "file:not-a-reference"}))
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
+    assert v.ok and v.media_refs == 0 and all(p.source_path is None for p in v.parts)
+    assert list(out.iterdir()) == []
