@@ -1,14 +1,16 @@
 """Streaming validation of a dropped JSONL file, part planning, and ``gemini-batchd check``.
 
-One pass over the file in binary (bounded line reads, ``orjson`` per line; sha256 in a second
-thread reading the file on its own) checks every rule of SPEC §2 and plans the parts the submit
-stage sends (SPEC §3): byte ranges of the input while its lines are canonical, else canonical part
-files. Blocks of well-formed lines are checked in bulk with C-level ``map``s; the first doubt sends
-a block through the exact per-line checks. Memory stays flat on huge files: problems are capped,
-duplicate keys are found from 64-bit key hashes (8 bytes per key), and hash-equal keys are
-confirmed by a second read of the file (which only happens when a hash repeats).
+One pass over the file in binary (bounded line reads, ``orjson`` per line) checks every rule of
+SPEC §2 and plans the parts the submit stage sends (SPEC §3): byte ranges of the input while its
+lines are canonical, else canonical part files. Blocks of well-formed lines are checked in bulk
+with C-level ``map``s; the first doubt sends a block through the exact per-line checks. A second
+thread reads the file on its own for its sha256 and for ``"file:`` (media references); only a file
+that has one is validated again with a media check on every line. Memory stays flat on huge
+files: problems are capped, duplicate keys are found from 64-bit key hashes (8 bytes per key, in
+64 buckets checked one set at a time), and hash-equal keys are confirmed by a second read of the
+file (which only happens when a hash repeats).
 
-Token estimate: ``len(request line bytes) // 4`` per request (crude; used only for admission).
+Token estimate: request line bytes // 4 (crude; used only for admission).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _WS = b" \t\r\n"
 _loads = orjson.loads
 _get = dict.get
 _has: Any = dict.__contains__
-_TWO, _STR, _DICT = {2}, {str}, {dict}
+_TWO, _STR = {2}, {str}
 _BUCKETS = 64  # key hashes (signed 64-bit) are kept in buckets by their top 6 bits
 _SHIFT, _HALF = 58, 32
 
@@ -212,15 +214,15 @@ class _Pass:
             objs = list(map(_loads, lines))
             keys = list(map(_get, objs, repeat("key")))  # TypeError unless every line is a dict
             reqs = list(map(_get, objs, repeat("request")))
+            size = sum(map(len, lines))
             if not (
                 set(map(len, objs)) == _TWO
                 and set(map(type, keys)) == _STR
-                and set(map(type, reqs)) == _DICT
                 and all(keys)
-                and all(map(_has, reqs, repeat(self.need)))
+                and all(map(_has, reqs, repeat(self.need)))  # TypeError unless reqs are dicts
                 and all(map(bytes.startswith, lines, repeat(b"{")))
                 and all(map(bytes.endswith, lines, repeat(b"}\n")))
-                and max(map(len, lines)) <= self.limit + 1
+                and (size <= self.limit + 1 or max(map(len, lines)) <= self.limit + 1)
                 and not (
                     self.check_media and any(map(bytes.__contains__, lines, repeat(MEDIA_MARK)))
                 )
@@ -229,7 +231,6 @@ class _Pass:
         except (orjson.JSONDecodeError, TypeError):
             return False
         count = len(lines)
-        size = sum(map(len, lines))
         add_hash = self.add_hash
         for h in map(hash, keys):
             add_hash[(h >> _SHIFT) + _HALF](h)
