@@ -60,7 +60,7 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 # Inputs up to this many requests are merged in memory at settle time (no index file, nothing
 # done per job); bigger ones are indexed job by job as each is collected.
 SMALL_INPUT_REQUESTS = 10_000
-COLLECT_CONCURRENCY = 1  # more overlaps downloads with indexing, but costs RSS
+COLLECT_CONCURRENCY = 2  # one job's download overlaps with an earlier one's ordering
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
