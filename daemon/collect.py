@@ -38,9 +38,11 @@ from daemon.merge import (
     Part,
     Rebuild,
     ResultsFile,
+    Stopped,
     remove_index,
     results_files,
 )
+from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 
@@ -58,7 +60,7 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 # Inputs up to this many requests are merged in memory at settle time (no index file, nothing
 # done per job); bigger ones are indexed job by job as each is collected.
 SMALL_INPUT_REQUESTS = 10_000
-COLLECT_CONCURRENCY = 1  # more overlaps downloads with indexing, but costs RSS
+COLLECT_CONCURRENCY = 2  # one job's download overlaps with an earlier one's ordering
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -101,8 +103,6 @@ async def collect_once(ctx: Context) -> int:
     async with anyio.create_task_group() as tg:
         for job in due:
             tg.start_soon(one, job)
-    if not due:
-        await _prepare_indexes(ctx)
     for row in await _settled_inputs(ctx):
         try:
             await _settle(ctx, row)
@@ -174,26 +174,6 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
     return True
 
 
-_prepared: set[str] = set()  # inputs whose keys are in their merge index (this process)
-
-
-async def _prepare_indexes(ctx: Context) -> None:
-    """Load the keys of big inputs whose jobs are out at the API into their merge index now,
-    while the daemon waits anyway, rather than when their first job comes back."""
-    rows = await ctx.store.fetchall(
-        "SELECT * FROM inputs WHERE state IN ('submitted', 'running') AND request_count > ? "
-        "AND reused_from IS NULL ORDER BY created_at",
-        (SMALL_INPUT_REQUESTS,),
-    )
-    for row in rows:
-        if row["id"] in _prepared:
-            continue
-        jobs = await ctx.store.jobs_of(row["id"])
-        parts = await _parts(ctx, row, jobs)
-        await _fold(ctx, row, parts, None, 0)
-        _prepared.add(row["id"])
-
-
 def _fold_sync(
     path: Path, work: Path, parts: list[Part], rf: ResultsFile | None, part_no: int, stop: Any
 ) -> None:
@@ -233,13 +213,75 @@ async def _fold(
 
 
 async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
-    """Fold a big input's job results into its merge index now, while other jobs still run,
-    so that settling the input has little left to do."""
+    """Put a big input's job results in order now, while other jobs still run, so that
+    settling the input has little left to do: the fast path of :mod:`daemon.merge_part` when
+    the job answered its part exactly once, else fold them into the input's merge index."""
     row = await ctx.store.get_input(job["input_id"])
     if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
         return
+    if await _order_part(ctx, row, job, dest) is not None:
+        return
     parts = await _parts(ctx, row, await ctx.store.jobs_of(row["id"]))
     await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
+
+
+async def _order_part(
+    ctx: Context, row: dict[str, Any], job: dict[str, Any], results: Path
+) -> PartSummary | None:
+    """The fast path for a first attempt's results (None when it does not apply)."""
+    source = Path(job["source_path"]) if job["source_path"] else None
+    if job["attempt"] != 1 or source is None or not source.exists() or not results.exists():
+        return None
+    dest = fast_path(ctx.input_dir(row["id"]), job["part_no"])
+    stop = threading.Event()
+    order = functools.partial(order_part, job["part_no"], source, results, job["id"], dest, stop)
+    started = time.monotonic()
+    try:
+        summary = await run_stoppable(order, stop)
+    except Stopped:
+        raise
+    except Exception:
+        log.exception("part_order_failed", job=job["display_name"])
+        return None
+    log.info(
+        "part_ordered",
+        job=job["display_name"],
+        fast=summary is not None,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    return summary
+
+
+async def _fast_parts(
+    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]
+) -> OrderedParts | None:
+    """The input's answers from its parts put in order by the fast path, when every part was
+    answered exactly once by its first job with nothing to retry; else None."""
+    if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS or row["cancel_requested"]:
+        return None
+    part_nos = {r["part_no"] for r in await ctx.store.parts_of(row["id"])}
+    by_part = {j["part_no"]: j for j in jobs}
+    if (
+        not part_nos
+        or len(by_part) != len(jobs)
+        or set(by_part) != part_nos
+        or any(j["attempt"] != 1 or j["state"] != JobState.COLLECTED for j in jobs)
+        or any(not j["results_path"] for j in jobs)
+    ):
+        return None
+    work = ctx.input_dir(row["id"])
+    summaries = []
+    for j in jobs:
+        results = Path(j["results_path"])
+        summary = await anyio.to_thread.run_sync(load_summary, work, j["part_no"], j["id"], results)
+        if summary is None:  # e.g. lost in a crash: put it in order again
+            summary = await _order_part(ctx, row, j, results)
+        if summary is None or summary.retryable:
+            return None
+        summaries.append(summary)
+    if sum(s.total for s in summaries) != row["request_count"]:
+        return None
+    return OrderedParts(work, summaries, _index_path(ctx, row))
 
 
 def _gemini(ctx: Context) -> Any:
@@ -297,6 +339,10 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
     if row["state"] != InputState.DOWNLOADING:
         async with ctx.store.tx() as conn:
             await ctx.store.set_input_state(conn, row["id"], InputState.DOWNLOADING)
+    fast = await _fast_parts(ctx, row, jobs)
+    if fast is not None:
+        await finish_index(ctx, row, jobs, fast)
+        return
     index = await _build_index(ctx, row, jobs)
     try:
         if not row["cancel_requested"] and await _plan(ctx, row, jobs, index, force=False):

@@ -25,6 +25,7 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
+from daemon.merge_part import OrderedParts
 from daemon.outbox import (
     atomic_writer,
     copy_atomic,
@@ -108,7 +109,10 @@ def _unanswered(state: InputState, attempts: int, job: dict[str, Any] | None) ->
 
 
 def _write_results(
-    index: MergeIndex, dest: Path, media_dir: Path | None, unanswered: dict[int, bytes]
+    index: MergeIndex | OrderedParts,
+    dest: Path,
+    media_dir: Path | None,
+    unanswered: dict[int, bytes],
 ) -> list[str]:
     """Results in input order (answers' raw lines); media of successful answers. A part whose
     answers were put in order while the jobs ran (:meth:`MergeIndex.write_ordered`) is copied
@@ -118,9 +122,12 @@ def _write_results(
     with atomic_writer(dest) as out:
         for part, lo, hi in index.ranges():
             ready = index.ordered_file(part)
-            if ready is not None and not (ready[1] and media_dir is not None):
+            if ready is not None:
                 _copy_into(ready[0], out)
+                if ready[1] and media_dir is not None:
+                    media += _media_from_file(ready[0], media_dir)
             else:
+                assert isinstance(index, MergeIndex)
                 for chunk in index.answer_chunks(lo, hi):
                     buf = []
                     for ans in chunk:
@@ -218,7 +225,10 @@ def _job_entry(j: dict[str, Any]) -> dict[str, Any]:
 
 
 async def finish_index(
-    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]], index: MergeIndex
+    ctx: Context,
+    row: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    index: MergeIndex | OrderedParts,
 ) -> None:
     """Write the outbox from a built index and commit the final state."""
     cfg = ctx.cfg
@@ -330,7 +340,8 @@ def _cleanup_work(work: Path, index_path: Path) -> None:
     """Drop the scratch index and the retry part files; ``input.jsonl`` and the job results
     stay for ``retry``."""
     remove_index(index_path)
-    for p in [*work.glob("part-*-a*.jsonl"), *work.glob("part-*.ordered*")]:
+    scratch = ("part-*-a*.jsonl", "part-*.ordered*", "part-*.fast*", ".part-*.fast*")
+    for p in [q for pattern in scratch for q in work.glob(pattern)]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 

@@ -16,7 +16,6 @@ from daemon.collect import _index_job, _inline_lines, collect_once, finish_input
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.media import media_ext, safe_key
-from daemon.merge import MergeIndex
 from daemon.outbox import outbox_paths
 from daemon.store import Store, new_input_id
 
@@ -178,10 +177,11 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
     work = ctx.input_dir(inp.id)
     per_job = collect.SMALL_INPUT_REQUESTS < 0
-    # per job: both parts already indexed and put in order while "other jobs still ran"
-    assert (work / "merge.sqlite").exists() is per_job
-    assert sorted(p.name for p in work.glob("part-*.ordered")) == (
-        ["part-1.ordered", "part-2.ordered"] if per_job else []
+    # per job: both parts already put in order while "other jobs still ran" (the fast path:
+    # each part answered exactly once by its first job, so no merge index at all)
+    assert not (work / "merge.sqlite").exists()
+    assert sorted(p.name for p in work.glob("part-*.fast")) == (
+        ["part-1.fast", "part-2.fast"] if per_job else []
     )
     assert await collect_once(ctx) == 1
     row = await inp.row()
@@ -429,19 +429,51 @@ async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) 
     assert await collect_once(ctx) == 0  # backing off: not even tried
 
 
-async def test_big_inputs_get_their_keys_indexed_while_jobs_run(ctx: Context) -> None:
-    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+async def test_big_inputs_mix_fast_parts_and_the_index(ctx: Context) -> None:
+    """Part 1 comes back clean (fast path), part 2 with a duplicate and an unknown key (merge
+    index): the input settles through the index, which loads both jobs' results."""
+    inp = await Input.make(ctx, [["a", "b"], ["c", "d"]])
     work = ctx.input_dir(inp.id)
     assert await collect_once(ctx) == 0  # nothing finished yet
     per_job = collect.SMALL_INPUT_REQUESTS < 0
+    await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    await inp.collected(inp.jobs[2], [ok("d"), ok("d"), ok("zz"), err("c", 3)])
+    assert (work / "part-1.fast").exists() is per_job
+    assert not (work / "part-2.fast").exists()
     assert (work / "merge.sqlite").exists() is per_job
-    if per_job:
-        index = MergeIndex(work / "merge.sqlite")
-        try:
-            assert index.ranges() == [(1, 1, 2), (2, 3, 3)]
-            assert [a.key for a in index.answers()] == ["a", "b", "c"]
-        finally:
-            index.close()
+    assert await collect_once(ctx) == 1
+    got = lines_of(inp.out()["results"])
+    assert [x["key"] for x in got] == ["a", "b", "c", "d"] and got[2]["error"]["code"] == 3
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["state"] == "partial"
+    assert summary["requests"]["duplicates_dropped"] == 1
+    assert summary["requests"]["unknown_dropped"] == 1
+    assert not list(work.glob("part-*")) and not list(work.glob(".part-*"))
+
+
+async def test_fast_parts_survive_a_lost_summary(ctx: Context) -> None:
+    """A part file put in order whose summary vanished (a crash) is put in order again at
+    settle time; one whose results changed is not trusted."""
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    await inp.collected(inp.jobs[1], [ok("b"), err("a", 3)])
+    await inp.collected(inp.jobs[2], [ok("c")])
+    if collect.SMALL_INPUT_REQUESTS < 0:
+        (work / "part-1.fast.json").unlink()
+        (work / "part-2.fast").write_bytes(b"stale\n")
+    assert await collect_once(ctx) == 1
+    got = lines_of(inp.out()["results"])
+    assert [x["key"] for x in got] == ["a", "b", "c"] and got[0]["error"]["code"] == 3
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["state"] == "partial" and summary["requests"]["failed"] == 1
+    assert summary["tokens"]["total"] == 70
+
+
+async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    assert await collect_once(ctx) == 0  # nothing finished yet
+    assert not (work / "merge.sqlite").exists()
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
     await inp.collected(inp.jobs[2], [ok("c")])
     assert await collect_once(ctx) == 1

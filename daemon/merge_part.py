@@ -1,0 +1,359 @@
+"""The fast path of a big input's merge: one part answered exactly once by its first job.
+
+When a job (attempt 1) answers every key of its part once and nothing else (no duplicate, no
+unknown key, no unparsable line), its answers are put in input order straight from the results
+file, without the on-disk index of :mod:`daemon.merge`: the part's keys (at most
+``max_requests_per_job``) are held in typed arrays (an open-addressing table of positions by 64-bit
+hash, and the key bytes to rule out collisions), each results line's ``(offset, length)`` is recorded by
+position, and the ordered file is gathered with ``pread``. A summary (counts, tokens, error
+codes) is written next to it, so that settling such an input only concatenates the part files.
+Anything else returns None and the caller falls back to the index. Synchronous (worker thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from array import array
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate, islice
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon.merge import Stopped
+from daemon.merge_lines import TOKEN_FIELDS, derive_key, is_retryable
+from daemon.outbox import fsync_dir
+
+_BLOCK = 1 << 20
+_GATHER = 1024
+
+
+@dataclass
+class PartSummary:
+    """What the outbox needs to know about one part put in order by :func:`order_part`."""
+
+    part_no: int
+    job_id: int
+    results_size: int
+    ordered_size: int
+    total: int
+    succeeded: int
+    retryable: int
+    media: bool
+    tokens: list[int]
+    codes: list[list[Any]] = field(default_factory=list)  # [code, count, first position, error]
+
+
+def fast_path(work: Path, part_no: int) -> Path:
+    """The ordered file of a part; its summary is the same name plus ``.json``."""
+    return work / f"part-{part_no}.fast"
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """``(offset of the first line, lines)`` of ``path`` in 1 MiB reads; lines keep a ``\\r``."""
+    with open(path, "rb") as f:
+        rest, base = b"", 0
+        while block := f.read(_BLOCK):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            yield base, lines
+            base += sum(map(len, lines)) + len(lines)
+        if rest:
+            yield base, [rest]
+
+
+# A canonical line's key; a block is taken whole when every line has one and no other "key".
+_KEY = re.compile(rb'\n\{"key":"([^"\\\n]*)"')
+
+
+def _key_bytes(raw: bytes) -> bytes | None:
+    """The key of a canonical ``{"key":"K",...}`` request line (same rule as ``fast_key``)."""
+    if not raw.startswith(b'{"key":"'):
+        return None
+    end = raw.find(b'"', 8)
+    if end < 0 or raw.find(b"\\", 8, end) >= 0 or raw.find(b'"key"', end) >= 0:
+        return None
+    return raw[8:end]
+
+
+def _slow_keys(lines: list[bytes]) -> list[bytes]:
+    out = []
+    for raw in lines:
+        if not raw.strip():
+            continue
+        key = _key_bytes(raw)
+        out.append(key if key is not None else derive_key(orjson.loads(raw), 0).encode())
+    return out
+
+
+def _part_keys(source: Path) -> Iterator[list[bytes]]:
+    """The keys of a part file in input order, a block at a time: a regular expression over a
+    block of canonical lines, line by line otherwise."""
+    with open(source, "rb") as f:
+        rest = b"\n"  # every line in ``chunk[:cut]`` follows a newline
+        while block := f.read(_BLOCK):
+            chunk = rest + block
+            cut = chunk.rfind(b"\n")
+            rest = chunk[cut:]
+            n = chunk.count(b"\n", 0, cut)
+            keys = _KEY.findall(chunk, 0, cut)
+            if len(keys) == n and chunk.count(b'"key"', 0, cut) == n:
+                yield keys
+            else:
+                yield _slow_keys(chunk[1:cut].split(b"\n"))
+        if rest.strip():
+            yield _slow_keys([rest[1:]])
+
+
+class _Keys:
+    """A part's keys in input order, looked up by value without a dict of strings."""
+
+    def __init__(self, source: Path, stop: threading.Event) -> None:
+        buf = bytearray()
+        offs = array("q", [0])
+        hashes = array("q")
+        for keys in _part_keys(source):
+            if stop.is_set():
+                raise Stopped
+            hashes.extend(map(hash, keys))
+            offs.extend(islice(accumulate(map(len, keys), initial=len(buf)), 1, None))
+            buf += b"".join(keys)
+        # Open addressing over positions, at most half full: one probe for most lookups.
+        self.n = n = len(hashes)
+        size = 1 << max(4, (2 * n).bit_length())
+        self.mask = mask = size - 1
+        table = array("l", [-1]) * size
+        self.ambiguous = False
+        for pos, h in enumerate(hashes):
+            i = h & mask
+            while table[i] >= 0:
+                if hashes[table[i]] == h:
+                    # Two keys with one hash: a duplicate key (validate refuses those) or a
+                    # true collision; either way the general path handles the part.
+                    self.ambiguous = True
+                i = (i + 1) & mask
+            table[i] = pos
+        self.table, self.hashes = table, hashes
+        self.buf, self.offs = bytes(buf), offs
+
+    def find(self, key: bytes) -> int:
+        """The position of ``key`` in the part, or -1."""
+        h = hash(key)
+        table, hashes, mask = self.table, self.hashes, self.mask
+        i = h & mask
+        while (pos := table[i]) >= 0:
+            if hashes[pos] == h:
+                return pos if self.buf[self.offs[pos] : self.offs[pos + 1]] == key else -1
+            i = (i + 1) & mask
+        return -1
+
+
+def _int(value: Any) -> int:
+    if value is None:
+        return 0
+    if type(value) is int:
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def order_part(
+    part_no: int, source: Path, results: Path, job_id: int, dest: Path, stop: threading.Event
+) -> PartSummary | None:
+    """Write ``results``' answers in the order of ``source``'s keys to ``dest`` (fsynced) and its
+    summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
+    keys = _Keys(source, stop)
+    if keys.ambiguous or keys.n == 0:
+        return None
+    n = keys.n
+    offs = array("q", [-1]) * n
+    lens = array("l", [0]) * n
+    codes: dict[Any, list[Any]] = {}
+    succeeded = retryable = 0
+    media = False
+    loads = orjson.loads
+    find = keys.find
+    p_tok = c_tok = t_tok = ca_tok = tot_tok = 0
+    for base, lines in _blocks(results):
+        if stop.is_set():
+            raise Stopped
+        for raw in lines:
+            off = base
+            base += len(raw) + 1
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError:
+                if not raw.strip():
+                    continue
+                return None
+            if type(obj) is not dict:
+                return None
+            key = obj.get("key")
+            if type(key) is str:
+                pos = find(key.encode())
+            elif type(key) is int:
+                pos = find(str(key).encode())
+            else:
+                return None
+            if pos < 0 or offs[pos] >= 0:  # unknown key, or a duplicate answer
+                return None
+            line = raw.rstrip(b"\r")
+            offs[pos] = off
+            lens[pos] = len(line)
+            if "response" in obj:
+                succeeded += 1
+                resp = obj["response"]
+                usage = resp.get("usageMetadata") if type(resp) is dict else None
+                if type(usage) is dict:
+                    p_tok += _int(usage.get("promptTokenCount"))
+                    c_tok += _int(usage.get("candidatesTokenCount"))
+                    t_tok += _int(usage.get("thoughtsTokenCount"))
+                    ca_tok += _int(usage.get("cachedContentTokenCount"))
+                    tot_tok += _int(usage.get("totalTokenCount"))
+                if not media and (b"inlineData" in line or b"inline_data" in line):
+                    media = True
+                continue
+            error = obj.get("error")
+            code = error.get("code") if type(error) is dict else None
+            code = code if type(code) is int else None
+            retryable += is_retryable(error)
+            seen = codes.get(code)
+            if seen is None:
+                codes[code] = [code, 1, pos, error]
+            else:
+                seen[1] += 1
+                if pos < seen[2]:
+                    seen[2], seen[3] = pos, error
+    tokens = [p_tok, c_tok, t_tok, ca_tok, tot_tok]
+    if -1 in offs:  # unanswered keys: the general path plans their retry
+        return None
+    size = _gather(results, offs, lens, dest, stop)
+    summary = PartSummary(
+        part_no=part_no,
+        job_id=job_id,
+        results_size=results.stat().st_size,
+        ordered_size=size,
+        total=n,
+        succeeded=succeeded,
+        retryable=retryable,
+        media=media,
+        tokens=tokens,
+        codes=list(codes.values()),
+    )
+    _write_durably(Path(f"{dest}.json"), orjson.dumps(asdict(summary)))
+    fsync_dir(dest.parent)
+    return summary
+
+
+def _gather(results: Path, offs: array[int], lens: array[int], dest: Path, stop: Any) -> int:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    fd = os.open(results, os.O_RDONLY)
+    pread = os.pread
+    try:
+        with open(tmp, "wb") as out:
+            for lo in range(0, len(offs), _GATHER):
+                if stop.is_set():
+                    raise Stopped
+                hi = min(lo + _GATHER, len(offs))
+                batch = [pread(fd, lens[p], offs[p]) for p in range(lo, hi)]
+                batch.append(b"")
+                out.write(b"\n".join(batch))
+            out.flush()
+            os.fsync(out.fileno())  # durable before it is trusted (the outbox is built from it)
+            size = out.tell()
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    return size
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_summary(work: Path, part_no: int, job_id: int, results: Path) -> PartSummary | None:
+    """The summary of a part put in order from ``job_id``'s ``results``, if it still holds."""
+    dest = fast_path(work, part_no)
+    try:
+        doc = orjson.loads(Path(f"{dest}.json").read_bytes())
+        summary = PartSummary(**doc)
+        if (
+            summary.part_no != part_no
+            or summary.job_id != job_id
+            or summary.results_size != results.stat().st_size
+            or summary.ordered_size != dest.stat().st_size
+        ):
+            return None
+    except (OSError, TypeError, ValueError):
+        return None
+    return summary
+
+
+class OrderedParts:
+    """The answers of an input whose every part was put in order by :func:`order_part`: the
+    subset of :class:`~daemon.merge.MergeIndex` that writing the outbox uses."""
+
+    def __init__(self, work: Path, summaries: list[PartSummary], index_path: Path) -> None:
+        self.work = work
+        self.parts = sorted(summaries, key=lambda s: s.part_no)
+        self.path = index_path  # removed with the work files once the input is final
+        self.stop = threading.Event()
+
+    def close(self) -> None:
+        pass
+
+    def counts(self) -> dict[str, int]:
+        total = sum(s.total for s in self.parts)
+        ok = sum(s.succeeded for s in self.parts)
+        return {
+            "total": total,
+            "succeeded": ok,
+            "failed": total - ok,
+            "answered": total,
+            "duplicates_dropped": 0,
+            "unknown_dropped": 0,
+        }
+
+    def tokens(self) -> dict[str, int]:
+        sums = [sum(s.tokens[t] for s in self.parts) for t in range(len(TOKEN_FIELDS))]
+        return dict(zip(TOKEN_FIELDS, sums, strict=True))
+
+    def error_codes(self) -> list[dict[str, Any]]:
+        merged: dict[Any, list[Any]] = {}
+        base = 0
+        for s in self.parts:
+            for code, count, pos, error in s.codes:
+                seen = merged.setdefault(code, [0, base + pos, error])
+                seen[0] += count
+            base += s.total
+        ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:10]
+        return [{"code": c, "count": v[0], "example": v[2]} for c, v in ranked]
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        out, lo = [], 1
+        for s in self.parts:
+            out.append((s.part_no, lo, lo + s.total - 1))
+            lo += s.total
+        return out
+
+    def ordered_file(self, part_no: int) -> tuple[Path, bool] | None:
+        for s in self.parts:
+            if s.part_no == part_no:
+                return fast_path(self.work, part_no), s.media
+        return None
