@@ -234,7 +234,10 @@ async def _order_part(
         return None
     dest = fast_path(ctx.input_dir(row["id"]), job["part_no"])
     stop = threading.Event()
-    order = functools.partial(order_part, job["part_no"], source, results, job["id"], dest, stop)
+    span = None if job.get("source_start") is None else (job["source_start"], job["source_end"])
+    order = functools.partial(
+        order_part, job["part_no"], source, results, job["id"], dest, stop, span
+    )
     started = time.monotonic()
     try:
         summary = await run_stoppable(order, stop)

@@ -91,12 +91,18 @@ def _slow_keys(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def _part_keys(source: Path) -> Iterator[list[bytes]]:
-    """The keys of a part file in input order, a block at a time: a regular expression over a
-    block of canonical lines, line by line otherwise."""
+def _part_keys(source: Path, span: tuple[int, int] | None = None) -> Iterator[list[bytes]]:
+    """The keys of a part file (or of bytes ``span[0]:span[1]`` of a file) in input order, a
+    block at a time: a regular expression over a block of canonical lines, line by line
+    otherwise."""
     with open(source, "rb") as f:
+        left = -1
+        if span is not None:
+            f.seek(span[0])
+            left = span[1] - span[0]
         rest = b"\n"  # every line in ``chunk[:cut]`` follows a newline
-        while block := f.read(_BLOCK):
+        while block := f.read(_BLOCK if left < 0 else min(_BLOCK, left)):
+            left -= len(block)
             chunk = rest + block
             cut = chunk.rfind(b"\n")
             rest = chunk[cut:]
@@ -113,11 +119,13 @@ def _part_keys(source: Path) -> Iterator[list[bytes]]:
 class _Keys:
     """A part's keys in input order, looked up by value without a dict of strings."""
 
-    def __init__(self, source: Path, stop: threading.Event) -> None:
+    def __init__(
+        self, source: Path, stop: threading.Event, span: tuple[int, int] | None = None
+    ) -> None:
         buf = bytearray()
         offs = array("q", [0])
         hashes = array("q")
-        for keys in _part_keys(source):
+        for keys in _part_keys(source, span):
             if stop.is_set():
                 raise Stopped
             hashes.extend(map(hash, keys))
@@ -165,11 +173,18 @@ def _int(value: Any) -> int:
 
 
 def order_part(
-    part_no: int, source: Path, results: Path, job_id: int, dest: Path, stop: threading.Event
+    part_no: int,
+    source: Path,
+    results: Path,
+    job_id: int,
+    dest: Path,
+    stop: threading.Event,
+    span: tuple[int, int] | None = None,
 ) -> PartSummary | None:
-    """Write ``results``' answers in the order of ``source``'s keys to ``dest`` (fsynced) and its
-    summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
-    keys = _Keys(source, stop)
+    """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
+    it, if given) to ``dest`` (fsynced) and its summary to ``dest.json``; None (nothing written)
+    unless every key has exactly one answer."""
+    keys = _Keys(source, stop, span)
     if keys.ambiguous or keys.n == 0:
         return None
     n = keys.n

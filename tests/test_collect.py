@@ -73,7 +73,13 @@ class Input:
 
     @classmethod
     async def make(
-        cls, ctx: Context, parts: list[list[str]], *, rel: str = "foo.jsonl", **extra: Any
+        cls,
+        ctx: Context,
+        parts: list[list[str]],
+        *,
+        rel: str = "foo.jsonl",
+        ranged: bool = False,
+        **extra: Any,
     ) -> Input:
         id_ = new_input_id()
         work = ctx.input_dir(id_)
@@ -92,7 +98,8 @@ class Input:
                     f.write(line)
                     off += len(line)
                     line_no += 1
-                (work / f"part-{n}-a1.jsonl").write_bytes(b"".join(lines))
+                if not ranged:  # else each job submits its byte range of the input
+                    (work / f"part-{n}-a1.jsonl").write_bytes(b"".join(lines))
                 rows.append((n, first, line_no - 1, start, off, len(keys)))
         jobs = {}
         async with ctx.store.tx() as conn:
@@ -127,7 +134,9 @@ class Input:
                     display_name=f"gemini-batchd:{id_}:{n}",
                     state="active",
                     mode="file",
-                    source_path=str(work / f"part-{n}-a1.jsonl"),
+                    source_path=str(inp if ranged else work / f"part-{n}-a1.jsonl"),
+                    source_start=start if ranged else None,
+                    source_end=end if ranged else None,
                     request_count=count,
                     est_tokens=10 * count,
                     remote_name=f"batches/{id_}-{n}",
@@ -223,6 +232,25 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     assert (work / "input.jsonl").exists() and len(list(work.glob("job-*.results.jsonl"))) == 2
     assert not [p for p in out["results"].parent.iterdir() if p.name.endswith(".tmp")]
     assert await collect_once(ctx) == 0  # final: nothing more to do
+
+
+async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -> None:
+    # A canonical input's parts are byte ranges of input.jsonl: each part's keys are read from
+    # its own range (not the whole file), so clean parts still go the fast way.
+    keys1, keys2 = [f"a{i}" for i in range(50)], [f"b{i}" for i in range(30)]
+    inp = await Input.make(ctx, [keys1, keys2], ranged=True)
+    work = ctx.input_dir(inp.id)
+    assert not list(work.glob("part-*-a1.jsonl"))
+    await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
+    await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    assert sorted(p.name for p in work.glob("part-*.fast")) == (
+        ["part-1.fast", "part-2.fast"] if per_job else []
+    )
+    assert not (work / "merge.sqlite").exists()
+    assert await collect_once(ctx) == 1
+    assert (await inp.row())["state"] == "succeeded"
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == keys1 + keys2
 
 
 async def test_retries_then_budget_then_partial(ctx: Context) -> None:
