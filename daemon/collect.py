@@ -28,6 +28,7 @@ import anyio
 import orjson
 import structlog
 
+from daemon import assemble
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
@@ -43,7 +44,7 @@ from daemon.merge import (
     results_files,
 )
 from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
-from daemon.outbox import atomic_writer, fsync_dir
+from daemon.outbox import atomic_writer, fsync_dir, outbox_paths
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 
 __all__ = [
@@ -171,7 +172,38 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
                 finished_at=job["finished_at"] or time.time(),
             )
     log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
+    await _assemble_ready_parts(ctx, job["input_id"])
     return True
+
+
+async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
+    """Append the parts put in order so far (consecutive from part 1) to the input's outbox
+    file in the making (:mod:`daemon.assemble`), so that settling has little left to write."""
+    row = await ctx.store.get_input(input_id)
+    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
+        return
+    first = {j["part_no"]: j for j in await ctx.store.jobs_of(input_id) if j["attempt"] == 1}
+    part_nos = sorted(r["part_no"] for r in await ctx.store.parts_of(input_id))
+    work = ctx.input_dir(input_id)
+    results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
+
+    def extend() -> None:
+        ready: list[assemble.Ready] = []
+        for n in part_nos:
+            j = first.get(n)
+            if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
+                break
+            summary = load_summary(work, n, j["id"], Path(j["results_path"]))
+            if summary is None or summary.retryable:
+                break
+            ready.append(assemble.Ready(n, j["id"], fast_path(work, n), summary.ordered_size))
+        if ready:
+            assemble.extend(results, work, ready)
+
+    try:
+        await anyio.to_thread.run_sync(extend)
+    except OSError:
+        log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
 
 
 def _fold_sync(

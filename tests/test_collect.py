@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import collect
+from daemon import assemble, collect
 from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
@@ -241,9 +241,15 @@ async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -
     inp = await Input.make(ctx, [keys1, keys2], ranged=True)
     work = ctx.input_dir(inp.id)
     assert not list(work.glob("part-*-a1.jsonl"))
-    await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
     await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    await collect._assemble_ready_parts(ctx, inp.id)
     per_job = collect.SMALL_INPUT_REQUESTS < 0
+    # part 1 is already in the outbox file in the making (a hidden temporary name)
+    prefix = assemble.prefix_path(inp.out()["results"], work)
+    assert prefix.exists() is per_job
+    if per_job:
+        assert [x["key"] for x in lines_of(prefix)] == keys1
+    await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
     assert sorted(p.name for p in work.glob("part-*.fast")) == (
         ["part-1.fast", "part-2.fast"] if per_job else []
     )
@@ -251,6 +257,11 @@ async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -
     assert await collect_once(ctx) == 1
     assert (await inp.row())["state"] == "succeeded"
     assert [x["key"] for x in lines_of(inp.out()["results"])] == keys1 + keys2
+    assert not prefix.exists() and not (work / "prefix.json").exists()
+    assert sorted(p.name for p in inp.out()["results"].parent.iterdir()) == [
+        "foo.jsonl",
+        "foo.summary.json",
+    ]
 
 
 async def test_retries_then_budget_then_partial(ctx: Context) -> None:
