@@ -287,16 +287,19 @@ class GeminiClient:
     async def download_file(self, file_name: str, dest: Path) -> None:
         """Stream a (generated) file to ``dest`` via ``dest.part``; ``dest`` appears whole or not."""
         part = dest.with_name(dest.name + ".part")
-        with part.open("wb") as out:
+        # An async file: the SDK awaits each chunk's write, which runs in a worker thread, so a
+        # big download never blocks the event loop on the disk.
+        async with await anyio.open_file(part, "wb") as out:
 
             async def go() -> None:
-                out.seek(0)
-                out.truncate()
-                await self._sdk.aio.files.download(file=file_name, destination=out)
+                await out.seek(0)
+                await out.truncate()
+                # the stubs say IOBase; the SDK awaits a write that returns an awaitable
+                await self._sdk.aio.files.download(file=file_name, destination=out)  # type: ignore[call-overload]
 
             await self._call("files.download", go)
-            out.flush()
-            os.fsync(out.fileno())
+            await out.flush()
+            await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
         part.replace(dest)
 
     # ---- batches --------------------------------------------------------------------------

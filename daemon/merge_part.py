@@ -19,7 +19,8 @@ import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import accumulate, islice
+from itertools import accumulate, islice, repeat
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,13 @@ import orjson
 from daemon.merge import Stopped
 from daemon.merge_lines import TOKEN_FIELDS, derive_key, is_retryable
 from daemon.outbox import fsync_dir
+from daemon.validate_io import file_contains
 
 _BLOCK = 1 << 20
 _GATHER = 1024
+_loads = orjson.loads
+_get: Any = dict.get
+_STR = {str}
 
 
 @dataclass
@@ -116,49 +121,19 @@ def _part_keys(source: Path, span: tuple[int, int] | None = None) -> Iterator[li
             yield _slow_keys([rest[1:]])
 
 
-class _Keys:
-    """A part's keys in input order, looked up by value without a dict of strings."""
-
-    def __init__(
-        self, source: Path, stop: threading.Event, span: tuple[int, int] | None = None
-    ) -> None:
-        buf = bytearray()
-        offs = array("q", [0])
-        hashes = array("q")
-        for keys in _part_keys(source, span):
-            if stop.is_set():
-                raise Stopped
-            hashes.extend(map(hash, keys))
-            offs.extend(islice(accumulate(map(len, keys), initial=len(buf)), 1, None))
-            buf += b"".join(keys)
-        # Open addressing over positions, at most half full: one probe for most lookups.
-        self.n = n = len(hashes)
-        size = 1 << max(4, (2 * n).bit_length())
-        self.mask = mask = size - 1
-        table = array("l", [-1]) * size
-        self.ambiguous = False
-        for pos, h in enumerate(hashes):
-            i = h & mask
-            while table[i] >= 0:
-                if hashes[table[i]] == h:
-                    # Two keys with one hash: a duplicate key (validate refuses those) or a
-                    # true collision; either way the general path handles the part.
-                    self.ambiguous = True
-                i = (i + 1) & mask
-            table[i] = pos
-        self.table, self.hashes = table, hashes
-        self.buf, self.offs = bytes(buf), offs
-
-    def find(self, key: bytes) -> int:
-        """The position of ``key`` in the part, or -1."""
-        h = hash(key)
-        table, hashes, mask = self.table, self.hashes, self.mask
-        i = h & mask
-        while (pos := table[i]) >= 0:
-            if hashes[pos] == h:
-                return pos if self.buf[self.offs[pos] : self.offs[pos + 1]] == key else -1
-            i = (i + 1) & mask
-        return -1
+def _key_positions(
+    source: Path, stop: threading.Event, span: tuple[int, int] | None = None
+) -> dict[str, int] | None:
+    """Each key of the part → its position (0-based); None if a key repeats (a duplicate key,
+    which validation refuses, or something else the general path must sort out). A part holds
+    at most ``max_requests_per_job`` keys, so this dict is bounded (~10 MB at 100,000 keys)."""
+    keys: list[str] = []
+    for block in _part_keys(source, span):
+        if stop.is_set():
+            raise Stopped
+        keys.extend(map(bytes.decode, block))
+    positions = dict(zip(keys, range(len(keys)), strict=True))
+    return positions if len(positions) == len(keys) else None
 
 
 def _int(value: Any) -> int:
@@ -170,6 +145,97 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+class _Answers:
+    """Where each answer of a part sits in the job's results file, and what the summary needs,
+    filled a block of result lines at a time."""
+
+    def __init__(self, positions: dict[str, int]) -> None:
+        self.positions = positions
+        self.pos = array("l")  # per result line, in file order: the key's position in the part
+        self.offs = array("q")  # ... its offset in the results file
+        self.lens = array("l")  # ... its length (without the newline)
+        self.codes: dict[Any, list[Any]] = {}
+        self.succeeded = self.retryable = 0
+        self.tokens = [0] * len(TOKEN_FIELDS)
+
+    def add_block(self, base: int, lines: list[bytes]) -> bool:
+        """Take a block of successful answers in bulk (C-level maps); False (nothing taken)
+        when any line needs a closer look."""
+        try:
+            objs = list(map(_loads, lines))
+            keys = list(map(_get, objs, repeat("key")))  # TypeError unless all are objects
+            if set(map(type, keys)) != _STR:
+                return False
+            pos: list[Any] = list(map(self.positions.get, keys))
+            if None in pos:
+                return False
+            usage = list(map(_get, map(_get, objs, repeat("response")), repeat("usageMetadata")))
+            tokens = [sum(filter(None, map(_get, usage, repeat(f)))) for f in TOKEN_FIELDS]
+        except (orjson.JSONDecodeError, TypeError):  # not JSON, an error line, odd usage...
+            return False
+        if any(map(bytes.endswith, lines, repeat(b"\r"))):
+            return False
+        lens = list(map(len, lines))
+        starts = islice(accumulate(lens, initial=base), len(lines))
+        self.offs.extend(map(add, starts, range(len(lines))))  # + a newline per earlier line
+        self.lens.extend(lens)
+        self.pos.extend(pos)
+        self.succeeded += len(lines)
+        self.tokens = list(map(add, self.tokens, tokens))
+        return True
+
+    def add_line(self, off: int, raw: bytes) -> bool:
+        """One result line, looked at closely; False if the part needs the general path."""
+        try:
+            obj = _loads(raw)
+        except orjson.JSONDecodeError:
+            return not raw.strip()  # a blank line is fine, anything else is not
+        if type(obj) is not dict:
+            return False
+        key = obj.get("key")
+        if type(key) is int:
+            key = str(key)
+        pos = self.positions.get(key) if type(key) is str else None
+        if pos is None:
+            return False
+        line = raw.rstrip(b"\r")
+        self.pos.append(pos)
+        self.offs.append(off)
+        self.lens.append(len(line))
+        if "response" in obj:
+            self.succeeded += 1
+            resp = obj["response"]
+            usage = resp.get("usageMetadata") if type(resp) is dict else None
+            if type(usage) is dict:
+                for i, f in enumerate(TOKEN_FIELDS):
+                    self.tokens[i] += _int(usage.get(f))
+            return True
+        error = obj.get("error")
+        code = error.get("code") if type(error) is dict else None
+        code = code if type(code) is int else None
+        self.retryable += is_retryable(error)
+        seen = self.codes.get(code)
+        if seen is None:
+            self.codes[code] = [code, 1, pos, error]
+        else:
+            seen[1] += 1
+            if pos < seen[2]:
+                seen[2], seen[3] = pos, error
+        return True
+
+    def in_order(self) -> tuple[array[int], array[int]] | None:
+        """``(offsets, lengths)`` by position; None unless every key has exactly one answer."""
+        n = len(self.positions)
+        if len(self.pos) != n or len(set(self.pos)) != n:
+            return None
+        offs = array("q", [0]) * n
+        lens = array("l", [0]) * n
+        for i, p in enumerate(self.pos):
+            offs[p] = self.offs[i]
+            lens[p] = self.lens[i]
+        return offs, lens
 
 
 def order_part(
@@ -184,83 +250,36 @@ def order_part(
     """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
     it, if given) to ``dest`` (fsynced) and its summary to ``dest.json``; None (nothing written)
     unless every key has exactly one answer."""
-    keys = _Keys(source, stop, span)
-    if keys.ambiguous or keys.n == 0:
+    positions = _key_positions(source, stop, span)
+    if not positions:
         return None
-    n = keys.n
-    offs = array("q", [-1]) * n
-    lens = array("l", [0]) * n
-    codes: dict[Any, list[Any]] = {}
-    succeeded = retryable = 0
-    media = False
-    loads = orjson.loads
-    find = keys.find
-    p_tok = c_tok = t_tok = ca_tok = tot_tok = 0
+    answers = _Answers(positions)
     for base, lines in _blocks(results):
         if stop.is_set():
             raise Stopped
+        if answers.add_block(base, lines):
+            continue
+        off = base
         for raw in lines:
-            off = base
-            base += len(raw) + 1
-            try:
-                obj = loads(raw)
-            except orjson.JSONDecodeError:
-                if not raw.strip():
-                    continue
+            if not answers.add_line(off, raw):
                 return None
-            if type(obj) is not dict:
-                return None
-            key = obj.get("key")
-            if type(key) is str:
-                pos = find(key.encode())
-            elif type(key) is int:
-                pos = find(str(key).encode())
-            else:
-                return None
-            if pos < 0 or offs[pos] >= 0:  # unknown key, or a duplicate answer
-                return None
-            line = raw.rstrip(b"\r")
-            offs[pos] = off
-            lens[pos] = len(line)
-            if "response" in obj:
-                succeeded += 1
-                resp = obj["response"]
-                usage = resp.get("usageMetadata") if type(resp) is dict else None
-                if type(usage) is dict:
-                    p_tok += _int(usage.get("promptTokenCount"))
-                    c_tok += _int(usage.get("candidatesTokenCount"))
-                    t_tok += _int(usage.get("thoughtsTokenCount"))
-                    ca_tok += _int(usage.get("cachedContentTokenCount"))
-                    tot_tok += _int(usage.get("totalTokenCount"))
-                if not media and (b"inlineData" in line or b"inline_data" in line):
-                    media = True
-                continue
-            error = obj.get("error")
-            code = error.get("code") if type(error) is dict else None
-            code = code if type(code) is int else None
-            retryable += is_retryable(error)
-            seen = codes.get(code)
-            if seen is None:
-                codes[code] = [code, 1, pos, error]
-            else:
-                seen[1] += 1
-                if pos < seen[2]:
-                    seen[2], seen[3] = pos, error
-    tokens = [p_tok, c_tok, t_tok, ca_tok, tot_tok]
-    if -1 in offs:  # unanswered keys: the general path plans their retry
+            off += len(raw) + 1
+    ordered = answers.in_order()
+    del positions, answers.positions
+    if ordered is None:  # unanswered keys or a duplicate answer: the general path
         return None
-    size = _gather(results, offs, lens, dest, stop)
+    size = _gather(results, *ordered, dest, stop)
     summary = PartSummary(
         part_no=part_no,
         job_id=job_id,
         results_size=results.stat().st_size,
         ordered_size=size,
-        total=n,
-        succeeded=succeeded,
-        retryable=retryable,
-        media=media,
-        tokens=tokens,
-        codes=list(codes.values()),
+        total=len(ordered[0]),
+        succeeded=answers.succeeded,
+        retryable=answers.retryable,
+        media=file_contains(dest, (b'"inlineData"', b'"inline_data"')),
+        tokens=answers.tokens,
+        codes=list(answers.codes.values()),
     )
     _write_durably(Path(f"{dest}.json"), orjson.dumps(asdict(summary)))
     fsync_dir(dest.parent)

@@ -8,8 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon import merge_part
-from daemon.merge_part import _Keys, fast_path, load_summary, order_part
+from daemon.merge_part import _key_positions, fast_path, load_summary, order_part
 
 
 def req(key: str) -> bytes:
@@ -32,18 +31,38 @@ def files(tmp_path: Path, keys: list[str], results: list[bytes]) -> tuple[Path, 
     return source, res
 
 
-def test_orders_answers_and_summarises(tmp_path: Path) -> None:
-    keys = [f"k{i}" for i in range(3000)] + ['odd"key', "x\\y"]  # escaped keys: slow path
+@pytest.mark.parametrize("n", [3000, 40_000])
+def test_orders_answers_and_summarises(tmp_path: Path, n: int) -> None:
+    # 40,000 answers span several 1 MiB blocks: all but the last are taken in bulk, the last
+    # (with an error and escaped keys) line by line; the summary is the same either way.
+    keys = [f"k{i}" for i in range(n)] + ['odd"key', "x\\y"]  # escaped keys: slow path
     results = [ok(k) for k in reversed(keys[1:])] + [err(keys[0], 13)]
     source, res = files(tmp_path, keys, results)
     dest = fast_path(tmp_path, 1)
     s = order_part(1, source, res, 7, dest, threading.Event())
-    assert s is not None and (s.total, s.succeeded, s.retryable) == (3002, 3001, 1)
-    assert s.tokens == [3001, 0, 0, 0, 3 * 3001]
+    assert s is not None and (s.total, s.succeeded, s.retryable) == (n + 2, n + 1, 1)
+    assert s.tokens == [n + 1, 0, 0, 0, 3 * (n + 1)]
     assert s.codes == [[13, 1, 0, {"code": 13, "message": "x"}]]
+    assert not s.media
     assert [orjson.loads(x)["key"] for x in dest.read_bytes().splitlines()] == keys
     assert load_summary(tmp_path, 1, 7, res) == s
     assert load_summary(tmp_path, 1, 8, res) is None  # another job's summary is not trusted
+
+
+def test_a_byte_range_part_and_media(tmp_path: Path) -> None:
+    # The part is lines 2-3 of the input file (a byte range); an answer with inline media.
+    lines = [req(k) + b"\n" for k in ("a", "b", "c", "d")]
+    source = tmp_path / "input.jsonl"
+    source.write_bytes(b"".join(lines))
+    span = (len(lines[0]), len(lines[0]) + len(lines[1]) + len(lines[2]))
+    pic = {"inlineData": {"mimeType": "image/png", "data": "iVBO"}}
+    image = orjson.dumps({"key": "c", "response": {"candidates": [{"content": {"parts": [pic]}}]}})
+    res = tmp_path / "job-7.results.jsonl"
+    res.write_bytes(image + b"\n" + ok("b") + b"\n")
+    dest = fast_path(tmp_path, 2)
+    s = order_part(2, source, res, 7, dest, threading.Event(), span)
+    assert s is not None and s.total == 2 and s.media
+    assert [orjson.loads(x)["key"] for x in dest.read_bytes().splitlines()] == ["b", "c"]
 
 
 @pytest.mark.parametrize(
@@ -62,11 +81,8 @@ def test_anything_but_one_answer_per_key_falls_back(tmp_path: Path, results: lis
     assert not dest.exists() and not Path(f"{dest}.json").exists()
 
 
-def test_hash_collisions_never_mix_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_repeated_key_leaves_the_part_to_the_general_path(tmp_path: Path) -> None:
+    source, _res = files(tmp_path, ["a", "b", "a"], [])
+    assert _key_positions(source, threading.Event()) is None
     source, _res = files(tmp_path, ["a", "b"], [])
-    monkeypatch.setattr(merge_part, "hash", lambda b: 1 if b in (b"a", b"zz") else 2, raising=False)
-    keys = _Keys(source, threading.Event())
-    assert not keys.ambiguous and keys.find(b"a") == 0 and keys.find(b"b") == 1
-    assert keys.find(b"zz") == -1  # same hash as "a", another key
-    monkeypatch.setattr(merge_part, "hash", lambda b: 1, raising=False)
-    assert _Keys(source, threading.Event()).ambiguous  # the part goes to the merge index
+    assert _key_positions(source, threading.Event()) == {"a": 0, "b": 1}
