@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import random
 import re
@@ -21,8 +22,12 @@ def get(d: dict[str, Any], camel: str, default: Any = None) -> Any:
     """Read a field given in camelCase or snake_case (proto-JSON accepts both)."""
     if camel in d:
         return d[camel]
-    snake = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
-    return d.get(snake, default)
+    return d.get(_snake(camel), default)
+
+
+@functools.lru_cache(maxsize=256)
+def _snake(camel: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
 
 
 def model_id(model: str) -> str:
@@ -71,6 +76,8 @@ def rpc_error(code: int, message: str) -> dict[str, Any]:
 
 def marker_error(text: str, first_time: bool) -> dict[str, Any] | None:
     """The per-request error a `[[error:N]]`/`[[transient:N]]` marker asks for, if any."""
+    if "[[" not in text:  # the common case, without a regular expression
+        return None
     if m := _ERROR_RE.search(text):
         code = int(m.group(1))
         return rpc_error(code, f"Emulated error {code} requested by marker.")
@@ -85,7 +92,7 @@ def wants_drop(text: str) -> bool:
 
 
 def wants_transient(text: str) -> bool:
-    return "[[drop]]" in text or _TRANSIENT_RE.search(text) is not None
+    return "[[" in text and ("[[drop]]" in text or _TRANSIENT_RE.search(text) is not None)
 
 
 def tiny_png(seed: bytes, size: int = 8) -> bytes:
