@@ -20,6 +20,7 @@ from daemon.config import Config
 MAX_MEDIA_NAMES = 10_000
 BLOCK = 1 << 20
 _THREAD_SCAN_BYTES = 8 * BLOCK  # smaller files are scanned inline
+_SCAN_BLOCK = 8 * BLOCK  # few reads: each costs the scan thread a wait for the GIL
 
 
 def part_file_name(part_no: int, attempt: int = 1) -> str:
@@ -44,7 +45,7 @@ class FileScan:
     def _scan(self) -> tuple[str, bool]:
         sha = hashlib.sha256()
         found = False
-        buf = bytearray(BLOCK)
+        buf = bytearray(_SCAN_BLOCK)
         view = memoryview(buf)
         tail = b""  # the end of the previous block, for a mark across two blocks
         with open(self._path, "rb", buffering=0) as f:
