@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon import validate_io
 from daemon.config import Config, parse_config
 from daemon.validate import check_main, model_kind, validate_file
 
@@ -393,7 +394,7 @@ def test_duplicate_keys_among_many(tmp_path: Path) -> None:
 def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, straddle: bool) -> None:
     # Big files are taken a block at a time without looking for media references; a second
     # thread scans the whole file for '"file:' and, when it is there, the file is validated
-    # again with every line checked. The mark may straddle two of the scan's 1 MiB reads.
+    # again with every line checked. The mark may straddle two of the scan's reads.
     media = tmp_path / "media"
     media.mkdir()
     (media / "cat.png").write_bytes(b"png")
@@ -403,7 +404,8 @@ def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, stra
     body = b"".join(orjson.dumps(x) + b"\n" for x in filler)
     if straddle:
         head = orjson.dumps(ref)
-        cut = (1 << 20) - head.index(b'"file:') - 3  # the mark starts 3 bytes before 1 MiB
+        edge = validate_io._SCAN_BLOCK  # the scan's first read ends here
+        cut = edge - head.index(b'"file:') - 3  # the mark starts 3 bytes before it
         first = body[:cut]
         first = first[: first.rindex(b"\n") + 1]
         pad = cut - len(first) - len(b'{"key":"pad","request":{"contents":""}}\n')
@@ -415,7 +417,7 @@ def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, stra
             + b"\n"
             + body[len(first) :]
         )
-        assert body.index(b'"file:') == (1 << 20) - 3
+        assert body.index(b'"file:') == edge - 3
         data = body
     else:
         data = body + orjson.dumps(ref) + b"\n"
