@@ -44,6 +44,7 @@ from daemon.merge import (
 )
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
+from daemon.submit import yield_to_submission
 
 __all__ = [
     "RETRYABLE_GRPC",
@@ -76,11 +77,19 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
     """Collect forever: on a nudge from the pollers, or every few seconds as a safety net."""
     task_status.started()
     while True:
+        started = time.monotonic()
         try:
             await collect_once(ctx)
         except Exception:
             log.exception("collect_round_failed")
-        await ctx.wake.collect.wait(max(ctx.cfg.poll.min_interval, 1.0))
+        pause = max(ctx.cfg.poll.min_interval, 1.0)
+        if ctx.submit_backlog:
+            # Submission first: at most a quarter of the time for collecting while admitted
+            # jobs wait for a worker (never nothing: the backlog may last).
+            busy = time.monotonic() - started
+            await yield_to_submission(ctx, ctx.wake.collect, max(pause, 3 * busy))
+        else:
+            await ctx.wake.collect.wait(pause)
 
 
 async def collect_once(ctx: Context) -> int:
@@ -95,7 +104,7 @@ async def collect_once(ctx: Context) -> int:
         (now,),
     )
     big = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
-    small = anyio.CapacityLimiter(SMALL_COLLECT_CONCURRENCY)
+    small = anyio.CapacityLimiter(_small_concurrency(ctx))
     writer: GroupCommit[_Collected] = GroupCommit(ctx.store, _write_collected)
 
     async def one(job: dict[str, Any]) -> None:
@@ -113,6 +122,11 @@ async def collect_once(ctx: Context) -> int:
     if not due:
         await _prepare_indexes(ctx)
     return n + await _settle_all(ctx, await _settled_inputs(ctx))
+
+
+def _small_concurrency(ctx: Context) -> int:
+    """One at a time while submission has a backlog (it goes first), else several."""
+    return 1 if ctx.submit_backlog else SMALL_COLLECT_CONCURRENCY
 
 
 def _is_small(job: dict[str, Any]) -> bool:
@@ -142,7 +156,7 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:  # already in age order
         by_name.setdefault(r["rel_path"], []).append(r)
-    small = anyio.CapacityLimiter(SMALL_COLLECT_CONCURRENCY)
+    small = anyio.CapacityLimiter(_small_concurrency(ctx))
     big = anyio.CapacityLimiter(1)
     n = 0
 

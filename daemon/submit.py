@@ -24,7 +24,7 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from daemon.context import Context
+from daemon.context import Context, Wakeup
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
@@ -179,6 +179,10 @@ class Submitter:
             done = await _cancel_planned(ctx)
         rows = [r for r in rows if r[_ID] not in busy and not r[_CANCEL]]
         self._more = truncated
+        if ctx.submit_backlog:  # set again below if admitted jobs are still left over
+            ctx.submit_backlog = False
+            ctx.wake.poll.set()  # end their yield_to_submission
+            ctx.wake.collect.set()
         if not rows:
             return done
         head = rows[:room]
@@ -194,7 +198,7 @@ class Submitter:
         planned: list[dict[str, Any]] = []
         for r in rows:
             if len(creating) + len(planned) >= room:
-                self._more = True
+                self._more = ctx.submit_backlog = True
                 break
             if r[_STATE] == JobState.CREATING.value:
                 creating.append(_job(r))  # already counted in flight
@@ -271,6 +275,14 @@ class Submitter:
         interval = self.ctx.cfg.poll.min_interval
         await self._writer.put([(job["id"], job["input_id"], op, time.time(), interval)])
         self.ctx.wake.poll.set()
+
+
+async def yield_to_submission(ctx: Context, wake: Wakeup, seconds: float) -> None:
+    """For pollers and collectors while the submitter has a backlog: wait ``seconds``, or less
+    if the backlog ends (the submitter then sets ``wake``); other nudges are ignored."""
+    deadline = time.monotonic() + seconds
+    while ctx.submit_backlog and (left := deadline - time.monotonic()) > 0:
+        await wake.wait(left)
 
 
 async def submit_once(ctx: Context) -> int:
