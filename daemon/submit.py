@@ -131,7 +131,7 @@ async def _due_jobs(ctx: Context, now: float, limit: int) -> list[Sequence[Any]]
         "ORDER BY i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
         (now, limit),
     ) as cur:
-        rows = list(await cur.fetchall())
+        rows: list[Sequence[Any]] = list(await cur.fetchall())
     if len(rows) < limit:
         async with conn.execute(
             _SELECT + "WHERE j.state = 'planned' AND j.not_before <= ? ORDER BY j.id LIMIT ?",
