@@ -491,4 +491,6 @@ async def run_submitter(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
         task_status.started()
         while True:
             await sub.round()
-            await ctx.wake.submit.wait(await _next_due(ctx))
+            # With a backlog, finishing workers start the next round: no need to look ahead.
+            busy = sub._more and sub.busy
+            await ctx.wake.submit.wait(_IDLE_WAIT if busy else await _next_due(ctx))
