@@ -107,18 +107,22 @@ async def collect_once(ctx: Context) -> int:
     small = anyio.CapacityLimiter(_small_concurrency(ctx))
     writer: GroupCommit[_Collected] = GroupCommit(ctx.store, _write_collected)
 
-    async def one(job: dict[str, Any]) -> None:
-        nonlocal n
-        async with small if _is_small(job) else big:
-            try:
-                n += await _collect_job(ctx, job, writer)
-            except Exception:
-                log.exception("collect_failed", job=job["display_name"])
+    todo = iter(due)
 
-    # A few at once: one job's download overlaps with an earlier one's indexing.
+    async def worker() -> None:
+        nonlocal n
+        for job in todo:  # shared: each worker takes the next job
+            async with small if _is_small(job) else big:
+                try:
+                    n += await _collect_job(ctx, job, writer)
+                except Exception:
+                    log.exception("collect_failed", job=job["display_name"])
+
+    # A few at once: one job's download overlaps with an earlier one's indexing. A fixed pool
+    # of tasks, not one per job: thousands of jobs may be due after a submission backlog.
     async with anyio.create_task_group() as tg:
-        for job in due:
-            tg.start_soon(one, job)
+        for _ in range(min(len(due), SMALL_COLLECT_CONCURRENCY)):
+            tg.start_soon(worker)
     if not due:
         await _prepare_indexes(ctx)
     return n + await _settle_all(ctx, await _settled_inputs(ctx))
@@ -160,19 +164,22 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
     big = anyio.CapacityLimiter(1)
     n = 0
 
-    async def settle(group: list[dict[str, Any]]) -> None:
+    groups = iter(by_name.values())
+
+    async def worker() -> None:
         nonlocal n
-        for row in group:
-            async with small if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS else big:
-                try:
-                    await _settle(ctx, row)
-                    n += 1
-                except Exception:
-                    log.exception("settle_failed", input_id=row["id"])
+        for group in groups:  # shared: each worker takes the next name
+            for row in group:
+                async with small if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS else big:
+                    try:
+                        await _settle(ctx, row)
+                        n += 1
+                    except Exception:
+                        log.exception("settle_failed", input_id=row["id"])
 
     async with anyio.create_task_group() as tg:
-        for group in by_name.values():
-            tg.start_soon(settle, group)
+        for _ in range(min(len(by_name), SMALL_COLLECT_CONCURRENCY)):
+            tg.start_soon(worker)
     return n
 
 
