@@ -28,6 +28,7 @@ import anyio
 import orjson
 import structlog
 
+from daemon import assemble
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
@@ -39,10 +40,12 @@ from daemon.merge import (
     Part,
     Rebuild,
     ResultsFile,
+    Stopped,
     remove_index,
     results_files,
 )
-from daemon.outbox import atomic_writer, fsync_dir
+from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
+from daemon.outbox import atomic_writer, fsync_dir, outbox_paths
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 from daemon.submit import yield_to_submission
 
@@ -60,7 +63,7 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 # Inputs up to this many requests are merged in memory at settle time (no index file, nothing
 # done per job); bigger ones are indexed job by job as each is collected.
 SMALL_INPUT_REQUESTS = 10_000
-COLLECT_CONCURRENCY = 1  # more overlaps downloads with indexing, but costs RSS
+COLLECT_CONCURRENCY = 2  # one job's download overlaps with an earlier one's ordering
 SMALL_COLLECT_CONCURRENCY = 8  # small inline jobs / small inputs handled at once (latency-bound)
 
 
@@ -123,8 +126,6 @@ async def collect_once(ctx: Context) -> int:
     async with anyio.create_task_group() as tg:
         for _ in range(min(len(due), SMALL_COLLECT_CONCURRENCY)):
             tg.start_soon(worker)
-    if not due:
-        await _prepare_indexes(ctx)
     return n + await _settle_all(ctx, await _settled_inputs(ctx))
 
 
@@ -250,27 +251,39 @@ async def _collect_job(
     # Committed with the other jobs collected meanwhile (shielded: the file is written).
     await (writer or GroupCommit(ctx.store, _write_collected)).put([item])
     log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
+    if not _is_small(job):
+        await _assemble_ready_parts(ctx, job["input_id"])
     return True
 
 
-_prepared: set[str] = set()  # inputs whose keys are in their merge index (this process)
+async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
+    """Append the parts put in order so far (consecutive from part 1) to the input's outbox
+    file in the making (:mod:`daemon.assemble`), so that settling has little left to write."""
+    row = await ctx.store.get_input(input_id)
+    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
+        return
+    first = {j["part_no"]: j for j in await ctx.store.jobs_of(input_id) if j["attempt"] == 1}
+    part_nos = sorted(r["part_no"] for r in await ctx.store.parts_of(input_id))
+    work = ctx.input_dir(input_id)
+    results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
 
+    def extend() -> None:
+        ready: list[assemble.Ready] = []
+        for n in part_nos:
+            j = first.get(n)
+            if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
+                break
+            summary = load_summary(work, n, j["id"], Path(j["results_path"]))
+            if summary is None or summary.retryable:
+                break
+            ready.append(assemble.Ready(n, j["id"], fast_path(work, n), summary.ordered_size))
+        if ready:
+            assemble.extend(results, work, ready)
 
-async def _prepare_indexes(ctx: Context) -> None:
-    """Load the keys of big inputs whose jobs are out at the API into their merge index now,
-    while the daemon waits anyway, rather than when their first job comes back."""
-    rows = await ctx.store.fetchall(
-        "SELECT * FROM inputs WHERE state IN ('submitted', 'running') AND request_count > ? "
-        "AND reused_from IS NULL ORDER BY created_at",
-        (SMALL_INPUT_REQUESTS,),
-    )
-    for row in rows:
-        if row["id"] in _prepared:
-            continue
-        jobs = await ctx.store.jobs_of(row["id"])
-        parts = await _parts(ctx, row, jobs)
-        await _fold(ctx, row, parts, None, 0)
-        _prepared.add(row["id"])
+    try:
+        await anyio.to_thread.run_sync(extend)
+    except OSError:
+        log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
 
 
 def _fold_sync(
@@ -312,13 +325,78 @@ async def _fold(
 
 
 async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
-    """Fold a big input's job results into its merge index now, while other jobs still run,
-    so that settling the input has little left to do."""
+    """Put a big input's job results in order now, while other jobs still run, so that
+    settling the input has little left to do: the fast path of :mod:`daemon.merge_part` when
+    the job answered its part exactly once, else fold them into the input's merge index."""
     row = await ctx.store.get_input(job["input_id"])
     if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
         return
+    if await _order_part(ctx, row, job, dest) is not None:
+        return
     parts = await _parts(ctx, row, await ctx.store.jobs_of(row["id"]))
     await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
+
+
+async def _order_part(
+    ctx: Context, row: dict[str, Any], job: dict[str, Any], results: Path
+) -> PartSummary | None:
+    """The fast path for a first attempt's results (None when it does not apply)."""
+    source = Path(job["source_path"]) if job["source_path"] else None
+    if job["attempt"] != 1 or source is None or not source.exists() or not results.exists():
+        return None
+    dest = fast_path(ctx.input_dir(row["id"]), job["part_no"])
+    stop = threading.Event()
+    span = None if job.get("source_start") is None else (job["source_start"], job["source_end"])
+    order = functools.partial(
+        order_part, job["part_no"], source, results, job["id"], dest, stop, span
+    )
+    started = time.monotonic()
+    try:
+        summary = await run_stoppable(order, stop)
+    except Stopped:
+        raise
+    except Exception:
+        log.exception("part_order_failed", job=job["display_name"])
+        return None
+    log.info(
+        "part_ordered",
+        job=job["display_name"],
+        fast=summary is not None,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    return summary
+
+
+async def _fast_parts(
+    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]
+) -> OrderedParts | None:
+    """The input's answers from its parts put in order by the fast path, when every part was
+    answered exactly once by its first job with nothing to retry; else None."""
+    if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS or row["cancel_requested"]:
+        return None
+    part_nos = {r["part_no"] for r in await ctx.store.parts_of(row["id"])}
+    by_part = {j["part_no"]: j for j in jobs}
+    if (
+        not part_nos
+        or len(by_part) != len(jobs)
+        or set(by_part) != part_nos
+        or any(j["attempt"] != 1 or j["state"] != JobState.COLLECTED for j in jobs)
+        or any(not j["results_path"] for j in jobs)
+    ):
+        return None
+    work = ctx.input_dir(row["id"])
+    summaries = []
+    for j in jobs:
+        results = Path(j["results_path"])
+        summary = await anyio.to_thread.run_sync(load_summary, work, j["part_no"], j["id"], results)
+        if summary is None:  # e.g. lost in a crash: put it in order again
+            summary = await _order_part(ctx, row, j, results)
+        if summary is None or summary.retryable:
+            return None
+        summaries.append(summary)
+    if sum(s.total for s in summaries) != row["request_count"]:
+        return None
+    return OrderedParts(work, summaries, _index_path(ctx, row))
 
 
 def _gemini(ctx: Context) -> Any:
@@ -376,6 +454,10 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
     if row["state"] != InputState.DOWNLOADING:
         async with ctx.store.tx() as conn:
             await ctx.store.set_input_state(conn, row["id"], InputState.DOWNLOADING)
+    fast = await _fast_parts(ctx, row, jobs)
+    if fast is not None:
+        await finish_index(ctx, row, jobs, fast)
+        return
     index = await _build_index(ctx, row, jobs)
     try:
         if not row["cancel_requested"] and await _plan(ctx, row, jobs, index, force=False):
@@ -417,7 +499,12 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
 
 
 async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
-    first = {j["part_no"]: Path(j["source_path"]) for j in jobs if j["attempt"] == 1}
+    # a part submitted straight from the work file (a byte range of it) has no source of its own
+    first = {
+        j["part_no"]: None if j.get("source_start") is not None else Path(j["source_path"])
+        for j in jobs
+        if j["attempt"] == 1
+    }
     rows = await ctx.store.parts_of(row["id"])
     if rows:
         return [

@@ -21,10 +21,12 @@ import anyio
 import orjson
 import structlog
 
+from daemon import assemble
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
+from daemon.merge_part import OrderedParts, fast_path
 from daemon.outbox import (
     atomic_writer,
     copy_atomic,
@@ -108,19 +110,27 @@ def _unanswered(state: InputState, attempts: int, job: dict[str, Any] | None) ->
 
 
 def _write_results(
-    index: MergeIndex, dest: Path, media_dir: Path | None, unanswered: dict[int, bytes]
+    index: MergeIndex | OrderedParts,
+    dest: Path,
+    media_dir: Path | None,
+    unanswered: dict[int, bytes],
 ) -> list[str]:
     """Results in input order (answers' raw lines); media of successful answers. A part whose
     answers were put in order while the jobs ran (:meth:`MergeIndex.write_ordered`) is copied
     as is (in the kernel); the others are read line by line from the job results files."""
+    if isinstance(index, OrderedParts):
+        return _publish_assembled(index, dest, media_dir)
     media: list[str] = []
     first = True
     with atomic_writer(dest) as out:
         for part, lo, hi in index.ranges():
             ready = index.ordered_file(part)
-            if ready is not None and not (ready[1] and media_dir is not None):
+            if ready is not None:
                 _copy_into(ready[0], out)
+                if ready[1] and media_dir is not None:
+                    media += _media_from_file(ready[0], media_dir)
             else:
+                assert isinstance(index, MergeIndex)
                 for chunk in index.answer_chunks(lo, hi):
                     buf = []
                     for ans in chunk:
@@ -136,6 +146,21 @@ def _write_results(
                 first = False
                 out.flush()
                 crash_point("mid_outbox")
+    return media
+
+
+def _publish_assembled(index: OrderedParts, dest: Path, media_dir: Path | None) -> list[str]:
+    """Every part was put in order: finish the file assembled while the jobs ran."""
+    parts = [
+        assemble.Ready(s.part_no, s.job_id, fast_path(index.work, s.part_no), s.ordered_size)
+        for s in index.parts
+    ]
+    assemble.publish(dest, index.work, parts, lambda: crash_point("mid_outbox"))
+    media: list[str] = []
+    if media_dir is not None:
+        for s in index.parts:
+            if s.media:
+                media += _media_from_file(fast_path(index.work, s.part_no), media_dir)
     return media
 
 
@@ -218,7 +243,10 @@ def _job_entry(j: dict[str, Any]) -> dict[str, Any]:
 
 
 async def finish_index(
-    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]], index: MergeIndex
+    ctx: Context,
+    row: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    index: MergeIndex | OrderedParts,
 ) -> None:
     """Write the outbox from a built index and commit the final state."""
     cfg = ctx.cfg
@@ -311,7 +339,9 @@ async def finish_index(
                 finished_at=now,
             )
     log.info("input_finished", input_id=row["id"], state=state.value, **counts)
-    await anyio.to_thread.run_sync(_cleanup_work, ctx.input_dir(row["id"]), index.path)
+    work = ctx.input_dir(row["id"])
+    await anyio.to_thread.run_sync(assemble.discard, paths["results"], work)
+    await anyio.to_thread.run_sync(_cleanup_work, work, index.path)
     await _cleanup_remote(ctx, jobs)
 
 
@@ -330,7 +360,8 @@ def _cleanup_work(work: Path, index_path: Path) -> None:
     """Drop the scratch index and the retry part files; ``input.jsonl`` and the job results
     stay for ``retry``."""
     remove_index(index_path)
-    for p in [*work.glob("part-*-a*.jsonl"), *work.glob("part-*.ordered*")]:
+    scratch = ("part-*-a*.jsonl", "part-*.ordered*", "part-*.fast*", ".part-*.fast*")
+    for p in [q for pattern in scratch for q in work.glob(pattern)]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 

@@ -14,6 +14,7 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -252,16 +253,27 @@ class GeminiClient:
 
     # ---- files ----------------------------------------------------------------------------
     async def upload_file(
-        self, path: Path, *, display_name: str, mime_type: str = "application/jsonl"
+        self,
+        path: Path,
+        *,
+        display_name: str,
+        mime_type: str = "application/jsonl",
+        span: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """Resumable upload (streamed from disk by the SDK); returns the File as camelCase JSON."""
-        f = await self._call(
-            "files.upload",
-            lambda: self._sdk.aio.files.upload(
-                file=str(path),
-                config=types.UploadFileConfig(mime_type=mime_type, display_name=display_name),
-            ),
-        )
+        """Resumable upload (streamed from disk by the SDK) of ``path``, or of its bytes
+        ``span[0]:span[1]``; returns the File as camelCase JSON."""
+        config = types.UploadFileConfig(mime_type=mime_type, display_name=display_name)
+        if span is None:
+            f = await self._call(
+                "files.upload", lambda: self._sdk.aio.files.upload(file=str(path), config=config)
+            )
+        else:
+
+            async def go() -> Any:
+                with FileWindow(path, *span) as window:  # a fresh window for each attempt
+                    return await self._sdk.aio.files.upload(file=window, config=config)
+
+            f = await self._call("files.upload", go)
         return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
     async def delete_file(self, name: str) -> None:
@@ -275,16 +287,19 @@ class GeminiClient:
     async def download_file(self, file_name: str, dest: Path) -> None:
         """Stream a (generated) file to ``dest`` via ``dest.part``; ``dest`` appears whole or not."""
         part = dest.with_name(dest.name + ".part")
-        with part.open("wb") as out:
+        # An async file: the SDK awaits each chunk's write, which runs in a worker thread, so a
+        # big download never blocks the event loop on the disk.
+        async with await anyio.open_file(part, "wb") as out:
 
             async def go() -> None:
-                out.seek(0)
-                out.truncate()
-                await self._sdk.aio.files.download(file=file_name, destination=out)
+                await out.seek(0)
+                await out.truncate()
+                # the stubs say IOBase; the SDK awaits a write that returns an awaitable
+                await self._sdk.aio.files.download(file=file_name, destination=out)  # type: ignore[call-overload]
 
             await self._call("files.download", go)
-            out.flush()
-            os.fsync(out.fileno())
+            await out.flush()
+            await anyio.to_thread.run_sync(os.fsync, out.wrapped.fileno())
         part.replace(dest)
 
     # ---- batches --------------------------------------------------------------------------
@@ -376,3 +391,43 @@ class GeminiClient:
         except ApiError as e:
             if e.http_code != 404:
                 raise
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes ``start:end`` of a file, for the SDK's upload of an
+    IO object (it takes the size from ``seek``/``tell`` and reads in chunks)."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        self._f = open(path, "rb", buffering=0)
+        self._start, self._end, self._pos = start, end, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end - self._start}
+        self._pos = max(0, base[whence] + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._end - self._start - self._pos
+        if size < 0 or size > left:
+            size = max(0, left)
+        data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()

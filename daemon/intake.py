@@ -23,7 +23,7 @@ from daemon.config import Config
 from daemon.context import Context
 from daemon.states import InputState, JobState
 from daemon.store import loads
-from daemon.validate import Validation, part_file_name, validate_file
+from daemon.validate import Validation, validate_file
 
 log = structlog.get_logger(__name__)
 
@@ -186,7 +186,6 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
             state, note = InputState.DOWNLOADING, f"same content as {earlier}"
         else:
             state, note = InputState.QUEUED, None
-            out_dir = ctx.input_dir(input_id)
             for p in v.parts:
                 parts.append(
                     (
@@ -196,11 +195,15 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
                 )
                 inline = v.kind == "generate" and p.size_bytes <= cfg.submit.inline_max_bytes
                 mode = "inline" if inline else "file"
-                source = str(p.source_path or out_dir / part_file_name(p.part_no))
+                span: tuple[int | None, int | None] = (None, None)
+                if p.source_path is not None:
+                    source = str(p.source_path)
+                else:  # canonical lines: submitted straight from the work file
+                    source, span = o.row["work_path"], (p.start_offset, p.end_offset)
                 name = f"gemini-batchd:{input_id}:{p.part_no}"
                 jobs.append(
                     (
-                        *(input_id, p.part_no, 1, name, mode, source, p.request_count),
+                        *(input_id, p.part_no, 1, name, mode, source, *span, p.request_count),
                         *(p.est_tokens, JobState.PLANNED.value, now, now),
                     )
                 )
@@ -214,8 +217,8 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
         )
         await conn.executemany(
             "INSERT INTO jobs (input_id, part_no, attempt, display_name, mode, source_path, "
-            "request_count, est_tokens, state, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "source_start, source_end, request_count, est_tokens, state, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             jobs,
         )
         await conn.executemany(

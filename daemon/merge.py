@@ -257,8 +257,9 @@ class MergeIndex:
                     key = fast_key(rest)
                     yield key if key is not None else derive_key(orjson.loads(rest), 0)
         else:
-            for key, _line in MergeIndex.part_lines(input_path, part):
-                yield key
+            for line_no, raw in iter_lines(input_path, part.start, part.end, part.first_line):
+                key = fast_key(raw)
+                yield key if key is not None else canonical_line(raw, line_no)[0]
 
     @staticmethod
     def part_lines(input_path: Path, part: Part) -> Iterator[tuple[str, bytes]]:

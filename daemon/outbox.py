@@ -35,17 +35,23 @@ def atomic_writer(final: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
     f = open(tmp, "wb")
     try:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        publish_file(f, tmp, final, mode=mode)
     except BaseException:
         f.close()
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def publish_file(f: IO[bytes], tmp: Path, final: Path, *, mode: int = 0o644) -> None:
+    """Make the temporary file ``tmp`` (open as ``f``) ``final``: fsync, close, set its mode,
+    rename it into place and fsync the folder."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def _umask() -> int:

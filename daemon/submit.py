@@ -14,8 +14,8 @@ the remote job if it exists.
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,45 +93,27 @@ async def _cancel_planned(ctx: Context) -> int:
     return n
 
 
-_JOB_COLUMNS = (
-    "id",
-    "input_id",
-    "part_no",
-    "attempt",
-    "state",
-    "mode",
-    "display_name",
-    "source_path",
-    "upload_name",
-    "est_tokens",
-    "error",
-)
-_INPUT_COLUMNS = ("model", "kind", "media_count", "cancel_requested")
-_ID, _INPUT, _STATE, _TOKENS = 0, 1, 4, 9
-_MODEL, _CANCEL = len(_JOB_COLUMNS), len(_JOB_COLUMNS) + 3
 _SELECT = (
-    "SELECT "
-    + ", ".join([f"j.{c}" for c in _JOB_COLUMNS] + [f"i.{c}" for c in _INPUT_COLUMNS])
-    + " FROM jobs j JOIN inputs i ON i.id = j.input_id "
+    "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count, "
+    "i.cancel_requested AS cancel_requested FROM jobs j JOIN inputs i ON i.id = j.input_id "
 )
-_NAMES = _JOB_COLUMNS + _INPUT_COLUMNS
 
 
-def _job(row: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(_NAMES, row, strict=True))
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    return dict(row)
 
 
-async def _due_jobs(ctx: Context, now: float, limit: int) -> list[Sequence[Any]]:
-    """Up to ``limit`` due jobs as tuples (``_NAMES`` order): ``creating`` ones first (by input
-    age), then ``planned`` ones in the order they were planned. The planned ones are read by
-    job id, which the ``jobs_state`` index yields in order: no sort of the whole backlog."""
+async def _due_jobs(ctx: Context, now: float, limit: int) -> list[sqlite3.Row]:
+    """Up to ``limit`` due jobs (rows; made dicts only when started): ``creating`` ones first
+    (by input age), then ``planned`` ones in the order they were planned. The planned ones are
+    read by job id, which the ``jobs_state`` index yields in order: no sort of the backlog."""
     conn = ctx.store.conn
     async with conn.execute(
         _SELECT + "WHERE j.state = 'creating' AND j.not_before <= ? "
         "ORDER BY i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
         (now, limit),
     ) as cur:
-        rows: list[Sequence[Any]] = list(await cur.fetchall())
+        rows: list[sqlite3.Row] = list(await cur.fetchall())
     if len(rows) < limit:
         async with conn.execute(
             _SELECT + "WHERE j.state = 'planned' AND j.not_before <= ? ORDER BY j.id LIMIT ?",
@@ -175,9 +157,9 @@ class Submitter:
         rows = await _due_jobs(ctx, now, limit)
         truncated = len(rows) == limit
         done = 0
-        if any(r[_CANCEL] and r[_STATE] == "planned" for r in rows):
+        if any(r["cancel_requested"] and r["state"] == "planned" for r in rows):
             done = await _cancel_planned(ctx)
-        rows = [r for r in rows if r[_ID] not in busy and not r[_CANCEL]]
+        rows = [r for r in rows if r["id"] not in busy and not r["cancel_requested"]]
         self._more = truncated
         if ctx.submit_backlog:  # set again below if admitted jobs are still left over
             ctx.submit_backlog = False
@@ -187,10 +169,10 @@ class Submitter:
             return done
         head = rows[:room]
         remote: dict[str, dict[str, Any]] | None = None
-        if any(r[_STATE] == "creating" and _needs_check(_job(r)) for r in head):
+        if any(r["state"] == "creating" and _needs_check(_job(r)) for r in head):
             remote = await _remote_index(ctx)
         active, tokens = 0, dict[str, int]()
-        if any(r[_STATE] == "planned" for r in head):
+        if any(r["state"] == "planned" for r in head):
             active, tokens = await self._in_flight(room)
         cfg = ctx.cfg.submit
         waiting_reason: dict[str, str] = {}
@@ -200,10 +182,10 @@ class Submitter:
             if len(creating) + len(planned) >= room:
                 self._more = ctx.submit_backlog = True
                 break
-            if r[_STATE] == JobState.CREATING.value:
+            if r["state"] == JobState.CREATING.value:
                 creating.append(_job(r))  # already counted in flight
                 continue
-            input_id, model, est = r[_INPUT], r[_MODEL], r[_TOKENS]
+            input_id, model, est = r["input_id"], r["model"], r["est_tokens"]
             if active >= cfg.max_active_jobs:
                 waiting_reason.setdefault(
                     input_id, f"waiting: {active}/{cfg.max_active_jobs} active jobs"
@@ -327,7 +309,9 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
                     source = await resolve_media(ctx, job)
                 fields: dict[str, Any] = {"state": JobState.CREATING}
                 if job["mode"] == "file":
-                    up = await gem.upload_file(source, display_name=job["display_name"])
+                    up = await gem.upload_file(
+                        source, display_name=job["display_name"], span=_span(job, source)
+                    )
                     crash_point("after_upload")
                     job["upload_name"] = fields["upload_name"] = up["name"]
             async with ctx.store.tx() as conn:
@@ -377,10 +361,12 @@ async def _create(
             path = source or (
                 resolved_path(job) if job["media_count"] else Path(job["source_path"])
             )
-            if path.stat().st_size <= _READ_INLINE_BYTES:
-                lines = _read_lines(path)  # small: cheaper than a thread hand-off
+            span = _span(job, path)
+            size = span[1] - span[0] if span else path.stat().st_size
+            if size <= _READ_INLINE_BYTES:
+                lines = _read_lines(path, span)  # small: cheaper than a thread hand-off
             else:
-                lines = await anyio.to_thread.run_sync(_read_lines, path)
+                lines = await anyio.to_thread.run_sync(_read_lines, path, span)
             op = await gem.create_inline_job(
                 model=job["model"], requests=lines, display_name=job["display_name"]
             )
@@ -393,9 +379,20 @@ async def _create(
     return 1
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:
+    """The byte range of ``source`` the job submits; None for the whole file (a part file, or
+    the media-resolved copy of one)."""
+    if job.get("source_start") is None or str(source) != job["source_path"]:
+        return None
+    return job["source_start"], job["source_end"]
+
+
+def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     with path.open("rb") as f:
-        return [orjson.loads(line) for line in f if line.strip()]
+        if span is None:
+            return [orjson.loads(line) for line in f if line.strip()]
+        f.seek(span[0])
+        return [orjson.loads(line) for line in f.read(span[1] - span[0]).splitlines()]
 
 
 def note_api_error(ctx: Context, e: ApiError) -> None:

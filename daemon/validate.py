@@ -1,33 +1,39 @@
 """Streaming validation of a dropped JSONL file, part planning, and ``gemini-batchd check``.
 
-One pass over the file in binary (bounded line reads, ``orjson`` per line, incremental sha256)
-checks every rule of SPEC §2 and, when asked, writes the canonical part files that the submit stage
-sends (SPEC §3). Memory stays flat on huge files: problems are capped, duplicate keys are found from
-64-bit key hashes kept in 256 typed arrays (12 bytes per key), and hash-equal lines are confirmed by
-a second read of just those lines.
+One pass over the file in binary (bounded line reads, ``orjson`` per line) checks every rule of
+SPEC §2 and plans the parts the submit stage sends (SPEC §3): byte ranges of the input while its
+lines are canonical, else canonical part files. Blocks of well-formed lines are checked in bulk
+with C-level ``map``s; the first doubt sends a block through the exact per-line checks. A second
+thread reads the file on its own for its sha256 and for ``"file:`` (media references); only a file
+that has one is validated again with a media check on every line. Memory stays flat on huge
+files: problems are capped, duplicate keys are found from 64-bit key hashes (8 bytes per key, in
+64 buckets checked one set at a time), and hash-equal keys are confirmed by a second read of the
+file (which only happens when a hash repeats).
 
-Token estimate: ``len(request line bytes) // 4`` per request (crude; used only for admission).
+Token estimate: request line bytes // 4 (crude; used only for admission).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from array import array
 from dataclasses import dataclass, field
+from itertools import islice, repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import orjson
 
 from daemon.config import MODEL_ID_RE, Config
 from daemon.validate_io import (
     MAX_MEDIA_NAMES,
-    Hasher,
+    MEDIA_MARK,
+    FileScan,
     MediaChecker,
     PartPlan,
     PartWriter,
-    blocks_of_lines,
     media_uris,
     part_file_name,
 )
@@ -38,7 +44,12 @@ Kind = Literal["generate", "embed"]
 MAX_PROBLEMS = 100
 _READ_BUFFER = 1 << 20
 _WS = b" \t\r\n"
-_MASK64 = (1 << 64) - 1
+_loads = orjson.loads
+_get = dict.get
+_has: Any = dict.__contains__
+_TWO, _STR = {2}, {str}
+_BUCKETS = 64  # key hashes (signed 64-bit) are kept in buckets by their top 6 bits
+_SHIFT, _HALF = 58, 32
 
 
 @dataclass(frozen=True)
@@ -103,222 +114,289 @@ def _read_line(readline: Any, limit: int, hasher: Any) -> tuple[bytes, int, bool
 def validate_file(
     path: Path, *, model: str, cfg: Config, out_dir: Path | None = None
 ) -> Validation:
-    """Validate ``path`` for ``model`` in one streaming pass; with ``out_dir``, also write the
-    canonical part files (deleted again if the file turns out invalid). Raises OSError when the
-    file cannot be read."""
-    kind = model_kind(model)
-    limit = cfg.inbox.max_line_bytes
-    media = MediaChecker(cfg.media_dir)
-    problems: list[Problem] = []
-    problem_count = 0
-    request_count = est_tokens = media_refs = 0
-    media_names: set[str] = set()
-    hashes = [array("Q") for _ in range(256)]
-    key_lines = [array("I") for _ in range(256)]
-    loads = orjson.loads
-    decode_error = orjson.JSONDecodeError
-    need = "content" if kind == "embed" else "contents"
-    parts = PartWriter(cfg, out_dir)
-    add_part = parts.add
-    too_long_msg = f"line is longer than max_line_bytes ({limit} bytes)"
-    longest = limit + 1
-
-    def problem(line: int, reason: str) -> None:
-        nonlocal problem_count
-        if problem_count == 0:
-            parts.abandon()
-        problem_count += 1
-        if len(problems) < MAX_PROBLEMS:
-            problems.append(Problem(line, reason))
-
-    offset = line_no = 0
-    ok = False
-    hasher: Hasher | None = None
-    try:
-        with open(path, "rb", buffering=0) as f:
-            hasher = Hasher(os.fstat(f.fileno()).st_size)
-            for lines, last, has_file in blocks_of_lines(f, limit, hasher.update):
-                nl = 0 if last else 1
-                for raw in lines:
-                    line_no += 1
-                    start = offset
-                    if type(raw) is int:
-                        offset += raw
-                        request_count += 1
-                        problem(line_no, too_long_msg)
-                        continue
-                    n = len(raw)
-                    offset += n + nl
-                    if n > longest:
-                        request_count += 1
-                        problem(line_no, too_long_msg)
-                        continue
-                    if raw[:1] == b"{" and raw[-1:] == b"}":
-                        body = raw  # already stripped (the common case)
-                    else:
-                        body = raw.strip(_WS)
-                        if not body:
-                            continue
-                    request_count += 1
-                    if len(body) > limit:
-                        problem(line_no, too_long_msg)
-                        continue
-                    try:
-                        obj = loads(body)
-                    except decode_error as e:
-                        try:
-                            body.decode()
-                        except UnicodeDecodeError as u:
-                            problem(line_no, f"not valid UTF-8 (byte {u.start + 1} of the line)")
-                        else:
-                            problem(line_no, f"invalid JSON: {e}")
-                        continue
-                    if type(obj) is dict and len(obj) == 2 and not problem_count:
-                        # fast path: a well-formed keyed line without media references
-                        key: Any = obj.get("key")
-                        req: Any = obj.get("request")
-                        if (
-                            type(key) is str
-                            and key
-                            and type(req) is dict
-                            and need in req
-                            and not (has_file and b"file" in body)
-                        ):
-                            h = hash(key) & _MASK64
-                            hashes[h >> 56].append(h)
-                            key_lines[h >> 56].append(line_no)
-                            tokens = len(body) // 4
-                            est_tokens += tokens
-                            add_part(line_no, start, offset, body, tokens)
-                            continue
-                    if type(obj) is not dict:
-                        problem(line_no, f"line is not a JSON object (found {_object_kind(obj)})")
-                        continue
-                    bare = "key" not in obj and "request" not in obj
-                    if bare:
-                        key = str(line_no)
-                        req = obj
-                    else:
-                        key = obj.get("key")
-                        req = obj.get("request")
-                        if "key" not in obj:
-                            problem(line_no, 'missing "key" (a line with "request" needs a "key")')
-                            key = None
-                        elif type(key) is not str or not key:
-                            problem(line_no, '"key" must be a non-empty string')
-                            key = None
-                        if len(obj) != ("key" in obj) + ("request" in obj):
-                            extra = sorted(k for k in obj if k not in ("key", "request"))
-                            problem(
-                                line_no, f"unknown member(s) {', '.join(extra)} besides key/request"
-                            )
-                    if key is not None:
-                        h = hash(key) & _MASK64
-                        hashes[h >> 56].append(h)
-                        key_lines[h >> 56].append(line_no)
-                    if not bare and "request" not in obj:
-                        problem(line_no, 'missing "request"')
-                        continue
-                    if type(req) is not dict:
-                        problem(
-                            line_no, f'"request" is not a JSON object (found {_object_kind(req)})'
-                        )
-                        continue
-                    if not req:
-                        problem(line_no, '"request" is empty')
-                        continue
-                    if need not in req:
-                        what = (
-                            "an EmbedContentRequest"
-                            if kind == "embed"
-                            else "a GenerateContentRequest"
-                        )
-                        problem(line_no, f'request has no "{need}" ({model} takes {what})')
-                        continue
-                    if b"file" in body:
-                        for name in media_uris(req, kind):
-                            media_refs += 1
-                            if len(media_names) < MAX_MEDIA_NAMES:
-                                media_names.add(name)
-                            why = media.check(name)
-                            if why:
-                                problem(line_no, why)
-                    if key is None or problem_count:
-                        continue
-                    tokens = len(body) // 4
-                    est_tokens += tokens
-                    if bare:
-                        canon = b'{"key":"%d","request":%b}' % (line_no, body)
-                    else:
-                        canon = body
-                    add_part(line_no, start, offset, canon, tokens)
-        if request_count == 0:
-            problem(0, "the file has no request lines (empty)")
-        candidates = _duplicate_candidates(hashes, key_lines)
-        del hashes, key_lines
-        if candidates:
-            dup_problems, dup_count = _confirm_duplicates(path, candidates, limit)
-            if dup_count:
-                parts.abandon()
-                problem_count += dup_count
-                problems = sorted(problems + dup_problems, key=lambda p: p.line)[:MAX_PROBLEMS]
-        ok = problem_count == 0
-    finally:
-        parts.close(keep=ok)
-        if hasher is not None:
-            hasher.close()
-    assert hasher is not None
+    """Validate ``path`` for ``model`` in one streaming pass. With ``out_dir``, also plan the
+    parts the submit stage sends: a part of canonical lines is a byte range of ``path`` itself
+    (``source_path`` None); once a line needs rewriting, part files of canonical lines are
+    written there (deleted again if the file turns out invalid). Raises OSError when the file
+    cannot be read."""
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
+        scan = FileScan(path, os.fstat(f.fileno()).st_size)
+        try:
+            run = _run(path, f, model=model, cfg=cfg, out_dir=out_dir, check_media=False)
+        finally:
+            digest, media_marks = scan.result()
+        if media_marks:  # some line may refer to local media: look at every line for it
+            run.parts.close(keep=False)
+            f.seek(0)
+            run = _run(path, f, model=model, cfg=cfg, out_dir=out_dir, check_media=True)
+    ok = run.ok
+    run.parts.close(keep=ok)
     return Validation(
         ok=ok,
-        problems=problems,
-        problem_count=problem_count,
-        request_count=request_count,
-        size_bytes=offset,
-        sha256=hasher.hexdigest(),
-        kind=kind,
-        est_tokens=est_tokens,
-        media_refs=media_refs,
-        media_names=media_names,
-        parts=parts.parts if ok else [],
+        problems=run.problems,
+        problem_count=run.problem_count,
+        request_count=run.request_count,
+        size_bytes=run.offset,
+        sha256=digest,
+        kind=run.kind,
+        est_tokens=run.est_tokens,
+        media_refs=run.media_refs,
+        media_names=run.media_names,
+        parts=run.parts.parts if ok else [],
     )
 
 
-def _duplicate_candidates(hashes: list[array[int]], key_lines: list[array[int]]) -> list[int]:
-    """Sorted line numbers whose key hash occurs more than once (true duplicates or collisions)."""
-    found: list[int] = []
-    for bucket, lines in zip(hashes, key_lines, strict=True):
+def _run(path: Path, f: IO[bytes], **kw: Any) -> _Pass:
+    run = _Pass(path, f, **kw)
+    try:
+        run.read_all()
+        run.finish()
+    except BaseException:
+        run.parts.close(keep=False)
+        raise
+    return run
+
+
+class _Pass:
+    """The state of one validation pass. Lines come in small blocks (bounded ``readline`` calls,
+    so an over-long line is never held whole); a block of well-formed keyed lines is checked with
+    C-level ``map``s over the whole block, anything else line by line with exact messages."""
+
+    def __init__(
+        self,
+        path: Path,
+        f: IO[bytes],
+        *,
+        model: str,
+        cfg: Config,
+        out_dir: Path | None,
+        check_media: bool,
+    ) -> None:
+        self.path, self.f, self.model = path, f, model
+        self.kind: Kind = model_kind(model)
+        self.need = "content" if self.kind == "embed" else "contents"
+        self.limit = cfg.inbox.max_line_bytes
+        self.cap = self.limit + 2  # readline bound: longer means over-long
+        self.media = MediaChecker(cfg.media_dir)
+        self.parts = PartWriter(cfg, out_dir, path)
+        self.problems: list[Problem] = []
+        self.problem_count = 0
+        self.request_count = self.est_tokens = self.media_refs = 0
+        self.media_names: set[str] = set()
+        self.check_media = check_media
+        # hash() of every key, partitioned by value so that each bucket fits one set later
+        self.buckets = [array("q") for _ in range(_BUCKETS)]
+        self.add_hash = [b.append for b in self.buckets]
+        self.ok = False
+        self.offset = self.line_no = 0
+        self.too_long = f"line is longer than max_line_bytes ({self.limit} bytes)"
+
+    def problem(self, line: int, reason: str) -> None:
+        if self.problem_count == 0:
+            self.parts.abandon()
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(line, reason))
+
+    def read_all(self) -> None:
+        lines_of = iter(functools.partial(self.f.readline, self.cap), b"")
+        n = 32
+        while lines := list(islice(lines_of, n)):
+            if self.problem_count or not self._fast_block(lines):
+                self._slow_block(lines)
+            # aim for ~32 KiB blocks: big enough to amortise, small enough to stay in cache
+            n = max(8, min(4096, (32 * 1024 * len(lines)) // (sum(map(len, lines)) or 1)))
+
+    def _fast_block(self, lines: list[bytes]) -> bool:
+        """Take a block of well-formed ``{"key","request"}`` lines in bulk; False (nothing
+        taken) if any line needs a closer look."""
+        try:
+            objs = list(map(_loads, lines))
+            keys = list(map(_get, objs, repeat("key")))  # TypeError unless every line is a dict
+            reqs = list(map(_get, objs, repeat("request")))
+            size = sum(map(len, lines))
+            if not (
+                set(map(len, objs)) == _TWO
+                and set(map(type, keys)) == _STR
+                and all(keys)
+                and all(map(_has, reqs, repeat(self.need)))  # TypeError unless reqs are dicts
+                and all(map(bytes.startswith, lines, repeat(b"{")))
+                and all(map(bytes.endswith, lines, repeat(b"}\n")))
+                and (size <= self.limit + 1 or max(map(len, lines)) <= self.limit + 1)
+                and not (
+                    self.check_media and any(map(bytes.__contains__, lines, repeat(MEDIA_MARK)))
+                )
+            ):
+                return False
+        except (orjson.JSONDecodeError, TypeError):
+            return False
+        count = len(lines)
+        add_hash = self.add_hash
+        for h in map(hash, keys):
+            add_hash[(h >> _SHIFT) + _HALF](h)
+        tokens = (size - count) // 4
+        self.parts.add_block(self.line_no + 1, self.offset, lines, size, tokens)
+        self.line_no += count
+        self.offset += size
+        self.request_count += count
+        self.est_tokens += tokens
+        return True
+
+    def _slow_block(self, lines: list[bytes]) -> None:
+        i = 0
+        while i < len(lines):
+            raw = lines[i]
+            i += 1
+            self.line_no += 1
+            start = self.offset
+            n = len(raw)
+            if n == self.cap and raw[-1] != 10:  # over-long: skip the rest of the line
+                while True:
+                    if i < len(lines):
+                        more = lines[i]
+                        i += 1
+                    else:
+                        more = self.f.readline(_READ_BUFFER)
+                    n += len(more)
+                    if not more or more[-1] == 10:
+                        break
+                self.offset += n
+                self.request_count += 1
+                self.problem(self.line_no, self.too_long)
+                continue
+            self.offset += n
+            self._line(raw, start)
+
+    def _line(self, raw: bytes, start: int) -> None:
+        line_no = self.line_no
+        body = raw.strip(_WS)
+        if not body:
+            return
+        self.request_count += 1
+        if len(body) > self.limit:
+            self.problem(line_no, self.too_long)
+            return
+        try:
+            obj = _loads(body)
+        except orjson.JSONDecodeError as e:
+            try:
+                body.decode()
+            except UnicodeDecodeError as u:
+                self.problem(line_no, f"not valid UTF-8 (byte {u.start + 1} of the line)")
+            else:
+                self.problem(line_no, f"invalid JSON: {e}")
+            return
+        if type(obj) is not dict:
+            self.problem(line_no, f"line is not a JSON object (found {_object_kind(obj)})")
+            return
+        key: Any
+        req: Any
+        bare = "key" not in obj and "request" not in obj
+        if bare:
+            key, req = str(line_no), obj
+        else:
+            key, req = obj.get("key"), obj.get("request")
+            if "key" not in obj:
+                self.problem(line_no, 'missing "key" (a line with "request" needs a "key")')
+                key = None
+            elif type(key) is not str or not key:
+                self.problem(line_no, '"key" must be a non-empty string')
+                key = None
+            if len(obj) != ("key" in obj) + ("request" in obj):
+                extra = sorted(k for k in obj if k not in ("key", "request"))
+                self.problem(line_no, f"unknown member(s) {', '.join(extra)} besides key/request")
+        if key is not None:
+            h = hash(key)
+            self.add_hash[(h >> _SHIFT) + _HALF](h)
+        if not bare and "request" not in obj:
+            self.problem(line_no, 'missing "request"')
+            return
+        if type(req) is not dict:
+            self.problem(line_no, f'"request" is not a JSON object (found {_object_kind(req)})')
+            return
+        if not req:
+            self.problem(line_no, '"request" is empty')
+            return
+        if self.need not in req:
+            what = "an EmbedContentRequest" if self.kind == "embed" else "a GenerateContentRequest"
+            self.problem(line_no, f'request has no "{self.need}" ({self.model} takes {what})')
+            return
+        media = 0
+        if b"file" in body:
+            for name in media_uris(req, self.kind):
+                media += 1
+                if len(self.media_names) < MAX_MEDIA_NAMES:
+                    self.media_names.add(name)
+                why = self.media.check(name)
+                if why:
+                    self.problem(line_no, why)
+            self.media_refs += media
+        if key is None or self.problem_count:
+            return
+        tokens = len(body) // 4
+        self.est_tokens += tokens
+        canon = b'{"key":"%d","request":%b}' % (line_no, body) if bare else body
+        # a line kept byte for byte (no blank/space/CR around it, no media to rewrite) can stay
+        # in a byte-range part; anything else needs part files
+        same = not media and len(raw) == len(body) + (raw[-1:] == b"\n") and not bare
+        self.parts.add(line_no, start, self.offset, canon, tokens, same=same)
+
+    def finish(self) -> None:
+        """After the last line: empty-file and duplicate-key checks; sets ``ok``."""
+        if self.request_count == 0:
+            self.problem(0, "the file has no request lines (empty)")
+        dup = _duplicate_hashes(self.buckets)
+        self.buckets = []
+        self.add_hash = []
+        if dup:
+            found, count = _confirm_duplicates(self.path, dup, self.limit)
+            if count:
+                self.parts.abandon()
+                self.problem_count += count
+                self.problems = sorted(self.problems + found, key=lambda p: p.line)[:MAX_PROBLEMS]
+        self.ok = self.problem_count == 0
+
+
+def _duplicate_hashes(buckets: list[array[int]]) -> set[int]:
+    """Key hashes that occur more than once (true duplicates or, rarely, collisions); one set
+    per bucket at a time keeps the memory small."""
+    found: set[int] = set()
+    for bucket in buckets:
         if len(set(bucket)) == len(bucket):
             continue
         seen: set[int] = set()
-        twice: set[int] = set()
         for h in bucket:
             if h in seen:
-                twice.add(h)
+                found.add(h)
             seen.add(h)
-        found.extend(line for h, line in zip(bucket, lines, strict=True) if h in twice)
-    found.sort()
     return found
 
 
-def _confirm_duplicates(path: Path, candidates: list[int], limit: int) -> tuple[list[Problem], int]:
-    """Re-read the candidate lines and report every repeated key at its later line."""
+def _confirm_duplicates(path: Path, wanted: set[int], limit: int) -> tuple[list[Problem], int]:
+    """Re-read the file and report every repeated key (among those whose hash is in ``wanted``)
+    at its later line. Only runs when a key hash repeats, i.e. almost only for rejected files."""
     first: dict[str, int] = {}
     problems: list[Problem] = []
-    count = 0
-    wanted = iter(candidates)
-    target = next(wanted)
-    line_no = 0
+    count = line_no = 0
     with open(path, "rb", buffering=_READ_BUFFER) as f:
         readline = f.readline
         while True:
-            raw, n, _too_long = _read_line(readline, limit, _ignore)
+            raw, n, too_long = _read_line(readline, limit, _ignore)
             if not n:
                 break
             line_no += 1
-            if line_no != target:
+            body = raw.strip(_WS)
+            if too_long or not body:
                 continue
-            obj = orjson.loads(raw)
-            key = obj["key"] if "key" in obj or "request" in obj else str(line_no)
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                continue
+            if type(obj) is not dict:
+                continue
+            key = obj.get("key") if "key" in obj or "request" in obj else str(line_no)
+            if type(key) is not str or not key or hash(key) not in wanted:
+                continue
             if key in first:
                 count += 1
                 if len(problems) < MAX_PROBLEMS:
@@ -327,9 +405,6 @@ def _confirm_duplicates(path: Path, candidates: list[int], limit: int) -> tuple[
                     )
             else:
                 first[key] = line_no
-            target = next(wanted, 0)
-            if not target:
-                break
     return problems, count
 
 

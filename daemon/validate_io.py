@@ -1,14 +1,16 @@
-"""Building blocks of the validator: block reading with hashing in a second thread, the part
-writer (canonical part files written in big blocks, fsynced once each), and media checks."""
+"""Building blocks of the validator: the whole-file scan (sha256, media marks) in a second thread, the part planner/writer (byte
+ranges of the input, or canonical part files written in big blocks and fsynced once each), and
+media checks."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import hashlib
 import os
 import stat
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -17,77 +19,91 @@ from daemon.config import Config
 
 MAX_MEDIA_NAMES = 10_000
 BLOCK = 1 << 20
-_THREAD_HASH_BYTES = 8 * BLOCK  # smaller files are hashed inline
-_MAX_PENDING = 8  # blocks queued for the hashing thread (bounds memory)
+_THREAD_SCAN_BYTES = 8 * BLOCK  # smaller files are scanned inline
 
 
 def part_file_name(part_no: int, attempt: int = 1) -> str:
     return f"part-{part_no}-a{attempt}.jsonl"
 
 
-class Hasher:
-    """sha256 of a byte stream; big streams are hashed in a worker thread (hashlib releases the
-    GIL for large buffers), so hashing overlaps with parsing."""
-
-    def __init__(self, size_hint: int) -> None:
-        self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1) if size_hint > _THREAD_HASH_BYTES else None
-        self._pending: deque[Future[None]] = deque()
-
-    def update(self, data: bytes) -> None:
-        if self._pool is None:
-            self._sha.update(data)
-            return
-        self._pending.append(self._pool.submit(self._sha.update, data))
-        while len(self._pending) > _MAX_PENDING:
-            self._pending.popleft().result()
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+MEDIA_MARK = b'"file:'  # how a local media reference (a "file:NAME" URI) starts in JSON
 
 
-def blocks_of_lines(
-    f: IO[bytes], limit: int, update: Any
-) -> Iterator[tuple[list[Any], bool, bool]]:
-    """Read ``f`` in 1 MiB blocks and yield ``(lines, last, has_file)``: lines without their
-    newline; ``last`` for the final line when the file does not end with a newline; ``has_file``
-    when ``b"file"`` occurs in the lines (a cheap block-level pre-check for media references). A line longer than
-    ``limit + 1`` bytes is yielded as an int (its byte count) and never held in memory whole."""
-    rest = b""
-    skipping = -1  # >= 0: bytes so far of an over-long line being skipped
-    read = f.read
-    while True:
-        block = read(BLOCK)
-        if not block:
-            break
-        update(block)
-        if skipping >= 0:
-            i = block.find(b"\n")
-            if i < 0:
-                skipping += len(block)
-                continue
-            yield [skipping + i + 1], False, False
-            skipping = -1
-            block = block[i + 1 :]
-        data = rest + block if rest else block
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        if len(rest) > limit + 1:
-            skipping, rest = len(rest), b""
-        if lines:
-            yield lines, False, b"file" in data
-    if skipping >= 0:
-        yield [skipping], True, False
-    elif rest:
-        yield [rest], True, b"file" in rest
+class FileScan:
+    """One read of a file in a worker thread, for facts about the whole of it: its sha256 and
+    whether ``"file:`` occurs anywhere (i.e. whether any line may refer to local media). Both
+    run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file is scanned
+    on the second core while the validator parses it; a small one is scanned when asked."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._result: tuple[str, bool] | None = None
+        self._pool = ThreadPoolExecutor(1) if size > _THREAD_SCAN_BYTES else None
+        self._future = self._pool.submit(self._scan) if self._pool is not None else None
+
+    def _scan(self) -> tuple[str, bool]:
+        sha = hashlib.sha256()
+        found = False
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        tail = b""  # the end of the previous block, for a mark across two blocks
+        with open(self._path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                chunk = view[:n]
+                sha.update(chunk)
+                if not found:
+                    found = _has_mark(buf, n) or MEDIA_MARK in tail + bytes(chunk[:8])
+                    tail = bytes(chunk[-8:])
+        return sha.hexdigest(), found
+
+    def result(self) -> tuple[str, bool]:
+        """``(sha256 hex digest, "file:" seen)``."""
+        if self._result is None:
+            if self._future is None:
+                self._result = self._scan()
+            else:
+                try:
+                    self._result = self._future.result()
+                finally:
+                    assert self._pool is not None
+                    self._pool.shutdown()
+        return self._result
+
+
+def _memmem() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.memmem
+    except (OSError, AttributeError):  # no libc memmem: bytes.find (holds the GIL)
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return fn
+
+
+_MEMMEM = _memmem()
+
+
+def _has_mark(buf: bytearray, n: int, mark: bytes = MEDIA_MARK) -> bool:
+    if _MEMMEM is None:
+        return buf.find(mark, 0, n) >= 0
+    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    return bool(_MEMMEM(base, n, mark, len(mark)))
+
+
+def file_contains(path: Path, marks: tuple[bytes, ...]) -> bool:
+    """Whether any of ``marks`` occurs in the file (libc ``memmem`` over 1 MiB reads, without
+    the GIL; a mark across two reads is found too)."""
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    tail = b""
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            edge = tail + bytes(view[: min(n, 64)])
+            if any(_has_mark(buf, n, m) or m in edge for m in marks):
+                return True
+            tail = bytes(view[max(0, n - 64) : n])
+    return False
 
 
 class MediaChecker:
@@ -173,17 +189,22 @@ class PartPlan:
 
 
 class PartWriter:
-    """Plans parts in input order and (optionally) writes their canonical files in big blocks,
-    each fsynced once when complete."""
+    """Plans parts in input order. With an ``out_dir`` it also provides their sources: while every
+    line so far is canonical (kept byte for byte), a part is just a byte range of the input and
+    nothing is written; the first line that needs rewriting turns the parts so far into part
+    files (copied from the input) and every later line is written there, in big blocks, each file
+    fsynced once when complete."""
 
-    def __init__(self, cfg: Config, out_dir: Path | None) -> None:
+    def __init__(self, cfg: Config, out_dir: Path | None, src: Path) -> None:
         self.max_requests = cfg.submit.max_requests_per_job
         self.max_bytes = cfg.submit.max_job_bytes
         self.out_dir = out_dir
+        self.src = src
         self.parts: list[PartPlan] = []
         self.written: list[Path] = []
         self.file: IO[bytes] | None = None
-        self.writing = out_dir is not None
+        self.writing = False  # part files are being written
+        self.ranged = out_dir is not None  # parts are byte ranges of the input (so far)
         self.buf: list[bytes] = []
         self.buf_bytes = 0
         self._reset()
@@ -194,32 +215,84 @@ class PartWriter:
         self.count = self.size = self.tokens = 0
         self.first_line = self.last_line = self.start = self.end = 0
 
-    def add(self, line_no: int, start: int, end: int, canon: bytes, tokens: int) -> None:
-        """Add one request; ``canon`` is its canonical line without the newline."""
+    def add_block(
+        self, line_no: int, start: int, lines: list[bytes], size: int, tokens: int
+    ) -> None:
+        """Add a block of canonical lines (each with its newline) taken byte for byte."""
+        n = len(lines)
+        if self.count + n > self.max_requests or self.size + size > self.max_bytes:
+            per_line = tokens // n
+            for raw in lines:
+                end = start + len(raw)
+                self.add(line_no, start, end, raw[:-1], per_line, same=True)
+                line_no, start = line_no + 1, end
+            return
+        if not self.count:
+            self._open(line_no, start)
+        self.count += n
+        self.size += size
+        self.tokens += tokens
+        self.last_line, self.end = line_no + n - 1, start + size
+        if self.writing:
+            self.buf.extend(lines)
+            self.buf_bytes += size
+            if self.buf_bytes >= BLOCK:
+                self._flush()
+
+    def add(
+        self, line_no: int, start: int, end: int, canon: bytes, tokens: int, *, same: bool
+    ) -> None:
+        """Add one request; ``canon`` is its canonical line without the newline, ``same`` when
+        it equals the input's bytes between ``start`` and ``end`` (less the newline)."""
         n = len(canon) + 1
         if self.count and (self.count >= self.max_requests or self.size + n > self.max_bytes):
             self.finish()
+        if self.ranged and not same:
+            self._materialise()
         if not self.count:
-            self.first_line, self.start = line_no, start
-            if self.writing:
-                assert self.out_dir is not None
-                path = self.out_dir / part_file_name(len(self.parts) + 1)
-                self.file = open(path, "wb", buffering=0)
-                self.written.append(path)
+            self._open(line_no, start)
         self.count += 1
         self.size += n
         self.tokens += tokens
         self.last_line, self.end = line_no, end
-        if self.file is not None:
-            self.buf.append(canon)
+        if self.writing:
+            self.buf.append(canon + b"\n")
             self.buf_bytes += n
             if self.buf_bytes >= BLOCK:
                 self._flush()
 
+    def _open(self, line_no: int, start: int) -> None:
+        self.first_line, self.start = line_no, start
+        if self.writing:
+            assert self.out_dir is not None
+            path = self.out_dir / part_file_name(len(self.parts) + 1)
+            self.file = open(path, "wb", buffering=0)
+            self.written.append(path)
+
+    def _materialise(self) -> None:
+        """Switch from byte ranges to part files: copy the parts planned so far (and the part
+        in progress) out of the input."""
+        assert self.out_dir is not None
+        self.ranged = False
+        self.writing = True
+        with open(self.src, "rb") as src:
+            for i, p in enumerate(self.parts):
+                path = self.out_dir / part_file_name(p.part_no)
+                with open(path, "wb") as out:
+                    _copy_range(src, out, p.start_offset, p.end_offset)
+                    out.flush()
+                    os.fsync(out.fileno())
+                self.written.append(path)
+                self.parts[i] = dataclasses.replace(p, source_path=path)
+            if self.count:
+                path = self.out_dir / part_file_name(len(self.parts) + 1)
+                self.file = open(path, "wb", buffering=0)
+                self.written.append(path)
+                _copy_range(src, self.file, self.start, self.end)
+
     def _flush(self) -> None:
         if self.file is not None and self.buf:
-            self.file.write(b"\n".join(self.buf))
-            self.file.write(b"\n")
+            self.file.write(b"".join(self.buf))
         self.buf.clear()
         self.buf_bytes = 0
 
@@ -250,7 +323,7 @@ class PartWriter:
 
     def abandon(self) -> None:
         """Stop writing and delete every part file written so far (the input is invalid)."""
-        self.writing = False
+        self.writing = self.ranged = False
         self.buf.clear()
         if self.file is not None:
             self.file.close()
@@ -267,3 +340,14 @@ class PartWriter:
             from daemon.outbox import fsync_dir
 
             fsync_dir(self.out_dir)
+
+
+def _copy_range(src: IO[bytes], out: IO[bytes], start: int, end: int) -> None:
+    src.seek(start)
+    left = end - start
+    while left > 0:
+        chunk = src.read(min(left, BLOCK))
+        if not chunk:
+            raise OSError(f"{src.name}: shorter than expected")
+        out.write(chunk)
+        left -= len(chunk)

@@ -11,12 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import collect
+from daemon import assemble, collect
 from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.media import media_ext, safe_key
-from daemon.merge import MergeIndex
 from daemon.outbox import outbox_paths
 from daemon.store import Store, new_input_id
 
@@ -74,7 +73,13 @@ class Input:
 
     @classmethod
     async def make(
-        cls, ctx: Context, parts: list[list[str]], *, rel: str = "foo.jsonl", **extra: Any
+        cls,
+        ctx: Context,
+        parts: list[list[str]],
+        *,
+        rel: str = "foo.jsonl",
+        ranged: bool = False,
+        **extra: Any,
     ) -> Input:
         id_ = new_input_id()
         work = ctx.input_dir(id_)
@@ -93,7 +98,8 @@ class Input:
                     f.write(line)
                     off += len(line)
                     line_no += 1
-                (work / f"part-{n}-a1.jsonl").write_bytes(b"".join(lines))
+                if not ranged:  # else each job submits its byte range of the input
+                    (work / f"part-{n}-a1.jsonl").write_bytes(b"".join(lines))
                 rows.append((n, first, line_no - 1, start, off, len(keys)))
         jobs = {}
         async with ctx.store.tx() as conn:
@@ -128,7 +134,9 @@ class Input:
                     display_name=f"gemini-batchd:{id_}:{n}",
                     state="active",
                     mode="file",
-                    source_path=str(work / f"part-{n}-a1.jsonl"),
+                    source_path=str(inp if ranged else work / f"part-{n}-a1.jsonl"),
+                    source_start=start if ranged else None,
+                    source_end=end if ranged else None,
                     request_count=count,
                     est_tokens=10 * count,
                     remote_name=f"batches/{id_}-{n}",
@@ -178,10 +186,11 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
     work = ctx.input_dir(inp.id)
     per_job = collect.SMALL_INPUT_REQUESTS < 0
-    # per job: both parts already indexed and put in order while "other jobs still ran"
-    assert (work / "merge.sqlite").exists() is per_job
-    assert sorted(p.name for p in work.glob("part-*.ordered")) == (
-        ["part-1.ordered", "part-2.ordered"] if per_job else []
+    # per job: both parts already put in order while "other jobs still ran" (the fast path:
+    # each part answered exactly once by its first job, so no merge index at all)
+    assert not (work / "merge.sqlite").exists()
+    assert sorted(p.name for p in work.glob("part-*.fast")) == (
+        ["part-1.fast", "part-2.fast"] if per_job else []
     )
     assert await collect_once(ctx) == 1
     row = await inp.row()
@@ -223,6 +232,36 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     assert (work / "input.jsonl").exists() and len(list(work.glob("job-*.results.jsonl"))) == 2
     assert not [p for p in out["results"].parent.iterdir() if p.name.endswith(".tmp")]
     assert await collect_once(ctx) == 0  # final: nothing more to do
+
+
+async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -> None:
+    # A canonical input's parts are byte ranges of input.jsonl: each part's keys are read from
+    # its own range (not the whole file), so clean parts still go the fast way.
+    keys1, keys2 = [f"a{i}" for i in range(50)], [f"b{i}" for i in range(30)]
+    inp = await Input.make(ctx, [keys1, keys2], ranged=True)
+    work = ctx.input_dir(inp.id)
+    assert not list(work.glob("part-*-a1.jsonl"))
+    await inp.collected(inp.jobs[1], [ok(k) for k in reversed(keys1)])
+    await collect._assemble_ready_parts(ctx, inp.id)
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    # part 1 is already in the outbox file in the making (a hidden temporary name)
+    prefix = assemble.prefix_path(inp.out()["results"], work)
+    assert prefix.exists() is per_job
+    if per_job:
+        assert [x["key"] for x in lines_of(prefix)] == keys1
+    await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
+    assert sorted(p.name for p in work.glob("part-*.fast")) == (
+        ["part-1.fast", "part-2.fast"] if per_job else []
+    )
+    assert not (work / "merge.sqlite").exists()
+    assert await collect_once(ctx) == 1
+    assert (await inp.row())["state"] == "succeeded"
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == keys1 + keys2
+    assert not prefix.exists() and not (work / "prefix.json").exists()
+    assert sorted(p.name for p in inp.out()["results"].parent.iterdir()) == [
+        "foo.jsonl",
+        "foo.summary.json",
+    ]
 
 
 async def test_retries_then_budget_then_partial(ctx: Context) -> None:
@@ -429,19 +468,51 @@ async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) 
     assert await collect_once(ctx) == 0  # backing off: not even tried
 
 
-async def test_big_inputs_get_their_keys_indexed_while_jobs_run(ctx: Context) -> None:
-    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+async def test_big_inputs_mix_fast_parts_and_the_index(ctx: Context) -> None:
+    """Part 1 comes back clean (fast path), part 2 with a duplicate and an unknown key (merge
+    index): the input settles through the index, which loads both jobs' results."""
+    inp = await Input.make(ctx, [["a", "b"], ["c", "d"]])
     work = ctx.input_dir(inp.id)
     assert await collect_once(ctx) == 0  # nothing finished yet
     per_job = collect.SMALL_INPUT_REQUESTS < 0
+    await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    await inp.collected(inp.jobs[2], [ok("d"), ok("d"), ok("zz"), err("c", 3)])
+    assert (work / "part-1.fast").exists() is per_job
+    assert not (work / "part-2.fast").exists()
     assert (work / "merge.sqlite").exists() is per_job
-    if per_job:
-        index = MergeIndex(work / "merge.sqlite")
-        try:
-            assert index.ranges() == [(1, 1, 2), (2, 3, 3)]
-            assert [a.key for a in index.answers()] == ["a", "b", "c"]
-        finally:
-            index.close()
+    assert await collect_once(ctx) == 1
+    got = lines_of(inp.out()["results"])
+    assert [x["key"] for x in got] == ["a", "b", "c", "d"] and got[2]["error"]["code"] == 3
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["state"] == "partial"
+    assert summary["requests"]["duplicates_dropped"] == 1
+    assert summary["requests"]["unknown_dropped"] == 1
+    assert not list(work.glob("part-*")) and not list(work.glob(".part-*"))
+
+
+async def test_fast_parts_survive_a_lost_summary(ctx: Context) -> None:
+    """A part file put in order whose summary vanished (a crash) is put in order again at
+    settle time; one whose results changed is not trusted."""
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    await inp.collected(inp.jobs[1], [ok("b"), err("a", 3)])
+    await inp.collected(inp.jobs[2], [ok("c")])
+    if collect.SMALL_INPUT_REQUESTS < 0:
+        (work / "part-1.fast.json").unlink()
+        (work / "part-2.fast").write_bytes(b"stale\n")
+    assert await collect_once(ctx) == 1
+    got = lines_of(inp.out()["results"])
+    assert [x["key"] for x in got] == ["a", "b", "c"] and got[0]["error"]["code"] == 3
+    summary = orjson.loads(inp.out()["summary"].read_bytes())
+    assert summary["state"] == "partial" and summary["requests"]["failed"] == 1
+    assert summary["tokens"]["total"] == 70
+
+
+async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> None:
+    inp = await Input.make(ctx, [["a", "b"], ["c"]])
+    work = ctx.input_dir(inp.id)
+    assert await collect_once(ctx) == 0  # nothing finished yet
+    assert not (work / "merge.sqlite").exists()
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
     await inp.collected(inp.jobs[2], [ok("c")])
     assert await collect_once(ctx) == 1

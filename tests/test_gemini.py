@@ -51,6 +51,26 @@ async def test_file_job_roundtrip(env: Env, tmp_path: Path) -> None:
     await env.gem.delete_file(f["name"])  # already gone: fine
 
 
+async def test_upload_of_a_byte_range(env: Env, tmp_path: Path) -> None:
+    # A canonical input is submitted straight from its file: the upload carries exactly the
+    # bytes of the part's range (here lines 3-5 of 8), through the SDK's IO upload path.
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps(li).encode() + b"\n" for li in lines_for(8)]
+    src.write_bytes(b"".join(lines))
+    start = len(b"".join(lines[:2]))
+    end = start + len(b"".join(lines[2:5]))
+    f = await env.gem.upload_file(src, display_name="in", span=(start, end))
+    assert int(f["sizeBytes"]) == end - start
+    op = await env.gem.create_file_job(
+        model=MODEL, file_name=f["name"], display_name="dn-range", embed=False
+    )
+    done = await wait_done(env.gem, op["name"])
+    out = tmp_path / "out.jsonl"
+    await env.gem.download_file(done["metadata"]["output"]["responsesFile"], out)
+    keys = {orjson.loads(line)["key"] for line in out.read_bytes().splitlines()}
+    assert keys == {"k2", "k3", "k4"}
+
+
 async def test_inline_create_keeps_every_field(env: Env) -> None:
     request = {
         "contents": [{"role": "user", "parts": [{"text": "hello"}]}],

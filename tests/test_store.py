@@ -29,6 +29,32 @@ async def test_refuses_a_newer_database(tmp_path):
             pass
 
 
+async def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    # A store written by the first release (schema 1) gains the job source range columns and
+    # keeps its rows; NULL means "the whole source file", as version 1 meant.
+    db = tmp_path / "db.sqlite"
+    con = sqlite3.connect(db)
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute(
+        "INSERT INTO inputs (id, rel_path, model, state, work_path, created_at, updated_at) "
+        "VALUES ('i1', 'a.jsonl', 'm', 'queued', 'w', 0, 0)"
+    )
+    con.execute(
+        "INSERT INTO jobs (input_id, part_no, attempt, display_name, state, mode, source_path, "
+        "request_count, est_tokens, created_at, updated_at) "
+        "VALUES ('i1', 1, 1, 'gemini-batchd:i1:1', 'planned', 'file', 'p', 1, 1, 0, 0)"
+    )
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    async with Store.open(db) as store:
+        assert await store.scalar("PRAGMA user_version") == len(MIGRATIONS) == 2
+        (job,) = await store.jobs_of("i1")
+        assert job["source_path"] == "p" and job["source_start"] is None
+        assert job["source_end"] is None
+
+
 async def test_states_are_checked_by_the_schema(tmp_path):
     async with Store.open(tmp_path / "db.sqlite") as store:
         with pytest.raises(sqlite3.IntegrityError):

@@ -144,9 +144,8 @@ def test_media_references(tmp_path: Path) -> None:
     out = tmp_path / "work"
     v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
     assert v.ok and v.media_refs == 4
-    assert b"".join(p.source_path.read_bytes() for p in v.parts if p.source_path) == (
-        path.read_bytes()
-    )
+    assert b"".join(part_bytes(v, path)) == path.read_bytes()
+    assert all(p.source_path is not None for p in v.parts)  # media lines get part files
     assert v.media_names == {"cat.png", "sub/dog.png", "inside.png"}
     bad = [
         line("a", req("file:cat.png")),
@@ -181,10 +180,19 @@ def test_problem_cap_keeps_total_count(tmp_path: Path) -> None:
     assert [p.line for p in v.problems] == list(range(2, 102))
 
 
-def read_keys(paths: list[Path]) -> list[str]:
+def part_bytes(v: Any, path: Path) -> list[bytes]:
+    """What each planned part submits: its part file, or its byte range of the input."""
+    raw = path.read_bytes()
+    return [
+        p.source_path.read_bytes() if p.source_path else raw[p.start_offset : p.end_offset]
+        for p in v.parts
+    ]
+
+
+def read_keys(chunks: list[bytes]) -> list[str]:
     keys: list[str] = []
-    for p in paths:
-        for raw in p.read_bytes().splitlines():
+    for chunk in chunks:
+        for raw in chunk.splitlines():
             doc = orjson.loads(raw)
             assert set(doc) == {"key", "request"}
             keys.append(doc["key"])
@@ -212,7 +220,7 @@ def test_split_by_count_writes_canonical_parts(tmp_path: Path) -> None:
         if raw.strip():
             doc = orjson.loads(raw)
             expected.append(doc["key"] if "key" in doc else str(n))
-    assert read_keys([f for f in files if f]) == expected
+    assert read_keys([f.read_bytes() for f in files if f]) == expected
     assert b"\r" not in b"".join(f.read_bytes() for f in files if f)
     # every part file is exactly its canonical lines, one newline each
     canonical = b"".join(
@@ -239,11 +247,13 @@ def test_split_by_bytes(tmp_path: Path) -> None:
     out = tmp_path / "work"
     one = len(orjson.dumps(data[0])) + 1
     cfg = cfg_for(tmp_path, submit={"max_job_bytes": one * 7 + 3})
-    v = validate_file(write(tmp_path, data), model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    path = write(tmp_path, data)
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg, out_dir=out)
     assert [p.request_count for p in v.parts] == [7, 7, 7, 7, 2]
     assert all(p.size_bytes <= one * 7 + 3 for p in v.parts)
-    files = [p.source_path for p in v.parts if p.source_path]
-    assert read_keys(files) == [f"key-{i:03}" for i in range(30)]
+    # canonical lines: the parts are byte ranges of the input, no part files
+    assert all(p.source_path is None for p in v.parts) and list(out.iterdir()) == []
+    assert read_keys(part_bytes(v, path)) == [f"key-{i:03}" for i in range(30)]
 
 
 def test_invalid_file_leaves_no_part_files(tmp_path: Path) -> None:
@@ -314,6 +324,118 @@ def test_lines_across_read_blocks_and_over_long_lines(tmp_path: Path) -> None:
         and v.request_count == 3001
         and v.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     )
-    parts = b"".join(p.source_path.read_bytes() for p in v.parts if p.source_path)
-    assert parts == path.read_bytes()
+    assert b"".join(part_bytes(v, path)) == path.read_bytes()
     assert v.parts[-1].end_offset == path.stat().st_size
+
+
+def test_ranged_parts_turn_into_part_files_at_the_first_rewritten_line(tmp_path: Path) -> None:
+    # 25 canonical lines (two full parts and half of a third), then a bare line that must be
+    # rewritten: every part gets a part file of canonical lines, copied or written.
+    data: list[Any] = [line(f"k{i}") for i in range(25)] + [GEN, line("z")]
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    cfg = cfg_for(tmp_path, submit={"max_requests_per_job": 10})
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg, out_dir=out)
+    assert v.ok and [p.request_count for p in v.parts] == [10, 10, 7]
+    assert [p.source_path for p in v.parts] == [out / f"part-{n}-a1.jsonl" for n in (1, 2, 3)]
+    assert read_keys(part_bytes(v, path)) == [f"k{i}" for i in range(25)] + ["26", "z"]
+    assert v.parts[2].source_path is not None
+    assert v.parts[2].source_path.read_bytes().splitlines()[5] == (
+        b'{"key":"26","request":%b}' % orjson.dumps(GEN)
+    )
+    # the same lines without the bare one stay byte ranges
+    path = write(tmp_path, data[:25] + data[26:])
+    out2 = tmp_path / "work2"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg, out_dir=out2)
+    assert v.ok and all(p.source_path is None for p in v.parts)
+    assert b"".join(part_bytes(v, path)) == path.read_bytes() and list(out2.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"key":"x","request":{"contents":[]},"extra":1}',
+        b'{"key":7,"request":{"contents":[]}}',
+        b'{"key":"","request":{"contents":[]}}',
+        b'{"key":"x","request":[]}',
+        b'{"key":"x","request":{"content":[]}}',
+        b'["key","request"]',
+        b'{"key":"k3","request":{"contents":[]}}',  # a duplicate of an earlier key
+        b"{not json",
+        b'{"key":"x","request":{"contents":"\xff"}}',
+    ],
+)
+def test_a_bad_line_inside_a_block_of_good_lines_is_found(tmp_path: Path, bad: bytes) -> None:
+    # Good lines are taken a block at a time; one bad line in the middle of a block must still
+    # be reported at its own line number.
+    data: list[Any] = [line(f"k{i}") for i in range(200)]
+    data.insert(100, bad)
+    got = problems(tmp_path, data)
+    assert [n for n, _ in got] == [101], got
+
+
+def test_duplicate_keys_among_many(tmp_path: Path) -> None:
+    # More keys than one set check takes: the hashes are partitioned into buckets first.
+    n = 150_000
+    body = b"".join(b'{"key":"k%d","request":{"contents":"x"}}\n' % i for i in range(n))
+    body += b'{"key":"k5","request":{"contents":"x"}}\n'
+    got = problems(tmp_path, body)
+    assert got == [(n + 1, "duplicate key 'k5' (first on line 6)")]
+    v = validate_file(
+        write(tmp_path, body[: -len(b'{"key":"k5","request":{"contents":"x"}}\n')]),
+        model="gemini-2.5-flash",
+        cfg=cfg_for(tmp_path),
+    )
+    assert v.ok and v.request_count == n
+
+
+@pytest.mark.parametrize("straddle", [False, True])
+def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, straddle: bool) -> None:
+    # Big files are taken a block at a time without looking for media references; a second
+    # thread scans the whole file for '"file:' and, when it is there, the file is validated
+    # again with every line checked. The mark may straddle two of the scan's 1 MiB reads.
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "cat.png").write_bytes(b"png")
+    filler = [line(f"k{i}", {"contents": "x" * 1000}) for i in range(9_500)]  # > 8 MiB
+    ref = line("m", {"contents": [{"parts": [media_part("file:cat.png")]}]})
+    missing = line("n", {"contents": [{"parts": [media_part("file:nope.png")]}]})
+    body = b"".join(orjson.dumps(x) + b"\n" for x in filler)
+    if straddle:
+        head = orjson.dumps(ref)
+        cut = (1 << 20) - head.index(b'"file:') - 3  # the mark starts 3 bytes before 1 MiB
+        first = body[:cut]
+        first = first[: first.rindex(b"\n") + 1]
+        pad = cut - len(first) - len(b'{"key":"pad","request":{"contents":""}}\n')
+        assert pad >= 0
+        body = (
+            first
+            + b'{"key":"pad","request":{"contents":"%b"}}\n' % (b"p" * pad)
+            + head
+            + b"\n"
+            + body[len(first) :]
+        )
+        assert body.index(b'"file:') == (1 << 20) - 3
+        data = body
+    else:
+        data = body + orjson.dumps(ref) + b"\n"
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
+    assert v.ok and v.media_refs == 1 and v.media_names == {"cat.png"}
+    assert all(p.source_path is not None for p in v.parts)  # media lines need part files
+    assert b"".join(part_bytes(v, path)) == path.read_bytes()
+    got = problems(tmp_path, data + orjson.dumps(missing) + b"\n")
+    assert got == [(data.count(b"\n") + 1, "media file 'nope.png' not found in media_dir")]
+
+
+def test_file_mark_without_media_keeps_byte_ranges(tmp_path: Path) -> None:
+    # '"file:' inside a prompt is not a media reference: after the closer look, the parts stay
+    # byte ranges of the input.
+    data = [line(f"k{i}", {"contents": "x" * 1000}) for i in range(9_500)]
+    data.append(line("t", {"contents": "file:not-a-reference"}))
+    path = write(tmp_path, data)
+    out = tmp_path / "work"
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg_for(tmp_path), out_dir=out)
+    assert v.ok and v.media_refs == 0 and all(p.source_path is None for p in v.parts)
+    assert list(out.iterdir()) == []

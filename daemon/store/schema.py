@@ -110,4 +110,10 @@ MIGRATIONS: list[list[str]] = [
         ) STRICT
         """,
     ],
+    # 2: a job's source may be a byte range of its input's work file (canonical inputs are
+    # submitted straight from it, without writing part files)
+    [
+        "ALTER TABLE jobs ADD COLUMN source_start INTEGER",  # NULL: the whole of source_path
+        "ALTER TABLE jobs ADD COLUMN source_end INTEGER",
+    ],
 ]

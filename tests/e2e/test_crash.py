@@ -83,6 +83,33 @@ async def test_kill9_at_a_step_then_restart(tmp_path, emulator, point, inline):
     await _restart_and_finish(cfg_path, root, emulator)
 
 
+@pytest.mark.parametrize("point", ["after_download", "mid_outbox"])
+async def test_kill9_while_a_big_input_is_assembled_then_restart(tmp_path, emulator, point):
+    # A big input (more than SMALL_INPUT_REQUESTS) in 3 parts: each part is put in order and
+    # appended to the outbox file in the making as its job comes back; a kill at a job's
+    # download or in the final write leaves only temporary names, and the restart finishes.
+    n = 12_000
+    data = config_data(
+        tmp_path / "root",
+        emulator.url,
+        submit={"inline_max_bytes": 0, "max_requests_per_job": 4_000},
+    )
+    cfg_path = write_config(tmp_path / "config.toml", data)
+    root = tmp_path / "root"
+    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "crash.jsonl", request_lines(n))
+        code = await p.wait_exit(timeout=90)
+        assert code == -signal.SIGKILL, p.output()
+    finally:
+        p.close()
+    out = outbox_paths(root / "outbox", "crash.jsonl")
+    assert not out["results"].exists() and not out["summary"].exists()
+    await _restart_and_finish(cfg_path, root, emulator, n)
+    assert len(emulator.stats["creates_by_display_name"]) == 3
+
+
 async def test_kill9_mid_upload_then_restart(tmp_path, emulator):
     cfg_path, _ = _config(tmp_path, emulator, inline=False)
     root = tmp_path / "root"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -71,6 +73,11 @@ async def test_big_file_is_split_into_parts_and_merged_back(make_cfg, emulator):
         f"gemini-batchd:{row['id']}:{p}" for p in (1, 2, 3)
     ]
     assert [j["request_count"] for j in jobs] == [100, 100, 50]
+    # canonical lines: each part is submitted as a byte range of the work file, no part files
+    assert {j["source_path"] for j in jobs} == {row["work_path"]}
+    spans = [(j["source_start"], j["source_end"]) for j in jobs]
+    assert spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == spans[2][0]
+    assert not list(Path(row["work_path"]).parent.glob(f"{row['id']}/part-*"))
     assert_results_in_order(cfg.outbox_dir / "split.jsonl", 250)
 
 

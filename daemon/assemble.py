@@ -1,0 +1,161 @@
+"""A big input's outbox results file, assembled while its jobs still run.
+
+When the first parts of an input have been put in order (:mod:`daemon.merge_part`), they are
+appended to a hidden temporary file next to the final outbox file
+(``outbox/.<name>.<input id>.tmp``) and flushed to disk, so that settling the input only has to
+append the parts that came back last, fsync and rename. A record in the input's work folder
+(``prefix.json``, written after the data is on disk) lists the parts appended, with the job and
+size each came from; settling trusts the file only as far as the record matches the parts it
+would write anyway, and otherwise starts from scratch. Synchronous: run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import orjson
+
+from daemon.outbox import publish_file
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+class Ready(NamedTuple):
+    """A part whose answers are in order in ``path`` (``size`` bytes), from job ``job_id``."""
+
+    part_no: int
+    job_id: int
+    path: Path
+    size: int
+
+
+def prefix_path(results: Path, work: Path) -> Path:
+    """The temporary file for the outbox file ``results`` of the input with work folder ``work``
+    (the input id in the name: two inputs of the same name never share it)."""
+    return results.with_name(f".{results.name}.{work.name}.tmp")
+
+
+def _record_path(work: Path) -> Path:
+    return work / "prefix.json"
+
+
+def _lock(prefix: Path) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(str(prefix), threading.Lock())
+
+
+def _held(work: Path, parts: list[Ready]) -> int:
+    """How many of ``parts`` (consecutive from the first) the record says the file holds."""
+    try:
+        rows = orjson.loads(_record_path(work).read_bytes())
+    except (OSError, ValueError):
+        return 0
+    held = 0
+    for row, part in zip(rows, parts, strict=False):
+        if row != [part.part_no, part.job_id, part.size]:
+            break
+        held += 1
+    return held if held == len(rows) else 0
+
+
+def _append(out: IO[bytes], src: Path) -> None:
+    """Append ``src`` to ``out`` (a kernel copy where the file system allows it)."""
+    out.flush()
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0
+        with contextlib.suppress(OSError):
+            while done < size:
+                n = os.copy_file_range(f.fileno(), out.fileno(), size - done, done)
+                if n == 0:
+                    break
+                done += n
+        if done < size:
+            f.seek(done)
+            out.seek(0, os.SEEK_END)
+            shutil.copyfileobj(f, out, 1 << 20)
+    out.seek(0, os.SEEK_END)
+
+
+def _open(prefix: Path, work: Path, parts: list[Ready]) -> tuple[IO[bytes], int]:
+    """The prefix file open for appending after the parts it validly holds, and their count."""
+    held = _held(work, parts)
+    size = sum(p.size for p in parts[:held])
+    try:
+        f = open(prefix, "r+b")
+    except FileNotFoundError:
+        f = open(prefix, "w+b")
+        held = size = 0
+    if os.fstat(f.fileno()).st_size < size:  # shorter than recorded: start again
+        held = size = 0
+    f.truncate(size)  # drops a half-appended part
+    f.seek(size)
+    return f, held
+
+
+def extend(results: Path, work: Path, ready: list[Ready]) -> int:
+    """Append the consecutive ready parts (from part 1) that the prefix file lacks, flush them to
+    disk and record them; returns how many parts it holds."""
+    prefix = prefix_path(results, work)
+    with _lock(prefix):
+        if not ready:
+            return 0
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        f, held = _open(prefix, work, ready)
+        with f:
+            if held == len(ready):
+                return held
+            for part in ready[held:]:
+                _append(f, part.path)
+            f.flush()
+            os.fdatasync(f.fileno())
+        tmp = _record_path(work).with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps([[p.part_no, p.job_id, p.size] for p in ready]))
+        with open(tmp, "rb") as r:
+            os.fsync(r.fileno())
+        os.replace(tmp, _record_path(work))
+        return len(ready)
+
+
+def publish(
+    results: Path, work: Path, parts: list[Ready], after_first: Callable[[], None] | None = None
+) -> None:
+    """At settle: append to the prefix file the parts it does not hold yet (all of them if it
+    cannot be trusted), fsync it and rename it to ``results``; ``after_first`` runs once, when
+    the first part appended here is flushed (or before the rename if nothing was left)."""
+    prefix = prefix_path(results, work)
+    with _lock(prefix):
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        f, held = _open(prefix, work, parts)
+        try:
+            for i, part in enumerate(parts[held:]):
+                _append(f, part.path)
+                if i == 0 and after_first is not None:
+                    f.flush()
+                    after_first()
+            if held == len(parts) and after_first is not None:
+                after_first()
+            publish_file(f, prefix, results)
+        except BaseException:
+            f.close()
+            raise
+    with contextlib.suppress(FileNotFoundError):
+        _record_path(work).unlink()
+
+
+def discard(results: Path, work: Path) -> None:
+    """Remove the prefix file and its record (the input was written another way, or ended)."""
+    prefix = prefix_path(results, work)
+    with _lock(prefix):
+        for p in (prefix, _record_path(work)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    with _locks_guard:
+        _locks.pop(str(prefix), None)

@@ -1,0 +1,79 @@
+"""The outbox file assembled while jobs run: appended parts, the record, and what settle trusts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from daemon import assemble
+from daemon.assemble import Ready
+
+
+def parts(tmp_path: Path, sizes: list[int], job0: int = 10) -> list[Ready]:
+    out = []
+    for n, size in enumerate(sizes, start=1):
+        p = tmp_path / f"part-{n}.fast"
+        p.write_bytes(bytes([96 + n]) * (size - 1) + b"\n")
+        out.append(Ready(n, job0 + n, p, size))
+    return out
+
+
+def whole(ps: list[Ready]) -> bytes:
+    return b"".join(p.path.read_bytes() for p in ps)
+
+
+def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [100, 50, 70])
+    assert assemble.extend(results, work, ps[:1]) == 1
+    prefix = assemble.prefix_path(results, work)
+    assert prefix.name == f".x.jsonl.{work.name}.tmp" and prefix.read_bytes() == whole(ps[:1])
+    assert assemble.extend(results, work, ps[:2]) == 2
+    assert assemble.extend(results, work, ps[:2]) == 2  # nothing new: nothing appended
+    assert prefix.read_bytes() == whole(ps[:2])
+    seen = []
+    assemble.publish(results, work, ps, lambda: seen.append(prefix.stat().st_size))
+    assert results.read_bytes() == whole(ps) and not prefix.exists()
+    assert seen == [220]  # after the one part appended at settle
+    assert not (work / "prefix.json").exists()
+
+
+def test_settle_trusts_the_file_only_as_far_as_the_record_matches(tmp_path: Path) -> None:
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [100, 50, 70])
+    assemble.extend(results, work, ps[:2])
+    prefix = assemble.prefix_path(results, work)
+    # a crash in the middle of appending part 3: more bytes than the record says
+    with open(prefix, "ab") as f:
+        f.write(b"half of part 3")
+    assemble.publish(results, work, ps)
+    assert results.read_bytes() == whole(ps)
+    # part 2 was put in order again from another job (say, after a restart): start over
+    assemble.extend(results, work, ps[:2])
+    other = [ps[0], ps[1]._replace(job_id=99), ps[2]]
+    with open(prefix, "r+b") as f:
+        f.write(b"garbage")  # whatever the file held, it is rewritten
+    assemble.publish(results, work, other)
+    assert results.read_bytes() == whole(ps)
+    # the record survives but the file was lost: start over
+    assemble.extend(results, work, ps[:1])
+    prefix.unlink()
+    assemble.publish(results, work, ps)
+    assert results.read_bytes() == whole(ps)
+
+
+def test_discard_removes_the_file_and_the_record(tmp_path: Path) -> None:
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [10])
+    assemble.extend(results, work, ps)
+    assert orjson.loads((work / "prefix.json").read_bytes()) == [[1, 11, 10]]
+    assemble.discard(results, work)
+    assert not assemble.prefix_path(results, work).exists()
+    assert not (work / "prefix.json").exists() and not results.exists()
