@@ -32,6 +32,7 @@ from daemon import assemble
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
+from daemon.group_commit import GroupCommit
 from daemon.merge import (
     RETRYABLE_GRPC,
     RETRYABLE_HTTP,
@@ -46,6 +47,7 @@ from daemon.merge import (
 from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
 from daemon.outbox import atomic_writer, fsync_dir, outbox_paths
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
+from daemon.submit import yield_to_submission
 
 __all__ = [
     "RETRYABLE_GRPC",
@@ -62,6 +64,7 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 # done per job); bigger ones are indexed job by job as each is collected.
 SMALL_INPUT_REQUESTS = 10_000
 COLLECT_CONCURRENCY = 2  # one job's download overlaps with an earlier one's ordering
+SMALL_COLLECT_CONCURRENCY = 8  # small inline jobs / small inputs handled at once (latency-bound)
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -77,11 +80,19 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
     """Collect forever: on a nudge from the pollers, or every few seconds as a safety net."""
     task_status.started()
     while True:
+        started = time.monotonic()
         try:
             await collect_once(ctx)
         except Exception:
             log.exception("collect_round_failed")
-        await ctx.wake.collect.wait(max(ctx.cfg.poll.min_interval, 1.0))
+        pause = max(ctx.cfg.poll.min_interval, 1.0)
+        if ctx.submit_backlog:
+            # Submission first: at most a quarter of the time for collecting while admitted
+            # jobs wait for a worker (never nothing: the backlog may last).
+            busy = time.monotonic() - started
+            await yield_to_submission(ctx, ctx.wake.collect, max(pause, 3 * busy))
+        else:
+            await ctx.wake.collect.wait(pause)
 
 
 async def collect_once(ctx: Context) -> int:
@@ -89,27 +100,87 @@ async def collect_once(ctx: Context) -> int:
     Returns how many jobs and inputs were handled."""
     n = 0
     now = time.time()
-    due = [j for j in await ctx.store.jobs_in(JobState.DONE) if j["not_before"] <= now]
-    limiter = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
+    due = await ctx.store.fetchall(
+        "SELECT j.*, i.request_count AS input_requests FROM jobs j "
+        "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ? "
+        "ORDER BY j.id",
+        (now,),
+    )
+    big = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
+    small = anyio.CapacityLimiter(_small_concurrency(ctx))
+    writer: GroupCommit[_Collected] = GroupCommit(ctx.store, _write_collected)
 
-    async def one(job: dict[str, Any]) -> None:
+    todo = iter(due)
+
+    async def worker() -> None:
         nonlocal n
-        async with limiter:
-            try:
-                n += await _collect_job(ctx, job)
-            except Exception:
-                log.exception("collect_failed", job=job["display_name"])
+        for job in todo:  # shared: each worker takes the next job
+            async with small if _is_small(job) else big:
+                try:
+                    n += await _collect_job(ctx, job, writer)
+                except Exception:
+                    log.exception("collect_failed", job=job["display_name"])
 
-    # A few at once: one job's download overlaps with an earlier one's indexing.
+    # A few at once: one job's download overlaps with an earlier one's indexing. A fixed pool
+    # of tasks, not one per job: thousands of jobs may be due after a submission backlog.
     async with anyio.create_task_group() as tg:
-        for job in due:
-            tg.start_soon(one, job)
-    for row in await _settled_inputs(ctx):
-        try:
-            await _settle(ctx, row)
-            n += 1
-        except Exception:
-            log.exception("settle_failed", input_id=row["id"])
+        for _ in range(min(len(due), SMALL_COLLECT_CONCURRENCY)):
+            tg.start_soon(worker)
+    return n + await _settle_all(ctx, await _settled_inputs(ctx))
+
+
+def _small_concurrency(ctx: Context) -> int:
+    """One at a time while submission has a backlog (it goes first), else several."""
+    return 1 if ctx.submit_backlog else SMALL_COLLECT_CONCURRENCY
+
+
+def _is_small(job: dict[str, Any]) -> bool:
+    """An inline job of a small input: its results are small and it has no merge index (see
+    :func:`_index_job`), so several are collected at once."""
+    return job["mode"] != "file" and (job["input_requests"] or 0) <= SMALL_INPUT_REQUESTS
+
+
+async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
+    """Settle inputs: marked ``downloading`` together, small ones several at once. Inputs
+    dropped under the same name settle one after the other, oldest first (the outbox names,
+    temporary ones included, are shared; the newest drop must be written last)."""
+    fresh = [r for r in rows if r["state"] != InputState.DOWNLOADING]
+    if fresh:
+        now = time.time()
+        async with ctx.store.tx() as conn:
+            await conn.executemany(
+                "UPDATE inputs SET state = 'downloading', updated_at = ? WHERE id = ?",
+                [(now, r["id"]) for r in fresh],
+            )
+            await conn.executemany(
+                "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, 'downloading', NULL)",
+                [(r["id"], now) for r in fresh],
+            )
+        for r in fresh:
+            r["state"] = InputState.DOWNLOADING.value
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:  # already in age order
+        by_name.setdefault(r["rel_path"], []).append(r)
+    small = anyio.CapacityLimiter(_small_concurrency(ctx))
+    big = anyio.CapacityLimiter(1)
+    n = 0
+
+    groups = iter(by_name.values())
+
+    async def worker() -> None:
+        nonlocal n
+        for group in groups:  # shared: each worker takes the next name
+            for row in group:
+                async with small if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS else big:
+                    try:
+                        await _settle(ctx, row)
+                        n += 1
+                    except Exception:
+                        log.exception("settle_failed", input_id=row["id"])
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(len(by_name), SMALL_COLLECT_CONCURRENCY)):
+            tg.start_soon(worker)
     return n
 
 
@@ -129,7 +200,20 @@ async def _settled_inputs(ctx: Context) -> list[dict[str, Any]]:
 
 
 # ---- step 1: one job's results ------------------------------------------------------------------
-async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
+_Collected = tuple[str, str | None, float, float, int]  # results path, file, finished, now, job
+
+
+async def _write_collected(conn: Any, items: list[_Collected]) -> None:
+    await conn.executemany(
+        "UPDATE jobs SET state = 'collected', results_path = ?, result_file = ?, "
+        "finished_at = ?, updated_at = ? WHERE id = ?",
+        items,
+    )
+
+
+async def _collect_job(
+    ctx: Context, job: dict[str, Any], writer: GroupCommit[_Collected] | None = None
+) -> bool:
     """Results of one ``done`` job into its results file, then ``collected``. A transient API
     error leaves the job ``done`` (with a backoff) for a later round."""
     dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
@@ -160,19 +244,15 @@ async def _collect_job(ctx: Context, job: dict[str, Any]) -> bool:
         log.error("results_lost", job=job["display_name"], error=str(exc))
         await anyio.to_thread.run_sync(_write_lines, dest, [])
     crash_point("after_download")
-    await _index_job(ctx, job, dest)
-    with anyio.CancelScope(shield=True):
-        async with ctx.store.tx() as conn:
-            await ctx.store.update_job(
-                conn,
-                job["id"],
-                state=JobState.COLLECTED,
-                results_path=str(dest),
-                result_file=result_file,
-                finished_at=job["finished_at"] or time.time(),
-            )
+    if not _is_small(job):
+        await _index_job(ctx, job, dest)
+    now = time.time()
+    item = (str(dest), result_file, job["finished_at"] or now, now, job["id"])
+    # Committed with the other jobs collected meanwhile (shielded: the file is written).
+    await (writer or GroupCommit(ctx.store, _write_collected)).put([item])
     log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
-    await _assemble_ready_parts(ctx, job["input_id"])
+    if not _is_small(job):
+        await _assemble_ready_parts(ctx, job["input_id"])
     return True
 
 

@@ -57,6 +57,9 @@ class Context:
     metrics: Any = None  # daemon.metrics.Metrics once the control socket exists
     # Set by stages so that status can say what is going on without a query.
     last_api_error: dict[str, Any] | None = None
+    # Set by the submitter while admitted jobs wait for a worker: polling and collecting then
+    # yield to submission (a job submitted earlier finishes earlier at the API).
+    submit_backlog: bool = False
 
     @property
     def work_dir(self) -> Path:

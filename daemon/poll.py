@@ -22,7 +22,7 @@ from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
 from daemon.states import InputState, JobState, RemoteState
 from daemon.store import dumps
-from daemon.submit import note_api_error
+from daemon.submit import note_api_error, yield_to_submission
 from daemon.submit_writes import advance_inputs
 
 log = structlog.get_logger(__name__)
@@ -261,4 +261,10 @@ async def run_pollers(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNO
     task_status.started()
     while True:
         await poll_once(ctx)
-        await ctx.wake.poll.wait(await _next_due(ctx))
+        wait = await _next_due(ctx)
+        if ctx.submit_backlog:
+            # Submission first: one pass per max_interval, not one per activation (each
+            # activation nudges the pollers); a due job waits at most that long.
+            await yield_to_submission(ctx, ctx.wake.poll, max(wait, ctx.cfg.poll.max_interval))
+        else:
+            await ctx.wake.poll.wait(wait)

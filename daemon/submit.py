@@ -14,6 +14,7 @@ the remote job if it exists.
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from daemon.context import Context
+from daemon.context import Context, Wakeup
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
@@ -92,6 +93,36 @@ async def _cancel_planned(ctx: Context) -> int:
     return n
 
 
+_SELECT = (
+    "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count, "
+    "i.cancel_requested AS cancel_requested FROM jobs j JOIN inputs i ON i.id = j.input_id "
+)
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    return dict(row)
+
+
+async def _due_jobs(ctx: Context, now: float, limit: int) -> list[sqlite3.Row]:
+    """Up to ``limit`` due jobs (rows; made dicts only when started): ``creating`` ones first
+    (by input age), then ``planned`` ones in the order they were planned. The planned ones are
+    read by job id, which the ``jobs_state`` index yields in order: no sort of the backlog."""
+    conn = ctx.store.conn
+    async with conn.execute(
+        _SELECT + "WHERE j.state = 'creating' AND j.not_before <= ? "
+        "ORDER BY i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
+        (now, limit),
+    ) as cur:
+        rows: list[sqlite3.Row] = list(await cur.fetchall())
+    if len(rows) < limit:
+        async with conn.execute(
+            _SELECT + "WHERE j.state = 'planned' AND j.not_before <= ? ORDER BY j.id LIMIT ?",
+            (now, limit - len(rows)),
+        ) as cur:
+            rows += await cur.fetchall()
+    return rows
+
+
 class Submitter:
     """Plans rounds and runs each admitted job in a bounded pool of concurrent workers.
 
@@ -110,6 +141,7 @@ class Submitter:
         self.busy: set[int] = set()
         self.activated = 0
         self._more = False  # the last round left due jobs for later (queue bound reached)
+        self._bound: int | None = None  # upper bound of the jobs in flight (see _in_flight)
         self._writer: GroupCommit[Activation] = GroupCommit(ctx.store, write_activations)
 
     async def round(self) -> int:
@@ -122,61 +154,80 @@ class Submitter:
         # round made a backlog of N files cost O(N^2) (10,000 files: 18 files/s). The margin lets
         # a job of another model pass jobs held back by their model's token cap.
         limit = len(busy) + room + LOOKAHEAD
-        rows = await ctx.store.fetchall(
-            "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count, "
-            "i.cancel_requested AS cancel_requested "
-            "FROM jobs j JOIN inputs i ON i.id = j.input_id "
-            "WHERE j.state IN ('planned', 'creating') AND j.not_before <= ? "
-            "ORDER BY j.state = 'planned', i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
-            (now, limit),
-        )
+        rows = await _due_jobs(ctx, now, limit)
         truncated = len(rows) == limit
         done = 0
         if any(r["cancel_requested"] and r["state"] == "planned" for r in rows):
             done = await _cancel_planned(ctx)
         rows = [r for r in rows if r["id"] not in busy and not r["cancel_requested"]]
         self._more = truncated
+        if ctx.submit_backlog:  # set again below if admitted jobs are still left over
+            ctx.submit_backlog = False
+            ctx.wake.poll.set()  # end their yield_to_submission
+            ctx.wake.collect.set()
         if not rows:
             return done
+        head = rows[:room]
         remote: dict[str, dict[str, Any]] | None = None
-        if any(r["state"] == "creating" and _needs_check(r) for r in rows[:room]):
+        if any(r["state"] == "creating" and _needs_check(_job(r)) for r in head):
             remote = await _remote_index(ctx)
         active, tokens = 0, dict[str, int]()
-        if any(r["state"] == "planned" for r in rows[:room]):
-            active, tokens = await _in_flight(ctx)
+        if any(r["state"] == "planned" for r in head):
+            active, tokens = await self._in_flight(room)
         cfg = ctx.cfg.submit
         waiting_reason: dict[str, str] = {}
         creating: list[dict[str, Any]] = []
         planned: list[dict[str, Any]] = []
-        for job in rows:
+        for r in rows:
             if len(creating) + len(planned) >= room:
-                self._more = True
+                self._more = ctx.submit_backlog = True
                 break
-            if job["state"] == JobState.CREATING.value:
-                creating.append(job)  # already counted in flight
+            if r["state"] == JobState.CREATING.value:
+                creating.append(_job(r))  # already counted in flight
                 continue
+            input_id, model, est = r["input_id"], r["model"], r["est_tokens"]
             if active >= cfg.max_active_jobs:
                 waiting_reason.setdefault(
-                    job["input_id"], f"waiting: {active}/{cfg.max_active_jobs} active jobs"
+                    input_id, f"waiting: {active}/{cfg.max_active_jobs} active jobs"
                 )
                 continue
-            model_tokens = tokens.get(job["model"], 0)
+            model_tokens = tokens.get(model, 0)
             cap = cfg.max_enqueued_tokens
-            if cap and model_tokens and model_tokens + job["est_tokens"] > cap:
+            if cap and model_tokens and model_tokens + est > cap:
                 waiting_reason.setdefault(
-                    job["input_id"],
-                    f"waiting: {model_tokens}/{cap} tokens enqueued for {job['model']}",
+                    input_id, f"waiting: {model_tokens}/{cap} tokens enqueued for {model}"
                 )
                 continue
             active += 1  # reserved: the intent below makes it count in flight for later rounds
-            tokens[job["model"]] = model_tokens + job["est_tokens"]
-            planned.append(job)
+            tokens[model] = model_tokens + est
+            planned.append(_job(r))
         planned = await commit_intents(ctx, planned, waiting_reason)
+        if self._bound is not None:
+            self._bound += len(planned)
         for job in creating:
             self._start(job, remote, fresh=False)
         for job in planned:
             self._start(job, {}, fresh=True)
         return done
+
+    async def _in_flight(self, room: int) -> tuple[int, dict[str, int]]:
+        """Jobs in flight (and tokens per model), or an upper bound when that cannot bind.
+
+        Only this submitter moves jobs into flight, so the count measured at some point plus
+        the jobs started since bounds the count now. While that bound plus this round's room
+        stays under ``max_active_jobs`` (and no token cap is set), the count (a scan of every
+        in-flight job) is not needed.
+        """
+        cfg = self.ctx.cfg.submit
+        if (
+            self._bound is not None
+            and not cfg.max_enqueued_tokens
+            and self._bound + room <= cfg.max_active_jobs
+        ):
+            return self._bound, {}
+        active, tokens = await _in_flight(self.ctx)
+        self._bound = active
+        return active, tokens
 
     def _start(
         self, job: dict[str, Any], remote: dict[str, dict[str, Any]] | None, *, fresh: bool
@@ -196,7 +247,9 @@ class Submitter:
                 self.activated += n
         finally:
             self.busy.discard(job["id"])
-            if self._more:
+            # With due jobs left over, the next round starts once half the queue has drained
+            # (not after every job: each round reads and commits, batching is cheaper).
+            if self._more and len(self.busy) <= self.workers * QUEUE_PER_WORKER // 2:
                 self.ctx.wake.submit.set()
 
     async def activated_job(self, job: dict[str, Any], op: dict[str, Any]) -> None:
@@ -204,6 +257,14 @@ class Submitter:
         interval = self.ctx.cfg.poll.min_interval
         await self._writer.put([(job["id"], job["input_id"], op, time.time(), interval)])
         self.ctx.wake.poll.set()
+
+
+async def yield_to_submission(ctx: Context, wake: Wakeup, seconds: float) -> None:
+    """For pollers and collectors while the submitter has a backlog: wait ``seconds``, or less
+    if the backlog ends (the submitter then sets ``wake``); other nudges are ignored."""
+    deadline = time.monotonic() + seconds
+    while ctx.submit_backlog and (left := deadline - time.monotonic()) > 0:
+        await wake.wait(left)
 
 
 async def submit_once(ctx: Context) -> int:
@@ -427,4 +488,6 @@ async def run_submitter(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
         task_status.started()
         while True:
             await sub.round()
-            await ctx.wake.submit.wait(await _next_due(ctx))
+            # With a backlog, finishing workers start the next round: no need to look ahead.
+            busy = sub._more and sub.busy
+            await ctx.wake.submit.wait(_IDLE_WAIT if busy else await _next_due(ctx))

@@ -517,3 +517,32 @@ async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> 
     await inp.collected(inp.jobs[2], [ok("c")])
     assert await collect_once(ctx) == 1
     assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c"]
+
+
+async def test_many_inputs_settle_in_one_pass_same_name_newest_last(ctx: Context) -> None:
+    """Small inputs settle several at once; two drops of one name still settle oldest first,
+    so the outbox holds the newest drop's results."""
+    inputs = [
+        await Input.make(ctx, [[f"k{i}-{j}" for j in range(3)]], rel=f"f{i}.jsonl")
+        for i in range(12)
+    ]
+    old = await Input.make(ctx, [[f"old{j}" for j in range(3000)]], rel="same.jsonl")  # slower
+    new = await Input.make(ctx, [["new"]], rel="same.jsonl")
+    for inp in [*inputs, old, new]:
+        (job,) = inp.jobs.values()
+        keys = [
+            orjson.loads(x)["key"]
+            for x in (ctx.input_dir(inp.id) / "input.jsonl").read_bytes().splitlines()
+        ]
+        await inp.collected(job, [ok(k) for k in keys])
+    assert await collect_once(ctx) == 14
+    for i, inp in enumerate(inputs):
+        assert (await inp.row())["state"] == "succeeded"
+        assert [x["key"] for x in lines_of(inp.out(f"f{i}.jsonl")["results"])] == [
+            f"k{i}-{j}" for j in range(3)
+        ]
+    assert [x["key"] for x in lines_of(new.out("same.jsonl")["results"])] == ["new"]
+    summary = orjson.loads(new.out("same.jsonl")["summary"].read_bytes())
+    assert summary["input_id"] == new.id
+    history = await ctx.store.history(new.id)
+    assert [h["state"] for h in history][-2:] == ["downloading", "succeeded"]

@@ -266,3 +266,35 @@ async def test_run_submitter_pipelines_rounds(env: Env) -> None:
         tg.cancel_scope.cancel()
     creates = env.emu.stats["creates_by_display_name"]
     assert len(creates) == 50 and all(v == 1 for v in creates.values())  # the ambiguous one adopted
+
+
+async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
+    """More admitted jobs than a round starts: the submitter flags a backlog; a poller or
+    collector yielding to it resumes as soon as the backlog is gone, not after its timeout."""
+    import anyio
+
+    from daemon.submit import Submitter, yield_to_submission
+
+    ids: list[int] = []
+    for _ in range(8):  # 40 jobs: more than one round's bound of queued jobs
+        ids += (await env.add_input(lines_for(1), mode="inline", parts=5))[1]
+    resumed_at: list[float] = []
+
+    async def poller() -> None:
+        await yield_to_submission(env.ctx, env.ctx.wake.poll, 60.0)
+        resumed_at.append(time.monotonic())
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            sub = Submitter(env.ctx, tg)
+            await sub.round()
+            assert env.ctx.submit_backlog
+            tg.start_soon(poller)
+            while sub._more or sub.busy:
+                await env.ctx.wake.submit.wait(0.05)
+                await sub.round()
+    assert not env.ctx.submit_backlog
+    assert len(resumed_at) == 1
+    states = [(await job(env, j))["state"] for j in ids]
+    assert states == ["active"] * 40
+    assert env.emu.stats["calls"]["batches.create"] == 40
