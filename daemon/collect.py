@@ -2,10 +2,9 @@
 
 1. A ``done`` job's results (downloaded result file, or the inline responses of the raw operation)
    become ``state/work/<input>/job-<id>.results.jsonl`` (``{"key", "response"|"error"}`` lines),
-   then the job is ``collected``. For a big input the job's answers are first folded into the
-   input's on-disk index (:mod:`daemon.merge`) and its part's answers written in input order, so
-   this work overlaps with the jobs still running; the input's keys are loaded into that index
-   while its jobs are out at the API.
+   then the job is ``collected``. For a big input the job's answers are put in order of its part
+   right away and appended to the outbox file in the making (:mod:`daemon.collect_big`), so this
+   work overlaps with the jobs still running.
 2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: the index
    (completed, or built in memory for a small input) gives each key's best answer; keys with a
    retryable error or no answer are resubmitted as new ``planned`` jobs while the retry budget
@@ -28,7 +27,7 @@ import anyio
 import orjson
 import structlog
 
-from daemon import assemble
+from daemon import collect_big
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
@@ -38,14 +37,9 @@ from daemon.merge import (
     RETRYABLE_HTTP,
     MergeIndex,
     Part,
-    Rebuild,
-    ResultsFile,
-    Stopped,
-    remove_index,
     results_files,
 )
-from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
-from daemon.outbox import atomic_writer, fsync_dir, outbox_paths
+from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
 from daemon.submit import yield_to_submission
 
@@ -65,6 +59,10 @@ _EMPTY_STATES = {RemoteState.FAILED.value, RemoteState.EXPIRED.value}
 SMALL_INPUT_REQUESTS = 10_000
 COLLECT_CONCURRENCY = 2  # one job's download overlaps with an earlier one's ordering
 SMALL_COLLECT_CONCURRENCY = 8  # small inline jobs / small inputs handled at once (latency-bound)
+
+
+def small_input(row: dict[str, Any]) -> bool:
+    return (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:
@@ -171,7 +169,7 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
         nonlocal n
         for group in groups:  # shared: each worker takes the next name
             for row in group:
-                async with small if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS else big:
+                async with small if small_input(row) else big:
                     try:
                         await _settle(ctx, row)
                         n += 1
@@ -256,147 +254,18 @@ async def _collect_job(
     return True
 
 
-async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
-    """Append the parts put in order so far (consecutive from part 1) to the input's outbox
-    file in the making (:mod:`daemon.assemble`), so that settling has little left to write."""
-    row = await ctx.store.get_input(input_id)
-    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
-        return
-    first = {j["part_no"]: j for j in await ctx.store.jobs_of(input_id) if j["attempt"] == 1}
-    part_nos = sorted(r["part_no"] for r in await ctx.store.parts_of(input_id))
-    work = ctx.input_dir(input_id)
-    results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
-
-    def extend() -> None:
-        ready: list[assemble.Ready] = []
-        for n in part_nos:
-            j = first.get(n)
-            if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
-                break
-            summary = load_summary(work, n, j["id"], Path(j["results_path"]))
-            if summary is None or summary.retryable:
-                break
-            ready.append(assemble.Ready(n, j["id"], fast_path(work, n), summary.ordered_size))
-        if ready:
-            assemble.extend(results, work, ready)
-
-    try:
-        await anyio.to_thread.run_sync(extend)
-    except OSError:
-        log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
-
-
-def _fold_sync(
-    path: Path, work: Path, parts: list[Part], rf: ResultsFile | None, part_no: int, stop: Any
-) -> None:
-    index = MergeIndex(path, stop)
-    try:
-        index.ensure_keys(work, parts)
-        if rf is not None:
-            index.add_results(rf)
-            index.write_ordered(part_no, path.with_name(f"part-{part_no}.ordered"))
-    finally:
-        index.close()
-
-
-async def _fold(
-    ctx: Context, row: dict[str, Any], parts: list[Part], rf: ResultsFile | None, part_no: int
-) -> None:
-    """Keys (and a job's results) into the input's merge index. Best effort: settling
-    rebuilds whatever is missing, so a failure here only costs time later."""
-    path = _index_path(ctx, row)
-    stop = threading.Event()
-    fold = functools.partial(_fold_sync, path, Path(row["work_path"]), parts, rf, part_no, stop)
-    started = time.monotonic()
-    try:
-        await run_stoppable(fold, stop)
-        log.info(
-            "merge_index_updated",
-            input_id=row["id"],
-            job_id=rf.job_id if rf else None,
-            seconds=round(time.monotonic() - started, 2),
-        )
-    except Rebuild as exc:
-        log.info("merge_index_reset", input_id=row["id"], why=str(exc))
-        await anyio.to_thread.run_sync(remove_index, path)
-    except Exception:
-        log.exception("merge_index_failed", input_id=row["id"])
-        await anyio.to_thread.run_sync(remove_index, path)
-
-
 async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
-    """Put a big input's job results in order now, while other jobs still run, so that
-    settling the input has little left to do: the fast path of :mod:`daemon.merge_part` when
-    the job answered its part exactly once, else fold them into the input's merge index."""
+    """A big input's job results are put in order while its other jobs still run
+    (:mod:`daemon.collect_big`); a small input's wait for settle."""
     row = await ctx.store.get_input(job["input_id"])
-    if row is None or (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS:
-        return
-    if await _order_part(ctx, row, job, dest) is not None:
-        return
-    parts = await _parts(ctx, row, await ctx.store.jobs_of(row["id"]))
-    await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
+    if row is not None and not small_input(row):
+        await collect_big.index_job(ctx, row, job, dest)
 
 
-async def _order_part(
-    ctx: Context, row: dict[str, Any], job: dict[str, Any], results: Path
-) -> PartSummary | None:
-    """The fast path for a first attempt's results (None when it does not apply)."""
-    source = Path(job["source_path"]) if job["source_path"] else None
-    if job["attempt"] != 1 or source is None or not source.exists() or not results.exists():
-        return None
-    dest = fast_path(ctx.input_dir(row["id"]), job["part_no"])
-    stop = threading.Event()
-    span = None if job.get("source_start") is None else (job["source_start"], job["source_end"])
-    order = functools.partial(
-        order_part, job["part_no"], source, results, job["id"], dest, stop, span
-    )
-    started = time.monotonic()
-    try:
-        summary = await run_stoppable(order, stop)
-    except Stopped:
-        raise
-    except Exception:
-        log.exception("part_order_failed", job=job["display_name"])
-        return None
-    log.info(
-        "part_ordered",
-        job=job["display_name"],
-        fast=summary is not None,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    return summary
-
-
-async def _fast_parts(
-    ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]
-) -> OrderedParts | None:
-    """The input's answers from its parts put in order by the fast path, when every part was
-    answered exactly once by its first job with nothing to retry; else None."""
-    if (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS or row["cancel_requested"]:
-        return None
-    part_nos = {r["part_no"] for r in await ctx.store.parts_of(row["id"])}
-    by_part = {j["part_no"]: j for j in jobs}
-    if (
-        not part_nos
-        or len(by_part) != len(jobs)
-        or set(by_part) != part_nos
-        or any(j["attempt"] != 1 or j["state"] != JobState.COLLECTED for j in jobs)
-        or any(not j["results_path"] for j in jobs)
-    ):
-        return None
-    work = ctx.input_dir(row["id"])
-    summaries = []
-    for j in jobs:
-        results = Path(j["results_path"])
-        summary = await anyio.to_thread.run_sync(load_summary, work, j["part_no"], j["id"], results)
-        if summary is None:  # e.g. lost in a crash: put it in order again
-            summary = await _order_part(ctx, row, j, results)
-        if summary is None or summary.retryable:
-            return None
-        summaries.append(summary)
-    if sum(s.total for s in summaries) != row["request_count"]:
-        return None
-    return OrderedParts(work, summaries, _index_path(ctx, row))
+async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
+    row = await ctx.store.get_input(input_id)
+    if row is not None and not small_input(row):
+        await collect_big.assemble_ready_parts(ctx, row)
 
 
 def _gemini(ctx: Context) -> Any:
@@ -454,7 +323,7 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
     if row["state"] != InputState.DOWNLOADING:
         async with ctx.store.tx() as conn:
             await ctx.store.set_input_state(conn, row["id"], InputState.DOWNLOADING)
-    fast = await _fast_parts(ctx, row, jobs)
+    fast = None if small_input(row) else await collect_big.fast_parts(ctx, row, jobs)
     if fast is not None:
         await finish_index(ctx, row, jobs, fast)
         return
@@ -498,38 +367,12 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
         return await _plan(ctx, row, jobs, index, force=force)
 
 
-async def _parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> list[Part]:
-    # a part submitted straight from the work file (a byte range of it) has no source of its own
-    first = {
-        j["part_no"]: None if j.get("source_start") is not None else Path(j["source_path"])
-        for j in jobs
-        if j["attempt"] == 1
-    }
-    rows = await ctx.store.parts_of(row["id"])
-    if rows:
-        return [
-            Part(
-                r["part_no"],
-                source=first.get(r["part_no"]),
-                start=r["start_offset"],
-                end=r["end_offset"],
-                first_line=r["first_line"],
-            )
-            for r in rows
-        ]
-    return [Part(p, source=first[p]) for p in sorted(first)] or [Part(1)]
-
-
-def _index_path(ctx: Context, row: dict[str, Any]) -> Path:
-    return ctx.input_dir(row["id"]) / "merge.sqlite"
-
-
 async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> MergeIndex:
-    parts = await _parts(ctx, row, jobs)
+    parts = await collect_big.input_parts(ctx, row, jobs)
     files = results_files(j for j in jobs if j["state"] == JobState.COLLECTED)
-    path = _index_path(ctx, row)
+    path = collect_big.index_path(ctx, row)
     path.parent.mkdir(parents=True, exist_ok=True)
-    small = (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS
+    small = small_input(row)
     if small and not path.exists():
         path = Path(":memory:")
     stop = threading.Event()
@@ -549,7 +392,7 @@ async def _plan(
     part_rows = {r["part_no"]: r for r in await ctx.store.parts_of(row["id"])}
     input_path = Path(row["work_path"])
     planned: list[dict[str, Any]] = []
-    for part in await _parts(ctx, row, jobs):
+    for part in await collect_big.input_parts(ctx, row, jobs):
         mine = [j for j in jobs if j["part_no"] == part.part_no]
         last = max(mine, key=lambda j: j["attempt"], default=None)
         attempts = last["attempt"] if last else 0
