@@ -56,6 +56,9 @@ def sha256_b64(path: Path) -> str:
     return base64.b64encode(h.hexdigest().encode()).decode()
 
 
+ANSWER_WORKERS = 1  # jobs whose results are being generated at once
+
+
 class Store:
     """All emulator state under one directory: `files/`, `uploads/`, `batches/`."""
 
@@ -70,6 +73,9 @@ class Store:
         self.seen = worker.SeenRequests(root / "seen.txt")
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stops: dict[str, threading.Event] = {}
+        # Jobs are answered one at a time, in creation order: answering is CPU-bound Python, so
+        # more threads would only interleave jobs and make them all finish late, together.
+        self._answering = asyncio.Semaphore(ANSWER_WORKERS)
         self.forced: list[str] = []  # terminal states for the next jobs created
         for p in (root / "files").glob("*.json"):
             rec = orjson.loads(p.read_bytes())
@@ -183,18 +189,19 @@ class Store:
 
         async def run() -> None:
             try:
-                res = await asyncio.to_thread(
-                    worker.run_job,
-                    in_path=in_path,
-                    out_path=self._jpath(jid, ".out.jsonl"),
-                    embed=rec["embed"],
-                    mid=rec["model"].removeprefix("models/"),
-                    shuffle=rec["shuffle"],
-                    seed=rec["seed"],
-                    seen=self.seen,
-                    stop=stop,
-                    on_total=on_total,
-                )
+                async with self._answering:
+                    res = await asyncio.to_thread(
+                        worker.run_job,
+                        in_path=in_path,
+                        out_path=self._jpath(jid, ".out.jsonl"),
+                        embed=rec["embed"],
+                        mid=rec["model"].removeprefix("models/"),
+                        shuffle=rec["shuffle"],
+                        seed=rec["seed"],
+                        seen=self.seen,
+                        stop=stop,
+                        on_total=on_total,
+                    )
                 rec["counts"] = {
                     "total": res.total,
                     "succeeded": res.succeeded,
