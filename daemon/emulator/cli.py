@@ -99,6 +99,9 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
+    # Answering a job is a CPU-bound thread; hand the GIL back to the HTTP server every 1 ms
+    # (default 5 ms), so that downloads and polls are served promptly meanwhile.
+    sys.setswitchinterval(0.001)
     try:
         asyncio.run(_serve(args))
     except ValueError as e:
