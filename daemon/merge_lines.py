@@ -66,7 +66,8 @@ def iter_lines(
             line_no += 1
 
 
-def _int(value: Any) -> int:
+def as_int(value: Any) -> int:
+    """A token count as an int (int64 counts may come as strings); 0 when absent or odd."""
     if type(value) is int:
         return value
     try:
@@ -105,15 +106,24 @@ class Answer:
     line: bytes | None
 
 
-def fast_key(raw: bytes) -> str | None:
-    """The key of a ``{"key":"K",...}`` line without a JSON parse; None when unsure."""
+def fast_key_bytes(raw: bytes) -> bytes | None:
+    """The key of a ``{"key":"K",...}`` line (its raw bytes) without a JSON parse; None when
+    unsure (an escape in the key, or another "key" member)."""
     if not raw.startswith(b'{"key":"'):
         return None
     end = raw.find(b'"', 8)
     if end < 0 or raw.find(b"\\", 8, end) >= 0 or raw.find(b'"key"', end) >= 0:
         return None
+    return raw[8:end]
+
+
+def fast_key(raw: bytes) -> str | None:
+    """:func:`fast_key_bytes` decoded; None when unsure."""
+    key = fast_key_bytes(raw)
+    if key is None:
+        return None
     try:
-        return raw[8:end].decode()
+        return key.decode()
     except UnicodeDecodeError:
         return None
 
@@ -134,7 +144,7 @@ def parse_result(line: bytes) -> tuple[Any, ...]:
         usage = resp.get("usageMetadata") if isinstance(resp, dict) else None
         if not isinstance(usage, dict):
             usage = {}
-        return (key, 1, 0, None, *(_int(usage.get(f)) for f in TOKEN_FIELDS))
+        return (key, 1, 0, None, *(as_int(usage.get(f)) for f in TOKEN_FIELDS))
     error = obj.get("error")
     code = error.get("code") if isinstance(error, dict) else None
     code = code if isinstance(code, int) else None

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from daemon.merge import Stopped
-from daemon.merge_lines import TOKEN_FIELDS, derive_key, is_retryable
+from daemon.merge_lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
 from daemon.outbox import fsync_dir
 from daemon.validate_io import file_contains
 
@@ -79,22 +79,12 @@ def _blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
 _KEY = re.compile(rb'\n\{"key":"([^"\\\n]*)"')
 
 
-def _key_bytes(raw: bytes) -> bytes | None:
-    """The key of a canonical ``{"key":"K",...}`` request line (same rule as ``fast_key``)."""
-    if not raw.startswith(b'{"key":"'):
-        return None
-    end = raw.find(b'"', 8)
-    if end < 0 or raw.find(b"\\", 8, end) >= 0 or raw.find(b'"key"', end) >= 0:
-        return None
-    return raw[8:end]
-
-
 def _slow_keys(lines: list[bytes]) -> list[bytes]:
     out = []
     for raw in lines:
         if not raw.strip():
             continue
-        key = _key_bytes(raw)
+        key = fast_key_bytes(raw)
         out.append(key if key is not None else derive_key(orjson.loads(raw), 0).encode())
     return out
 
@@ -137,17 +127,6 @@ def _key_positions(
         keys.extend(map(bytes.decode, block))
     positions = dict(zip(keys, range(len(keys)), strict=True))
     return positions if len(positions) == len(keys) else None
-
-
-def _int(value: Any) -> int:
-    if value is None:
-        return 0
-    if type(value) is int:
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
 
 
 class _Answers:
@@ -213,7 +192,7 @@ class _Answers:
             usage = resp.get("usageMetadata") if type(resp) is dict else None
             if type(usage) is dict:
                 for i, f in enumerate(TOKEN_FIELDS):
-                    self.tokens[i] += _int(usage.get(f))
+                    self.tokens[i] += as_int(usage.get(f))
             return True
         error = obj.get("error")
         code = error.get("code") if type(error) is dict else None
@@ -255,60 +234,54 @@ def order_part(
     """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
     it, if given) to ``dest`` (fsynced) and its summary to ``dest.json``; None (nothing written)
     unless every key has exactly one answer."""
-    # One part at a time: two would only take turns at the GIL while holding twice the memory
-    # (the collector still downloads the next job meanwhile).
+    with _one_at_a_time(stop):
+        positions = _key_positions(source, stop, span)
+        if not positions:
+            return None
+        answers = _Answers(positions)
+        for base, lines in _blocks(results):
+            if stop.is_set():
+                raise Stopped
+            if answers.add_block(base, lines):
+                continue
+            off = base
+            for raw in lines:
+                if not answers.add_line(off, raw):
+                    return None
+                off += len(raw) + 1
+        ordered = answers.in_order()
+        del positions, answers.positions
+        if ordered is None:  # unanswered keys or a duplicate answer: the general path
+            return None
+        size = _gather(results, *ordered, dest, stop)
+        summary = PartSummary(
+            part_no=part_no,
+            job_id=job_id,
+            results_size=results.stat().st_size,
+            ordered_size=size,
+            total=len(ordered[0]),
+            succeeded=answers.succeeded,
+            retryable=answers.retryable,
+            media=file_contains(dest, (b'"inlineData"', b'"inline_data"')),
+            tokens=answers.tokens,
+            codes=list(answers.codes.values()),
+        )
+        _write_durably(Path(f"{dest}.json"), orjson.dumps(asdict(summary)))
+        fsync_dir(dest.parent)
+        return summary
+
+
+@contextlib.contextmanager
+def _one_at_a_time(stop: threading.Event) -> Iterator[None]:
+    """One part put in order at a time: two would only take turns at the GIL while holding
+    twice the memory (the collector still downloads the next job meanwhile)."""
     while not _ORDERING.acquire(timeout=0.2):
         if stop.is_set():
             raise Stopped
     try:
-        return _order_part(part_no, source, results, job_id, dest, stop, span)
+        yield
     finally:
         _ORDERING.release()
-
-
-def _order_part(
-    part_no: int,
-    source: Path,
-    results: Path,
-    job_id: int,
-    dest: Path,
-    stop: threading.Event,
-    span: tuple[int, int] | None,
-) -> PartSummary | None:
-    positions = _key_positions(source, stop, span)
-    if not positions:
-        return None
-    answers = _Answers(positions)
-    for base, lines in _blocks(results):
-        if stop.is_set():
-            raise Stopped
-        if answers.add_block(base, lines):
-            continue
-        off = base
-        for raw in lines:
-            if not answers.add_line(off, raw):
-                return None
-            off += len(raw) + 1
-    ordered = answers.in_order()
-    del positions, answers.positions
-    if ordered is None:  # unanswered keys or a duplicate answer: the general path
-        return None
-    size = _gather(results, *ordered, dest, stop)
-    summary = PartSummary(
-        part_no=part_no,
-        job_id=job_id,
-        results_size=results.stat().st_size,
-        ordered_size=size,
-        total=len(ordered[0]),
-        succeeded=answers.succeeded,
-        retryable=answers.retryable,
-        media=file_contains(dest, (b'"inlineData"', b'"inline_data"')),
-        tokens=answers.tokens,
-        codes=list(answers.codes.values()),
-    )
-    _write_durably(Path(f"{dest}.json"), orjson.dumps(asdict(summary)))
-    fsync_dir(dest.parent)
-    return summary
 
 
 def _gather(results: Path, offs: array[int], lens: array[int], dest: Path, stop: Any) -> int:

@@ -51,6 +51,18 @@ async def _restart_and_finish(cfg_path, root, emulator, n=N) -> None:
     _check_outcome(root, emulator, n)
 
 
+async def _drop_and_crash(cfg_path, root, point: str, n: int) -> None:
+    """Start the daemon set to SIGKILL itself at ``point``, drop ``n`` requests, see it die."""
+    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "crash.jsonl", request_lines(n))
+        code = await p.wait_exit(timeout=90)
+        assert code == -signal.SIGKILL, p.output()
+    finally:
+        p.close()
+
+
 @pytest.mark.parametrize(
     ("point", "inline"),
     [
@@ -67,14 +79,7 @@ async def test_kill9_at_a_step_then_restart(tmp_path, emulator, point, inline):
     cfg_path, _ = _config(tmp_path, emulator, inline=inline)
     root = tmp_path / "root"
     emulator.settings.running_seconds = 0.5
-    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
-    try:
-        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
-        drop(root / "inbox", "crash.jsonl", request_lines(N))
-        code = await p.wait_exit(timeout=60)
-        assert code == -signal.SIGKILL, p.output()
-    finally:
-        p.close()
+    await _drop_and_crash(cfg_path, root, point, N)
     # Whatever the crash left, no consumer sees a final name with partial content.
     out = outbox_paths(root / "outbox", "crash.jsonl")
     assert not out["summary"].exists()
@@ -96,14 +101,7 @@ async def test_kill9_while_a_big_input_is_assembled_then_restart(tmp_path, emula
     )
     cfg_path = write_config(tmp_path / "config.toml", data)
     root = tmp_path / "root"
-    p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": point})
-    try:
-        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
-        drop(root / "inbox", "crash.jsonl", request_lines(n))
-        code = await p.wait_exit(timeout=90)
-        assert code == -signal.SIGKILL, p.output()
-    finally:
-        p.close()
+    await _drop_and_crash(cfg_path, root, point, n)
     out = outbox_paths(root / "outbox", "crash.jsonl")
     assert not out["results"].exists() and not out["summary"].exists()
     await _restart_and_finish(cfg_path, root, emulator, n)
