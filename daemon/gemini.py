@@ -420,6 +420,8 @@ class FileWindow(io.RawIOBase):
         if size < 0 or size > left:
             size = max(0, left)
         data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
+        if len(data) < size:  # the file shrank: never send a short (or endless) upload
+            raise OSError(f"{self._f.name}: shorter than the part's byte range")
         self._pos += len(data)
         return data
 

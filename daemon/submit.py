@@ -319,8 +319,8 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
         except ApiError as e:
             await _failed(ctx, job, e, back_to=JobState.PLANNED)
             return 0
-        except OSError as e:  # a media file vanished or became unreadable after validation
-            err = ApiError("permanent", f"cannot read local media: {e}", status="MEDIA_UNREADABLE")
+        except OSError as e:  # a media file or the input changed or vanished after validation
+            err = ApiError("permanent", f"cannot read what it submits: {e}", status="UNREADABLE")
             await _failed(ctx, job, err, back_to=JobState.PLANNED)
             return 0
         job["state"] = JobState.CREATING.value

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
 import orjson
 import pytest
 
-from daemon.gemini import ApiError, GeminiClient, RateLimiter
+from daemon.gemini import ApiError, FileWindow, GeminiClient, RateLimiter
 from tests import remote_helpers as rh
 from tests.remote_helpers import KEY, Env, lines_for
 
@@ -69,6 +70,19 @@ async def test_upload_of_a_byte_range(env: Env, tmp_path: Path) -> None:
     await env.gem.download_file(done["metadata"]["output"]["responsesFile"], out)
     keys = {orjson.loads(line)["key"] for line in out.read_bytes().splitlines()}
     assert keys == {"k2", "k3", "k4"}
+
+
+def test_file_window_reads_only_its_range(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"0123456789")
+    with FileWindow(src, 2, 7) as w:
+        assert w.seek(0, os.SEEK_END) == 5 and w.tell() == 5
+        w.seek(0)
+        assert w.read(3) == b"234" and w.read() == b"56" and w.read() == b""
+    with FileWindow(src, 2, 7) as w:
+        src.write_bytes(b"0123")  # shrank after the parts were planned
+        with pytest.raises(OSError, match="shorter"):
+            w.read()
 
 
 async def test_inline_create_keeps_every_field(env: Env) -> None:
