@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import IO, NamedTuple
 
 import orjson
 
-from daemon.outbox import publish_file
+from daemon.outbox import append_file, publish_file
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -65,25 +64,6 @@ def _held(work: Path, parts: list[Ready]) -> int:
     return held if held == len(rows) else 0
 
 
-def _append(out: IO[bytes], src: Path) -> None:
-    """Append ``src`` to ``out`` (a kernel copy where the file system allows it)."""
-    out.flush()
-    with open(src, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        done = 0
-        with contextlib.suppress(OSError):
-            while done < size:
-                n = os.copy_file_range(f.fileno(), out.fileno(), size - done, done)
-                if n == 0:
-                    break
-                done += n
-        if done < size:
-            f.seek(done)
-            out.seek(0, os.SEEK_END)
-            shutil.copyfileobj(f, out, 1 << 20)
-    out.seek(0, os.SEEK_END)
-
-
 def _open(prefix: Path, work: Path, parts: list[Ready]) -> tuple[IO[bytes], int]:
     """The prefix file open for appending after the parts it validly holds, and their count."""
     held = _held(work, parts)
@@ -113,7 +93,7 @@ def extend(results: Path, work: Path, ready: list[Ready]) -> int:
             if held == len(ready):
                 return held
             for part in ready[held:]:
-                _append(f, part.path)
+                append_file(f, part.path)
             f.flush()
             os.fdatasync(f.fileno())
         tmp = _record_path(work).with_suffix(".tmp")
@@ -136,7 +116,7 @@ def publish(
         f, held = _open(prefix, work, parts)
         try:
             for i, part in enumerate(parts[held:]):
-                _append(f, part.path)
+                append_file(f, part.path)
                 if i == 0 and after_first is not None:
                     f.flush()
                     after_first()

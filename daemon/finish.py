@@ -8,14 +8,12 @@ rewrites the same files atomically. Afterwards the remote files are deleted (bes
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -28,6 +26,7 @@ from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
 from daemon.merge_part import OrderedParts, fast_path
 from daemon.outbox import (
+    append_file,
     atomic_writer,
     copy_atomic,
     link_or_copy,
@@ -126,7 +125,7 @@ def _write_results(
         for part, lo, hi in index.ranges():
             ready = index.ordered_file(part)
             if ready is not None:
-                _copy_into(ready[0], out)
+                append_file(out, ready[0])
                 if ready[1] and media_dir is not None:
                     media += _media_from_file(ready[0], media_dir)
             else:
@@ -162,27 +161,6 @@ def _publish_assembled(index: OrderedParts, dest: Path, media_dir: Path | None) 
             if s.media:
                 media += _media_from_file(fast_path(index.work, s.part_no), media_dir)
     return media
-
-
-def _copy_into(src: Path, out: IO[bytes]) -> None:
-    """Append ``src`` to ``out`` (kernel copy where the file system allows it)."""
-    out.flush()
-    with open(src, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        done = 0
-        try:
-            while done < size:
-                n = os.copy_file_range(f.fileno(), out.fileno(), size - done, done)
-                if n == 0:
-                    break
-                done += n
-        except OSError:
-            pass
-        if done < size:
-            f.seek(done)
-            out.seek(0, os.SEEK_END)
-            shutil.copyfileobj(f, out, 1 << 20)
-    out.seek(0, os.SEEK_END)
 
 
 def _media_from_file(src: Path, media_dir: Path) -> list[str]:

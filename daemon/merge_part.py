@@ -2,11 +2,11 @@
 
 When a job (attempt 1) answers every key of its part once and nothing else (no duplicate, no
 unknown key, no unparsable line), its answers are put in input order straight from the results
-file, without the on-disk index of :mod:`daemon.merge`: the part's keys (at most
-``max_requests_per_job``) are held in typed arrays (an open-addressing table of positions by 64-bit
-hash, and the key bytes to rule out collisions), each results line's ``(offset, length)`` is recorded by
-position, and the ordered file is gathered with ``pread``. A summary (counts, tokens, error
-codes) is written next to it, so that settling such an input only concatenates the part files.
+file, without the on-disk index of :mod:`daemon.merge`: a dict of the part's keys to their
+positions (bounded by ``max_requests_per_job``), each results line's ``(offset, length)`` recorded
+by position (blocks of lines parsed with C-level maps), and the ordered file gathered with
+``pread``. A summary (counts, tokens, error codes) is written next to it; :mod:`daemon.assemble`
+appends ordered parts to the outbox file as they come.
 Anything else returns None and the caller falls back to the index. Synchronous (worker thread).
 """
 
@@ -28,7 +28,7 @@ import orjson
 
 from daemon.merge import Stopped
 from daemon.merge_lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
-from daemon.outbox import fsync_dir
+from daemon.outbox import atomic_writer
 from daemon.validate_io import file_contains
 
 _BLOCK = 1 << 20
@@ -266,8 +266,8 @@ def order_part(
             tokens=answers.tokens,
             codes=list(answers.codes.values()),
         )
-        _write_durably(Path(f"{dest}.json"), orjson.dumps(asdict(summary)))
-        fsync_dir(dest.parent)
+        with atomic_writer(Path(f"{dest}.json")) as f:
+            f.write(orjson.dumps(asdict(summary)))
         return summary
 
 
@@ -286,12 +286,12 @@ def _one_at_a_time(stop: threading.Event) -> Iterator[None]:
 
 def _gather(results: Path, offs: array[int], lens: array[int], dest: Path, stop: Any) -> int:
     # pread per answer, not a memory map: mapped pages of the results file would count in the
-    # daemon's RSS (+128 MB for a 100,000-request part)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    # daemon's RSS (+128 MB for a 100,000-request part). Durable before it is trusted: the
+    # outbox is built from it.
     fd = os.open(results, os.O_RDONLY)
     pread = os.pread
     try:
-        with open(tmp, "wb") as out:
+        with atomic_writer(dest) as out:
             for lo in range(0, len(offs), _GATHER):
                 if stop.is_set():
                     raise Stopped
@@ -299,26 +299,10 @@ def _gather(results: Path, offs: array[int], lens: array[int], dest: Path, stop:
                 batch = [pread(fd, lens[p], offs[p]) for p in range(lo, hi)]
                 batch.append(b"")
                 out.write(b"\n".join(batch))
-            out.flush()
-            os.fsync(out.fileno())  # durable before it is trusted (the outbox is built from it)
             size = out.tell()
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     finally:
         os.close(fd)
-    os.replace(tmp, dest)
     return size
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_summary(work: Path, part_no: int, job_id: int, results: Path) -> PartSummary | None:

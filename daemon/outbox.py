@@ -54,6 +54,25 @@ def publish_file(f: IO[bytes], tmp: Path, final: Path, *, mode: int = 0o644) -> 
     fsync_dir(final.parent)
 
 
+def append_file(out: IO[bytes], src: Path) -> None:
+    """Append ``src`` to ``out`` (a kernel copy where the file system allows it)."""
+    out.flush()
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0
+        with contextlib.suppress(OSError):  # e.g. EXDEV on older kernels: copy in user space
+            while done < size:
+                n = os.copy_file_range(f.fileno(), out.fileno(), size - done, done)
+                if n == 0:
+                    break
+                done += n
+        if done < size:
+            f.seek(done)
+            out.seek(0, os.SEEK_END)
+            shutil.copyfileobj(f, out, 1 << 20)
+    out.seek(0, os.SEEK_END)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -90,21 +90,19 @@ def _object_kind(value: Any) -> str:
     )
 
 
-def _read_line(readline: Any, limit: int, hasher: Any) -> tuple[bytes, int, bool]:
+def _read_line(readline: Any, limit: int) -> tuple[bytes, int, bool]:
     """One physical line: ``(raw, length, too_long)``. An over-long line is consumed in chunks
-    (hashed, counted) and only its first chunk is returned."""
+    (counted) and only its first chunk is returned."""
     raw = readline(limit + 2)
     n = len(raw)
     if not n:
         return raw, 0, False
-    hasher(raw)
     if n < limit + 2 or raw[-1] == 10:
         return raw, n, False
     while True:
         more = readline(_READ_BUFFER)
         if not more:
             break
-        hasher(more)
         n += len(more)
         if more[-1] == 10:
             break
@@ -202,19 +200,19 @@ class _Pass:
         lines_of = iter(functools.partial(self.f.readline, self.cap), b"")
         n = 32
         while lines := list(islice(lines_of, n)):
-            if self.problem_count or not self._fast_block(lines):
+            size = sum(map(len, lines))
+            if self.problem_count or not self._fast_block(lines, size):
                 self._slow_block(lines)
             # aim for ~32 KiB blocks: big enough to amortise, small enough to stay in cache
-            n = max(8, min(4096, (32 * 1024 * len(lines)) // (sum(map(len, lines)) or 1)))
+            n = max(8, min(4096, (32 * 1024 * len(lines)) // (size or 1)))
 
-    def _fast_block(self, lines: list[bytes]) -> bool:
-        """Take a block of well-formed ``{"key","request"}`` lines in bulk; False (nothing
-        taken) if any line needs a closer look."""
+    def _fast_block(self, lines: list[bytes], size: int) -> bool:
+        """Take a block of well-formed ``{"key","request"}`` lines (``size`` bytes) in bulk;
+        False (nothing taken) if any line needs a closer look."""
         try:
             objs = list(map(_loads, lines))
             keys = list(map(_get, objs, repeat("key")))  # TypeError unless every line is a dict
             reqs = list(map(_get, objs, repeat("request")))
-            size = sum(map(len, lines))
             if not (
                 set(map(len, objs)) == _TWO
                 and set(map(type, keys)) == _STR
@@ -381,7 +379,7 @@ def _confirm_duplicates(path: Path, wanted: set[int], limit: int) -> tuple[list[
     with open(path, "rb", buffering=_READ_BUFFER) as f:
         readline = f.readline
         while True:
-            raw, n, too_long = _read_line(readline, limit, _ignore)
+            raw, n, too_long = _read_line(readline, limit)
             if not n:
                 break
             line_no += 1
@@ -406,10 +404,6 @@ def _confirm_duplicates(path: Path, wanted: set[int], limit: int) -> tuple[list[
             else:
                 first[key] = line_no
     return problems, count
-
-
-def _ignore(_data: bytes) -> None:
-    return None
 
 
 def _default_model(cfg: Config, file: Path) -> str:

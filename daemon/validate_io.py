@@ -1,6 +1,6 @@
-"""Building blocks of the validator: the whole-file scan (sha256, media marks) in a second thread, the part planner/writer (byte
-ranges of the input, or canonical part files written in big blocks and fsynced once each), and
-media checks."""
+"""Building blocks of the validator: the whole-file scan (sha256, media marks) in a second
+thread, the part planner/writer (byte ranges of the input, or canonical part files written in big
+blocks and fsynced once each), and media checks."""
 
 from __future__ import annotations
 
@@ -44,17 +44,7 @@ class FileScan:
 
     def _scan(self) -> tuple[str, bool]:
         sha = hashlib.sha256()
-        found = False
-        buf = bytearray(_SCAN_BLOCK)
-        view = memoryview(buf)
-        tail = b""  # the end of the previous block, for a mark across two blocks
-        with open(self._path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                chunk = view[:n]
-                sha.update(chunk)
-                if not found:
-                    found = _has_mark(buf, n) or MEDIA_MARK in tail + bytes(chunk[:8])
-                    tail = bytes(chunk[-8:])
+        found = _scan_file(self._path, (MEDIA_MARK,), _SCAN_BLOCK, sha.update)
         return sha.hexdigest(), found
 
     def result(self) -> tuple[str, bool]:
@@ -85,7 +75,7 @@ def _memmem() -> Any:
 _MEMMEM = _memmem()
 
 
-def _has_mark(buf: bytearray, n: int, mark: bytes = MEDIA_MARK) -> bool:
+def _has_mark(buf: bytearray, n: int, mark: bytes) -> bool:
     if _MEMMEM is None:
         return buf.find(mark, 0, n) >= 0
     base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
@@ -95,16 +85,27 @@ def _has_mark(buf: bytearray, n: int, mark: bytes = MEDIA_MARK) -> bool:
 def file_contains(path: Path, marks: tuple[bytes, ...]) -> bool:
     """Whether any of ``marks`` occurs in the file (libc ``memmem`` over 1 MiB reads, without
     the GIL; a mark across two reads is found too)."""
-    buf = bytearray(BLOCK)
+    return _scan_file(path, marks, BLOCK)
+
+
+def _scan_file(path: Path, marks: tuple[bytes, ...], block: int, update: Any = None) -> bool:
+    """Read ``path`` once in ``block``-sized reads, feeding each to ``update`` (if given, to the
+    end), and tell whether any of ``marks`` (at most 64 bytes each) occurs."""
+    buf = bytearray(block)
     view = memoryview(buf)
-    tail = b""
+    found = False
+    tail = b""  # the end of the previous read, for a mark across two reads
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            edge = tail + bytes(view[: min(n, 64)])
-            if any(_has_mark(buf, n, m) or m in edge for m in marks):
-                return True
-            tail = bytes(view[max(0, n - 64) : n])
-    return False
+            if update is not None:
+                update(view[:n])
+            if not found:
+                edge = tail + bytes(view[: min(n, 64)])
+                found = any(_has_mark(buf, n, m) or m in edge for m in marks)
+                tail = bytes(view[max(0, n - 64) : n])
+                if found and update is None:
+                    break
+    return found
 
 
 class MediaChecker:
