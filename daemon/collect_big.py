@@ -23,7 +23,14 @@ from daemon import assemble
 from daemon.context import Context
 from daemon.finish import run_stoppable
 from daemon.merge import MergeIndex, Part, Rebuild, ResultsFile, Stopped, remove_index
-from daemon.merge_part import OrderedParts, PartSummary, fast_path, load_summary, order_part
+from daemon.merge_part import (
+    OrderedParts,
+    PartSummary,
+    fast_path,
+    load_summary,
+    order_part,
+    ready_part,
+)
 from daemon.outbox import outbox_paths
 from daemon.states import JobState
 
@@ -57,7 +64,7 @@ async def assemble_ready_parts(ctx: Context, row: dict[str, Any]) -> None:
             summary = load_summary(work, n, j["id"], Path(j["results_path"]))
             if summary is None or summary.retryable:
                 break
-            ready.append(assemble.Ready(n, j["id"], fast_path(work, n), summary.ordered_size))
+            ready.append(ready_part(work, summary))
         if ready:
             assemble.extend(results, work, ready)
 

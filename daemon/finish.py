@@ -24,7 +24,7 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
-from daemon.merge_part import OrderedParts, fast_path
+from daemon.merge_part import OrderedParts, fast_path, ready_part
 from daemon.outbox import (
     append_file,
     atomic_writer,
@@ -150,10 +150,7 @@ def _write_results(
 
 def _publish_assembled(index: OrderedParts, dest: Path, media_dir: Path | None) -> list[str]:
     """Every part was put in order: finish the file assembled while the jobs ran."""
-    parts = [
-        assemble.Ready(s.part_no, s.job_id, fast_path(index.work, s.part_no), s.ordered_size)
-        for s in index.parts
-    ]
+    parts = [ready_part(index.work, s) for s in index.parts]
     assemble.publish(dest, index.work, parts, lambda: crash_point("mid_outbox"))
     media: list[str] = []
     if media_dir is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from daemon.assemble import Ready
 from daemon.merge import Stopped
 from daemon.merge_lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
 from daemon.outbox import atomic_writer
@@ -59,6 +60,13 @@ class PartSummary:
 def fast_path(work: Path, part_no: int) -> Path:
     """The ordered file of a part; its summary is the same name plus ``.json``."""
     return work / f"part-{part_no}.fast"
+
+
+def ready_part(work: Path, summary: PartSummary) -> Ready:
+    """A part put in order, as :mod:`daemon.assemble` appends it to the outbox file."""
+    return Ready(
+        summary.part_no, summary.job_id, fast_path(work, summary.part_no), summary.ordered_size
+    )
 
 
 def _blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
