@@ -171,6 +171,15 @@ def _level(level: str | int) -> int:
     return value
 
 
+def set_level(level: str | int) -> None:
+    """The daemon's log level (the chatty libraries never below WARNING); used at start and on
+    SIGHUP."""
+    levelno = _level(level)
+    logging.getLogger().setLevel(levelno)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(levelno, logging.WARNING))
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -232,9 +241,7 @@ def configure_logging(
         root.removeHandler(old)
         old.close()  # a StreamHandler never closes its stream
     root.addHandler(handler)
-    root.setLevel(levelno)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(levelno, logging.WARNING))
+    set_level(levelno)
 
     structlog.configure(
         processors=[

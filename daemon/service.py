@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import logging
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ from anyio.abc import TaskStatus
 from daemon import __version__, systemd
 from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.context import Context
+from daemon.logs import set_level
 from daemon.store import Store, StoreError
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,7 @@ def _reload(ctx: Context) -> None:
         log.warning("reload_paths_ignored", hint="folder changes need a restart")
         new = new.replace(paths=ctx.cfg.paths)
     ctx.cfg = new
-    logging.getLogger().setLevel(new.daemon.log_level.upper())
+    set_level(new.daemon.log_level)
     ctx.wake.scan.set()
     log.warning("config_reloaded", source=new.source, log_level=new.daemon.log_level)
 

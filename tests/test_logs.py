@@ -248,3 +248,13 @@ def test_redact_masks_registered_secrets_everywhere() -> None:
     assert redact(f"a{secret}b {secret}") == f"a{REDACTED}b {REDACTED}"
     add_secret("abc")  # too short to be a key: would mask ordinary words
     assert redact("abcdef") == "abcdef"
+
+
+def test_set_level_moves_the_quiet_libraries_too() -> None:
+    # SIGHUP from `error` to `info`: the root logger follows, and the chatty libraries go back
+    # to WARNING (they stayed at ERROR when only the root level was set).
+    configure_logging("error", "json", stream=io.StringIO())
+    assert logging.getLogger("httpx").level == logging.ERROR
+    logs.set_level("info")
+    assert logging.getLogger().level == logging.INFO
+    assert all(logging.getLogger(n).level == logging.WARNING for n in logs.QUIET_LOGGERS)

@@ -22,11 +22,12 @@ def get(d: dict[str, Any], camel: str, default: Any = None) -> Any:
     """Read a field given in camelCase or snake_case (proto-JSON accepts both)."""
     if camel in d:
         return d[camel]
-    return d.get(_snake(camel), default)
+    return d.get(snake(camel), default)
 
 
 @functools.lru_cache(maxsize=256)
-def _snake(camel: str) -> str:
+def snake(camel: str) -> str:
+    """``fileData`` → ``file_data`` (cached: a handful of field names)."""
     return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
 
 

@@ -190,6 +190,8 @@ class Store:
         async def run() -> None:
             try:
                 async with self._answering:
+                    if stop.is_set():  # cancelled or stopping while it waited for its turn
+                        return
                     res = await asyncio.to_thread(
                         worker.run_job,
                         in_path=in_path,

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from daemon.emulator.answers import snake
 from daemon.emulator.faults import Stats
 
 API_PATH = re.compile(
@@ -111,15 +112,11 @@ def page(query: Any, items: list[Any]) -> tuple[list[Any], str | None]:
     return items[start:end], (str(end) if end < len(items) else None)
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
-
-
 def check_fields(obj: dict[str, Any], known: tuple[str, ...], at: str = "") -> None:
     """Reject keys of a proto message that are not among `known` (camelCase; snake_case is
     accepted too) with the real API's 400: `Invalid JSON payload received. Unknown name "x"
     at 'batch': Cannot find field.` plus a `BadRequest` detail. `at` is the snake_case path."""
-    allowed = set(known) | {_snake(k) for k in known}
+    allowed = set(known) | {snake(k) for k in known}
     unknown = [k for k in obj if k not in allowed]
     if not unknown:
         return

@@ -43,7 +43,6 @@ class JobResult:
     total: int = 0
     succeeded: int = 0
     failed: int = 0
-    cancelled: bool = False
 
 
 class Stopped(Exception):
