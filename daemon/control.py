@@ -32,7 +32,7 @@ from daemon import __version__
 from daemon.actions import ActionError, cancel_input, retry_input
 from daemon.context import Context
 from daemon.metrics import Metrics, queue_depth, stuck_jobs
-from daemon.states import InputState, JobState
+from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 from daemon.store import Row, loads
 
 log = structlog.get_logger(__name__)
@@ -190,8 +190,8 @@ async def get_status(request: web.Request) -> web.Response:
     cfg = ctx.cfg
     counts = await ctx.store.counts_by_state()
     active = await ctx.store.scalar(
-        "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?, ?)",
-        (JobState.UPLOADING.value, JobState.CREATING.value, JobState.ACTIVE.value),
+        f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(ACTIVE_JOB_STATES))})",
+        [s.value for s in ACTIVE_JOB_STATES],
     )
     stuck = await stuck_jobs(ctx.store, cfg.poll.stuck_after)
     return _json(

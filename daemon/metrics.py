@@ -49,7 +49,7 @@ OUTCOMES = ("succeeded", "failed")
 
 @dataclass
 class Snapshot:
-    """The numbers of one scrape (also used by ``GET /v1/status``)."""
+    """The numbers of one scrape."""
 
     uptime: float = 0.0
     inputs: dict[str, int] = field(default_factory=dict)
