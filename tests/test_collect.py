@@ -11,10 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import assemble, collect
+from daemon import assemble, collect, collect_big
 from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
+from daemon.gemini import GeminiClient
 from daemon.media import media_ext, safe_key
 from daemon.outbox import outbox_paths
 from daemon.store import Store, new_input_id
@@ -461,11 +462,19 @@ def test_inline_operation_lines_join_on_metadata_key() -> None:
 async def test_unreachable_api_leaves_the_job_done_with_a_backoff(ctx: Context) -> None:
     inp = await Input.make(ctx, [["a"]])
     await inp.done(inp.jobs[1], remote_state="BATCH_STATE_SUCCEEDED")
-    assert await collect_once(ctx) == 0  # no API client here: nothing collected, nothing lost
-    job = await ctx.store.get_job(inp.jobs[1])
-    assert job is not None and job["state"] == "done" and job["not_before"] > 0
-    assert (await inp.row())["state"] == "running"
-    assert await collect_once(ctx) == 0  # backing off: not even tried
+    # a real client aimed at a port where nothing listens: the download is refused
+    ctx.gemini = GeminiClient(ctx.cfg, "k", base_url="http://127.0.0.1:9")
+    try:
+        assert await collect_once(ctx) == 0  # nothing collected, nothing lost
+        job = await ctx.store.get_job(inp.jobs[1])
+        assert job is not None and job["state"] == "done" and job["not_before"] > 0
+        assert not Path(ctx.input_dir(inp.id) / f"job-{inp.jobs[1]}.results.jsonl").exists()
+        assert (await inp.row())["state"] == "running"
+        tried = sum(ctx.gemini.calls.values())
+        assert await collect_once(ctx) == 0  # backing off: not even tried
+        assert sum(ctx.gemini.calls.values()) == tried
+    finally:
+        await ctx.gemini.aclose()
 
 
 async def test_big_inputs_mix_fast_parts_and_the_index(ctx: Context) -> None:
@@ -491,16 +500,22 @@ async def test_big_inputs_mix_fast_parts_and_the_index(ctx: Context) -> None:
 
 
 async def test_fast_parts_survive_a_lost_summary(ctx: Context) -> None:
-    """A part file put in order whose summary vanished (a crash) is put in order again at
-    settle time; one whose results changed is not trusted."""
+    """A part put in order whose summary vanished (a crash) is put in order again at settle
+    time; an ordered file that no longer matches its summary is not trusted (redone too)."""
     inp = await Input.make(ctx, [["a", "b"], ["c"]])
     work = ctx.input_dir(inp.id)
     await inp.collected(inp.jobs[1], [ok("b"), err("a", 3)])
     await inp.collected(inp.jobs[2], [ok("c")])
-    if collect.SMALL_INPUT_REQUESTS < 0:
+    if collect.SMALL_INPUT_REQUESTS < 0:  # per job (a small input is merged in memory)
         (work / "part-1.fast.json").unlink()
         (work / "part-2.fast").write_bytes(b"stale\n")
+        # the fast path still covers the input: both parts are put in order again
+        row, jobs = await inp.row(), await ctx.store.jobs_of(inp.id)
+        assert await collect_big.fast_parts(ctx, row, jobs) is not None
+        assert (work / "part-1.fast.json").exists()
+        assert (work / "part-2.fast").read_bytes() != b"stale\n"
     assert await collect_once(ctx) == 1
+    assert not (work / "merge.sqlite").exists()
     got = lines_of(inp.out()["results"])
     assert [x["key"] for x in got] == ["a", "b", "c"] and got[0]["error"]["code"] == 3
     summary = orjson.loads(inp.out()["summary"].read_bytes())
@@ -514,7 +529,12 @@ async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> 
     assert await collect_once(ctx) == 0  # nothing finished yet
     assert not (work / "merge.sqlite").exists()
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    per_job = collect.SMALL_INPUT_REQUESTS < 0
+    # part 1 is in order as soon as its job is back, while part 2's job still runs
+    assert (work / "part-1.fast").exists() is per_job
+    assert not (work / "part-2.fast").exists()
     await inp.collected(inp.jobs[2], [ok("c")])
+    assert (work / "part-2.fast").exists() is per_job
     assert await collect_once(ctx) == 1
     assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c"]
 

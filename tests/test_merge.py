@@ -254,9 +254,11 @@ def test_jobs_folded_in_one_by_one_equal_a_fresh_build(tmp_path: Path) -> None:
     index.ensure_keys(tmp_path / "input.jsonl", [])
     assert index.add_results(r3) and index.add_results(r1)  # any order
     assert not index.add_results(r3)  # idempotent: already there
+    index.db.execute("INSERT INTO meta VALUES ('probe', 'kept')")
     index.close()
     index = MergeIndex.build(path, tmp_path / "input.jsonl", [], [r1, r2, r3])
     try:
+        assert index._meta("probe") == "kept"  # the index was extended, not rebuilt
         assert snapshot(index) == expected
         got = {a.key: orjson.loads(a.line or b"null") for a in index.answers()}
         assert got["a"]["error"]["code"] == 8  # latest attempt's error
