@@ -41,7 +41,7 @@ from daemon.merge import (
 )
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
-from daemon.submit import yield_to_submission
+from daemon.submit import display_name, yield_to_submission
 
 __all__ = [
     "RETRYABLE_GRPC",
@@ -63,14 +63,6 @@ SMALL_COLLECT_CONCURRENCY = 8  # small inline jobs / small inputs handled at onc
 
 def small_input(row: dict[str, Any]) -> bool:
     return (row["request_count"] or 0) <= SMALL_INPUT_REQUESTS
-
-
-def display_name(input_id: str, part_no: int, attempt: int) -> str:
-    try:
-        from daemon.submit import display_name as submit_display_name
-    except ImportError:
-        return f"gemini-batchd:{input_id}:{part_no}" + (f":{attempt}" if attempt > 1 else "")
-    return submit_display_name(input_id, part_no, attempt)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -209,9 +201,7 @@ async def _write_collected(conn: Any, items: list[_Collected]) -> None:
     )
 
 
-async def _collect_job(
-    ctx: Context, job: dict[str, Any], writer: GroupCommit[_Collected] | None = None
-) -> bool:
+async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_Collected]) -> bool:
     """Results of one ``done`` job into its results file, then ``collected``. A transient API
     error leaves the job ``done`` (with a backoff) for a later round."""
     dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
@@ -247,7 +237,7 @@ async def _collect_job(
     now = time.time()
     item = (str(dest), result_file, job["finished_at"] or now, now, job["id"])
     # Committed with the other jobs collected meanwhile (shielded: the file is written).
-    await (writer or GroupCommit(ctx.store, _write_collected)).put([item])
+    await writer.put([item])
     log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
     if not _is_small(job):
         await _assemble_ready_parts(ctx, job["input_id"])
@@ -320,9 +310,6 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
         if not await reuse_input(ctx, row):
             await plan_retries(ctx, row["id"], force=True)  # earlier results vanished: redo
         return
-    if row["state"] != InputState.DOWNLOADING:
-        async with ctx.store.tx() as conn:
-            await ctx.store.set_input_state(conn, row["id"], InputState.DOWNLOADING)
     fast = None if small_input(row) else await collect_big.fast_parts(ctx, row, jobs)
     if fast is not None:
         await finish_index(ctx, row, jobs, fast)

@@ -129,7 +129,6 @@ def _write_results(
                 if ready[1] and media_dir is not None:
                     media += _media_from_file(ready[0], media_dir)
             else:
-                assert isinstance(index, MergeIndex)
                 for chunk in index.answer_chunks(lo, hi):
                     buf = []
                     for ans in chunk:

@@ -23,6 +23,7 @@ from daemon.config import Config
 from daemon.context import Context
 from daemon.states import InputState, JobState
 from daemon.store import loads
+from daemon.submit import display_name
 from daemon.validate import Validation, validate_file
 
 log = structlog.get_logger(__name__)
@@ -200,7 +201,7 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
                     source = str(p.source_path)
                 else:  # canonical lines: submitted straight from the work file
                     source, span = o.row["work_path"], (p.start_offset, p.end_offset)
-                name = f"gemini-batchd:{input_id}:{p.part_no}"
+                name = display_name(input_id, p.part_no, 1)
                 jobs.append(
                     (
                         *(input_id, p.part_no, 1, name, mode, source, *span, p.request_count),

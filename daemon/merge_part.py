@@ -341,9 +341,6 @@ class OrderedParts:
         self.path = index_path  # removed with the work files once the input is final
         self.stop = threading.Event()
 
-    def close(self) -> None:
-        pass
-
     def counts(self) -> dict[str, int]:
         total = sum(s.total for s in self.parts)
         ok = sum(s.succeeded for s in self.parts)
@@ -370,16 +367,3 @@ class OrderedParts:
             base += s.total
         ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:10]
         return [{"code": c, "count": v[0], "example": v[2]} for c, v in ranked]
-
-    def ranges(self) -> list[tuple[int, int, int]]:
-        out, lo = [], 1
-        for s in self.parts:
-            out.append((s.part_no, lo, lo + s.total - 1))
-            lo += s.total
-        return out
-
-    def ordered_file(self, part_no: int) -> tuple[Path, bool] | None:
-        for s in self.parts:
-            if s.part_no == part_no:
-                return fast_path(self.work, part_no), s.media
-        return None
