@@ -320,8 +320,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
             await _failed(ctx, job, e, back_to=JobState.PLANNED)
             return 0
         except OSError as e:  # a media file or the input changed or vanished after validation
-            err = ApiError("permanent", f"cannot read what it submits: {e}", status="UNREADABLE")
-            await _failed(ctx, job, err, back_to=JobState.PLANNED)
+            await _failed(ctx, job, _unreadable(e), back_to=JobState.PLANNED)
             return 0
         job["state"] = JobState.CREATING.value
     # It was `planned` until this round, so nothing can exist remotely yet: an empty index.
@@ -361,12 +360,15 @@ async def _create(
             path = source or (
                 resolved_path(job) if job["media_count"] else Path(job["source_path"])
             )
-            span = _span(job, path)
-            size = span[1] - span[0] if span else path.stat().st_size
-            if size <= _READ_INLINE_BYTES:
-                lines = _read_lines(path, span)  # small: cheaper than a thread hand-off
-            else:
-                lines = await anyio.to_thread.run_sync(_read_lines, path, span)
+            try:
+                span = _span(job, path)
+                size = span[1] - span[0] if span else path.stat().st_size
+                if size <= _READ_INLINE_BYTES:
+                    lines = _read_lines(path, span)  # small: cheaper than a thread hand-off
+                else:
+                    lines = await anyio.to_thread.run_sync(_read_lines, path, span)
+            except (OSError, ValueError) as e:  # ValueError: a line cut short (orjson)
+                raise _unreadable(e) from None
             op = await gem.create_inline_job(
                 model=job["model"], requests=lines, display_name=job["display_name"]
             )
@@ -377,6 +379,12 @@ async def _create(
     log.info("job_created", job=job["id"], remote=op.get("name"), display=job["display_name"])
     await sub.activated_job(job, op)
     return 1
+
+
+def _unreadable(e: Exception) -> ApiError:
+    """The job's source (or a media file) changed or vanished after validation: nothing to
+    retry, the job fails with the reason."""
+    return ApiError("permanent", f"cannot read what it submits: {e}", status="UNREADABLE")
 
 
 def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:

@@ -298,3 +298,17 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     states = [(await job(env, j))["state"] for j in ids]
     assert states == ["active"] * 40
     assert env.emu.stats["calls"]["batches.create"] == 40
+
+
+@pytest.mark.parametrize("mode", ["file", "inline"])
+async def test_a_source_gone_after_planning_fails_the_job_not_the_daemon(
+    env: Env, mode: str
+) -> None:
+    # The file a job submits vanished (or was cut short) after validation: the job fails with
+    # a clear reason; the submitter (and with it the whole service) keeps running.
+    _iid, (jid,) = await env.add_input(lines_for(3), mode=mode)
+    Path((await job(env, jid))["source_path"]).unlink()
+    assert await submit_once(env.ctx) == 0
+    row = await job(env, jid)
+    assert row["state"] == "done" and "UNREADABLE" in row["error"]
+    assert env.emu.stats["creates_by_display_name"] == {}
