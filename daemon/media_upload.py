@@ -21,6 +21,8 @@ import anyio
 import orjson
 
 from daemon.context import Context
+from daemon.outbox import atomic_writer
+from daemon.validate_io import media_name, media_parts
 
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
@@ -32,30 +34,21 @@ def resolved_path(job: dict[str, Any]) -> Path:
     return src.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")
 
 
-def _file_parts(value: Any) -> Any:
-    """Yield every ``fileData``/``file_data`` dict with a ``file:`` URI inside a request."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k in ("fileData", "file_data") and isinstance(v, dict):
-                uri = v.get("fileUri", v.get("file_uri"))
-                if isinstance(uri, str) and uri.startswith("file:"):
-                    yield v
-            else:
-                yield from _file_parts(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _file_parts(v)
+def _media_parts(line: bytes, kind: str) -> tuple[Any, list[dict[str, Any]]]:
+    """A canonical ``{"key", "request"}`` line and its validated media references."""
+    obj = orjson.loads(line)
+    return obj, list(media_parts(obj["request"], kind))
 
 
-def _scan_media(path: Path, media_dir: Path) -> dict[str, tuple[Path, str | None]]:
+def _scan_media(path: Path, media_dir: Path, kind: str) -> dict[str, tuple[Path, str | None]]:
     """Distinct ``file:NAME`` references of a source file → (local path, declared mime type)."""
     found: dict[str, tuple[Path, str | None]] = {}
     with path.open("rb") as f:
         for line in f:
             if not line.strip() or b"file:" not in line:
                 continue
-            for part in _file_parts(orjson.loads(line)):
-                name = part.get("fileUri", part.get("file_uri"))[5:]
+            for part in _media_parts(line, kind)[1]:
+                name = media_name(part)
                 mime = part.get("mimeType", part.get("mime_type"))
                 if name not in found or (found[name][1] is None and mime):
                     found[name] = (media_dir / name, mime)
@@ -70,33 +63,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _rewrite(src: Path, dest: Path, uris: dict[str, str]) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    with src.open("rb") as fin, tmp.open("wb") as fout:
+def _rewrite(src: Path, dest: Path, uris: dict[str, str], kind: str) -> None:
+    """The resolved source: every validated ``file:NAME`` URI replaced by its upload's URI;
+    written durably (the job is committed as ``creating`` with it afterwards)."""
+    with src.open("rb") as fin, atomic_writer(dest) as fout:
         for line in fin:
             if not line.strip():
                 continue
             if b"file:" in line:
-                obj = orjson.loads(line)
-                for part in _file_parts(obj):
+                obj, parts = _media_parts(line, kind)
+                for part in parts:
                     key = "fileUri" if "fileUri" in part else "file_uri"
                     part[key] = uris[part[key][5:]]
                 line = orjson.dumps(obj) + b"\n"
             fout.write(line)
-    tmp.replace(dest)
 
 
 async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
     """Upload (or reuse) every distinct local media file and write the resolved source file."""
     src = Path(job["source_path"])
-    refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir)
+    refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir, job["kind"])
     uris: dict[str, str] = {}
     for name, (path, mime) in refs.items():
         sha = await anyio.to_thread.run_sync(_sha256, path)
         async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
             uris[name] = await _upload_once(ctx, sha, path, mime)
     dest = resolved_path(job)
-    await anyio.to_thread.run_sync(_rewrite, src, dest, uris)
+    await anyio.to_thread.run_sync(_rewrite, src, dest, uris, job["kind"])
     return dest
 
 

@@ -149,8 +149,10 @@ class MediaChecker:
         return None
 
 
-def media_uris(request: dict[str, Any], kind: str) -> Iterator[str]:
-    """``file:`` URIs in ``contents[].parts[]`` (generate) or ``content.parts[]`` (embed)."""
+def media_parts(request: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    """The ``fileData``/``file_data`` dicts with a ``file:`` URI in ``contents[].parts[]``
+    (generate) or ``content.parts[]`` (embed): the local media references validation checks
+    and the submit stage uploads and rewrites."""
     if kind == "embed":
         content = request.get("content")
         contents = [content] if isinstance(content, dict) else []
@@ -172,7 +174,17 @@ def media_uris(request: dict[str, Any], kind: str) -> Iterator[str]:
             if isinstance(fd, dict):
                 uri = fd.get("fileUri", fd.get("file_uri"))
                 if isinstance(uri, str) and uri.startswith("file:"):
-                    yield uri[5:]
+                    yield fd
+
+
+def media_name(fd: dict[str, Any]) -> str:
+    """``NAME`` of a :func:`media_parts` dict's ``file:NAME`` URI."""
+    return str(fd.get("fileUri", fd.get("file_uri")))[5:]
+
+
+def media_uris(request: dict[str, Any], kind: str) -> Iterator[str]:
+    """The names of :func:`media_parts`."""
+    return map(media_name, media_parts(request, kind))
 
 
 @dataclass(frozen=True)

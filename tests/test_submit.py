@@ -207,6 +207,33 @@ async def test_local_media_uploaded_once_and_rewritten(env: Env, mode: str) -> N
     )
 
 
+async def test_only_validated_media_references_are_uploaded(env: Env) -> None:
+    # Validation checks file: references in contents[].parts[] only; the upload must look at
+    # exactly those (a file: URI elsewhere, e.g. a path out of media_dir in systemInstruction,
+    # is neither read nor rewritten: the API gets it as written and refuses that request).
+    media = env.ctx.cfg.media_dir
+    media.mkdir(parents=True)
+    (media / "cat.png").write_bytes(b"\x89PNG fake cat")
+    (env.ctx.cfg.root / "secret.txt").write_bytes(b"not for upload")
+    outside = {"fileData": {"fileUri": "file:../secret.txt", "mimeType": "text/plain"}}
+    line = {
+        "key": "m1",
+        "request": {
+            "systemInstruction": {"parts": [outside]},
+            "contents": [{"parts": [{"fileData": {"fileUri": "file:cat.png"}}]}],
+        },
+    }
+    _, (jid,) = await env.add_input([line], mode="inline", media_count=1)
+    await submit_once(env.ctx)
+    assert (await job(env, jid))["state"] == "active"
+    assert env.emu.stats["calls"]["files.upload"] == 1  # cat.png only
+    resolved = (await job(env, jid))["source_path"].replace(".jsonl", ".resolved.jsonl")
+    got = orjson.loads(Path(resolved).read_bytes())
+    assert got["request"]["systemInstruction"]["parts"][0] == outside
+    uri = got["request"]["contents"][0]["parts"][0]["fileData"]["fileUri"]
+    assert not uri.startswith("file:")
+
+
 async def test_creating_row_without_history_is_looked_up_first(env: Env) -> None:
     _, (jid,) = await env.add_input(lines_for(1), mode="inline")
     name = (await job(env, jid))["display_name"]
