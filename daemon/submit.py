@@ -81,10 +81,15 @@ async def _in_flight(ctx: Context) -> tuple[int, dict[str, int]]:
 
 
 async def _cancel_planned(ctx: Context) -> int:
+    """Jobs of cancelled inputs that cannot exist remotely: ``planned`` ones, and ``creating``
+    ones whose bookkeeping says no create reached the API (see :func:`_needs_check`; those
+    that may have are looked up by :func:`_create` first)."""
     async with ctx.store.tx() as conn:
         cur = await conn.execute(
-            "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE state = 'planned' AND "
-            "input_id IN (SELECT id FROM inputs WHERE cancel_requested = 1)",
+            "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE (state = 'planned' OR "
+            "(state = 'creating' AND error IS NOT NULL "
+            "AND NOT COALESCE(json_extract(error, '$.check_remote'), 0))) "
+            "AND input_id IN (SELECT id FROM inputs WHERE cancel_requested = 1)",
             (time.time(),),
         )
         n = cur.rowcount
@@ -157,9 +162,15 @@ class Submitter:
         rows = await _due_jobs(ctx, now, limit)
         truncated = len(rows) == limit
         done = 0
-        if any(r["cancel_requested"] and r["state"] == "planned" for r in rows):
+        if any(r["cancel_requested"] for r in rows):
             done = await _cancel_planned(ctx)
-        rows = [r for r in rows if r["id"] not in busy and not r["cancel_requested"]]
+        # what is left of a cancelled input: `creating` jobs that may exist remotely (looked up)
+        rows = [
+            r
+            for r in rows
+            if r["id"] not in busy
+            and (not r["cancel_requested"] or (r["state"] == "creating" and _needs_check(_job(r))))
+        ]
         self._more = truncated
         if ctx.submit_backlog:  # set again below if admitted jobs are still left over
             ctx.submit_backlog = False
@@ -348,6 +359,11 @@ async def _create(
             )
             await sub.activated_job(job, op)
             return 1
+    if job["cancel_requested"]:  # its input was cancelled and no remote job exists: never create
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(conn, job["id"], state=JobState.CANCELLED)
+        ctx.wake.collect.set()
+        return 0
     try:
         if job["mode"] == "file":
             op = await gem.create_file_job(
@@ -469,10 +485,7 @@ async def recover_submissions(ctx: Context) -> None:
             "UPDATE jobs SET error = ?, not_before = 0, updated_at = ? WHERE id = ?",
             [(dumps(_book(j) | {"check_remote": True}), time.time(), j["id"]) for j in creating],
         )
-    rows = await ctx.store.fetchall(
-        "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count "
-        "FROM jobs j JOIN inputs i ON i.id = j.input_id WHERE j.state = 'creating' ORDER BY j.id"
-    )
+    rows = await ctx.store.fetchall(_SELECT + "WHERE j.state = 'creating' ORDER BY j.id")
     remote = await _remote_index(ctx)
     async with anyio.create_task_group() as tg:
         sub = Submitter(ctx, tg)

@@ -174,6 +174,28 @@ async def test_cancel_requested_planned_jobs_are_cancelled(env: Env) -> None:
     assert env.emu.stats["calls"].get("batches.create", 0) == 0
 
 
+@pytest.mark.parametrize("case", ["never_sent", "maybe_sent", "exists"])
+async def test_cancel_requested_creating_jobs_are_settled_not_created(env: Env, case: str) -> None:
+    # A `creating` job of a cancelled input: one that never reached the API is cancelled; one
+    # that may have (an ambiguous create) is looked up first: adopted if it exists, else
+    # cancelled. It is never created anew, and never left `creating` for ever.
+    iid, (jid,) = await env.add_input(lines_for(2), mode="inline")
+    name = (await job(env, jid))["display_name"]
+    if case == "exists":
+        await env.gem.create_inline_job(
+            model="gemini-2.5-flash", requests=lines_for(2), display_name=name
+        )
+    book = {"retries": 1, "check_remote": case != "never_sent", "last": None}
+    async with env.ctx.store.tx() as conn:
+        await env.ctx.store.update_job(conn, jid, state="creating", error=json.dumps(book))
+        await env.ctx.store.update_input(conn, iid, cancel_requested=1)
+    await submit_once(env.ctx)
+    row = await job(env, jid)
+    assert row["state"] == ("active" if case == "exists" else "cancelled")
+    creates = env.emu.stats["creates_by_display_name"]
+    assert creates == ({name: 1} if case == "exists" else {})
+
+
 @pytest.mark.parametrize("mode", ["file", "inline"])
 async def test_local_media_uploaded_once_and_rewritten(env: Env, mode: str) -> None:
     media = env.ctx.cfg.media_dir
