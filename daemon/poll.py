@@ -243,12 +243,6 @@ async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) 
         ctx.wake.collect.set()
 
 
-async def record(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> None:
-    """Store one Operation's state and progress for ``job``; finish it if terminal."""
-    writer: GroupCommit[_Seen] = GroupCommit(ctx.store, _write)
-    await _commit(ctx, writer, [_seen(ctx, job, op)])
-
-
 async def _next_due(ctx: Context) -> float:
     at = await ctx.store.scalar("SELECT MIN(next_poll_at) FROM jobs WHERE state = 'active'")
     if at is None:

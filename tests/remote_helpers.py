@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from daemon.config import Config, parse_config
@@ -17,6 +16,7 @@ from daemon.emulator import Emulator, EmulatorSettings
 from daemon.gemini import GeminiClient
 from daemon.store import Store
 from daemon.submit import display_name
+from tests.helpers import wait_until
 
 KEY = "sk-test-4f9a0c1b2d3e"
 
@@ -93,10 +93,8 @@ def lines_for(n: int, prefix: str = "q") -> list[dict[str, Any]]:
 
 
 async def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    with anyio.fail_after(timeout):
-        while not (value := await pred()):
-            await anyio.sleep(0.02)
-    return value
+    """:func:`tests.helpers.wait_until` with these tests' shorter default timeout."""
+    return await wait_until(pred, timeout=timeout)
 
 
 @pytest.fixture
