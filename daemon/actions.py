@@ -10,7 +10,6 @@ input from the same work file and wakes validation.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import weakref
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon.claim import copy_in
 from daemon.context import Context
+from daemon.outbox import fsync_dir
 from daemon.states import (
     ACTIVE_JOB_STATES,
     RETRYABLE_INPUT_STATES,
@@ -155,12 +156,13 @@ async def _fresh_rerun(ctx: Context, old: Row) -> Row:
     new_id = new_input_id()
     work = ctx.input_dir(new_id) / "input.jsonl"
     work.parent.mkdir(parents=True, exist_ok=True)
-    # File first, row second: a crash in between leaves an orphan folder, never a row
-    # pointing at nothing.
+    # File first (durably), row second: a crash in between leaves an orphan folder, never a
+    # row pointing at nothing.
     try:
         os.link(source, work)
     except OSError:
-        shutil.copyfile(source, work)
+        copy_in(source, work)  # fsynced
+    fsync_dir(work.parent)
     async with ctx.store.tx() as conn:
         await ctx.store.add_input(
             conn,

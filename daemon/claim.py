@@ -116,7 +116,7 @@ def _prepare(ctx: Context, drops: list[Drop]) -> tuple[list[_Item], Path | None]
         item.dest.parent.mkdir(parents=True, exist_ok=True)
         if item.cross:  # copy outside the transaction; the swap in _move is quick
             try:
-                _copy_in(item.drop.path, _tmp_of(item))
+                copy_in(item.drop.path, _tmp_of(item))
             except FileNotFoundError:
                 shutil.rmtree(item.dest.parent, ignore_errors=True)
                 items.remove(item)
@@ -127,7 +127,8 @@ def _tmp_of(item: _Item) -> Path:
     return item.dest.parent / ".input.jsonl.copying"
 
 
-def _copy_in(src: Path, tmp: Path) -> None:
+def copy_in(src: Path, tmp: Path) -> None:
+    """Copy ``src`` to ``tmp`` and fsync the copy."""
     with open(src, "rb") as inp, open(tmp, "wb") as out:
         shutil.copyfileobj(inp, out, 1024 * 1024)
         out.flush()
