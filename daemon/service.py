@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ async def _run_signals(
     ctx: Context,
     scope: anyio.CancelScope,
     stopping: threading.Event,
+    adjust: Callable[[Config], Config],
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -102,7 +103,7 @@ async def _run_signals(
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
-                _reload(ctx)
+                _reload(ctx, adjust)
                 continue
             log.info("shutdown_requested", signal=signal.Signals(signum).name)
             systemd.stopping()
@@ -111,10 +112,15 @@ async def _run_signals(
             return
 
 
-def _reload(ctx: Context) -> None:
-    """SIGHUP: re-read the config; settings that are safe to change take effect, then rescan."""
+def _as_is(cfg: Config) -> Config:
+    return cfg
+
+
+def _reload(ctx: Context, adjust: Callable[[Config], Config] = _as_is) -> None:
+    """SIGHUP: re-read the config (``adjust``ed as at start); settings that are safe to change
+    take effect, then rescan."""
     try:
-        new = load_config(ctx.cfg.source) if ctx.cfg.source else ctx.cfg
+        new = adjust(load_config(ctx.cfg.source)) if ctx.cfg.source else ctx.cfg
     except ConfigError as e:
         log.error("reload_failed", error=str(e))
         return
@@ -134,9 +140,11 @@ async def run_service(
     task_status: TaskStatus[Context] = anyio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
     stopping: threading.Event | None = None,
+    adjust: Callable[[Config], Config] = _as_is,
 ) -> None:
     """Run every stage until cancelled. ``ctx_factory(cfg)`` is an async context manager yielding
-    the :class:`Context` (store and API client opened); tests pass their own."""
+    the :class:`Context` (store and API client opened); tests pass their own. ``adjust`` is
+    applied to the config again when SIGHUP re-reads it (``cfg`` already went through it)."""
     from daemon.claim import recover_claims
     from daemon.collect import run_collector
     from daemon.control import run_control
@@ -149,7 +157,7 @@ async def run_service(
     stopping = stopping or threading.Event()
     async with ctx_factory(cfg) as ctx, anyio.create_task_group() as tg:
         if handle_signals:  # first: a SIGTERM during recovery or start-up is a clean stop too
-            await tg.start(_run_signals, ctx, tg.cancel_scope, stopping)
+            await tg.start(_run_signals, ctx, tg.cancel_scope, stopping, adjust)
         await recover_claims(ctx)
         await recover_submissions(ctx)
         log.info("recovery_done", **await ctx.store.counts_by_state())
@@ -237,19 +245,26 @@ def main_run(cfg: Config, *, emulator: bool = False) -> int:
         return EX_CONFIG
 
 
+def _for_emulator(cfg: Config) -> Config:
+    """Emulated jobs finish in about a second: poll accordingly so a dry run shows results at
+    once."""
+    return cfg.replace(
+        poll=dataclasses.replace(cfg.poll, min_interval=min(cfg.poll.min_interval, 0.5))
+    )
+
+
 async def _main_async(cfg: Config, api_key: str | None, emulator: bool) -> int:
     base_url = cfg.gemini.base_url
     emu = None
+    adjust = _as_is
     if emulator:
         from daemon.emulator import Emulator
 
         emu = Emulator(data_dir=cfg.state_dir / "emulator")
         base_url = await emu.start()
         api_key = api_key or "emulator-key"
-        # Emulated jobs finish in about a second: poll accordingly so a dry run shows results at once.
-        cfg = cfg.replace(
-            poll=dataclasses.replace(cfg.poll, min_interval=min(cfg.poll.min_interval, 0.5))
-        )
+        adjust = _for_emulator
+        cfg = adjust(cfg)
         log.info("emulator_started", url=base_url)
     assert api_key is not None
     key = api_key
@@ -260,7 +275,7 @@ async def _main_async(cfg: Config, api_key: str | None, emulator: bool) -> int:
         return open_context(c, api_key=key, base_url=base_url)
 
     try:
-        await run_service(factory, cfg, stopping=stopping)
+        await run_service(factory, cfg, stopping=stopping, adjust=adjust)
     finally:
         if emu is not None:
             with anyio.CancelScope(shield=True):

@@ -9,7 +9,10 @@ import time
 
 import orjson
 
+from daemon.config import load_config
+from daemon.context import Context
 from daemon.outbox import outbox_paths
+from daemon.service import _for_emulator, _reload
 from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
 from tests.helpers import drop, read_jsonl, request_lines, short_tmpdir, wait_until
 
@@ -171,7 +174,6 @@ async def test_sighup_reloads_config_and_keeps_running(tmp_path, emulator):
     p = DaemonProcess(cfg_path)
     try:
         await wait_until(lambda: '"daemon_ready"' in p.output(), timeout=30)
-        data["poll"]["max_interval"] = 0.7
         data["daemon"]["log_level"] = "warning"
         write_config(cfg_path, data)
         p.proc.send_signal(signal.SIGHUP)
@@ -180,21 +182,32 @@ async def test_sighup_reloads_config_and_keeps_running(tmp_path, emulator):
         await wait_until(
             outbox_paths(root / "outbox", "after-hup.jsonl")["summary"].exists, timeout=30
         )
+        # the new level took effect: info events of that file's work were not logged
+        after = p.output()[p.output().index('"config_reloaded"') :]
+        assert '"job_created"' not in after and '"input_finished"' not in after
+        # a broken config on HUP is refused; the daemon keeps its old one and goes on working
+        cfg_path.write_text("[poll]\nworkers = -1\n")
+        p.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: '"reload_failed"' in p.output(), timeout=10)
+        assert "[poll] workers" in p.output()
+        drop(root / "inbox", "after-bad-hup.jsonl", request_lines(2))
+        await wait_until(
+            outbox_paths(root / "outbox", "after-bad-hup.jsonl")["summary"].exists, timeout=30
+        )
         assert p.proc.poll() is None  # HUP is not a stop
         assert p.terminate() == 0
     finally:
         p.close()
-    # a broken config on HUP is refused and the daemon keeps its old one
-    cfg_path.write_text("[poll\n")
-    p = DaemonProcess(
-        write_config(tmp_path / "c2.toml", config_data(tmp_path / "root", emulator.url))
-    )
-    try:
-        await wait_until(lambda: '"daemon_ready"' in p.output(), timeout=30)
-        (tmp_path / "c2.toml").write_text("[poll]\nworkers = -1\n")
-        p.proc.send_signal(signal.SIGHUP)
-        await wait_until(lambda: '"reload_failed"' in p.output(), timeout=10)
-        assert "[poll] workers" in p.output()
-        assert p.terminate() == 0
-    finally:
-        p.close()
+
+
+def test_reload_applies_the_start_adjustments_again(tmp_path) -> None:
+    # `run --emulator` polls faster than the config says; a SIGHUP re-read keeps that.
+    data = config_data(tmp_path / "root", "http://127.0.0.1:9")
+    data["poll"].update(min_interval=5.0, max_interval=60.0)
+    cfg = load_config(write_config(tmp_path / "c.toml", data))
+    ctx = Context(cfg=_for_emulator(cfg), store=None)  # type: ignore[arg-type]
+    assert ctx.cfg.poll.min_interval == 0.5
+    _reload(ctx, _for_emulator)
+    assert ctx.cfg.poll.min_interval == 0.5
+    _reload(ctx)  # without the adjustment: the file's value
+    assert ctx.cfg.poll.min_interval == 5.0
