@@ -56,6 +56,7 @@ class InboxConfig:
     rescan_seconds: float = 30.0
     force_polling: bool = False
     max_line_bytes: int = 32 * MiB
+    parallel_validation_bytes: int = 64 * MiB  # bigger files are validated on two cores; 0 = never
     media_dir: Path | None = None  # default <root>/media
 
 
@@ -238,6 +239,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[api] timeout: must be > 0")
     if cfg.inbox.settle_seconds <= 0 or cfg.inbox.rescan_seconds <= 0:
         raise ConfigError("[inbox] settle_seconds and rescan_seconds: must be > 0")
+    if cfg.inbox.parallel_validation_bytes < 0:
+        raise ConfigError("[inbox] parallel_validation_bytes: must be >= 0 (0 = never)")
 
 
 def parse_config(

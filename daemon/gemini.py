@@ -14,7 +14,6 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from google.genai import types
 from google.genai import version as genai_version
 
 from daemon.config import Config
+from daemon.validate_io import FileWindow
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 ErrorKind = Literal["transient", "permanent", "ambiguous"]
@@ -391,45 +391,3 @@ class GeminiClient:
         except ApiError as e:
             if e.http_code != 404:
                 raise
-
-
-class FileWindow(io.RawIOBase):
-    """A read-only, seekable view of bytes ``start:end`` of a file, for the SDK's upload of an
-    IO object (it takes the size from ``seek``/``tell`` and reads in chunks)."""
-
-    def __init__(self, path: Path, start: int, end: int) -> None:
-        self._f = open(path, "rb", buffering=0)
-        self._start, self._end, self._pos = start, end, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end - self._start}
-        self._pos = max(0, base[whence] + offset)
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._end - self._start - self._pos
-        if size < 0 or size > left:
-            size = max(0, left)
-        data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
-        if len(data) < size:  # the file shrank: never send a short (or endless) upload
-            raise OSError(f"{self._f.name}: shorter than the part's byte range")
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()

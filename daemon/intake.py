@@ -21,10 +21,12 @@ from anyio.abc import TaskStatus
 from daemon.claim import reject
 from daemon.config import Config
 from daemon.context import Context
+from daemon.crash import crash_point
 from daemon.states import InputState, JobState
 from daemon.store import loads
 from daemon.submit import display_name
 from daemon.validate import Validation, validate_file
+from daemon.validate_io import sha256_of
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +51,13 @@ def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> l
         for stale in out_dir.glob("part-*-a1.jsonl"):  # from a run cut short by a crash
             stale.unlink()
         try:
-            v = validate_file(Path(row["work_path"]), model=row["model"], cfg=cfg, out_dir=out_dir)
+            v = validate_file(
+                Path(row["work_path"]),
+                model=row["model"],
+                cfg=cfg,
+                out_dir=out_dir,
+                defer_digest=True,
+            )
         except OSError as e:
             out.append(_Outcome(row, error=f"cannot read the file: {e.strerror or e}"))
         else:
@@ -139,7 +147,10 @@ async def _reusable(ctx: Context, good: list[_Outcome]) -> dict[str, str]:
     want = [o for o in good if ctx.cfg.submit.dedupe and not o.row["fresh"]]
     if not want:
         return {}
-    shas = sorted({o.v.sha256 for o in want if o.v is not None})
+    await _digest_if_sized_like_a_success(ctx, want)
+    shas = sorted({o.v.sha256 for o in want if o.v is not None and o.v.sha256 is not None})
+    if not shas:
+        return {}
     marks = ", ".join("?" for _ in shas)
     earlier = await ctx.store.fetchall(
         f"SELECT id, model, sha256, results_path FROM inputs WHERE sha256 IN ({marks}) "
@@ -161,6 +172,45 @@ async def _reusable(ctx: Context, good: list[_Outcome]) -> dict[str, str]:
                 found[o.row["id"]] = str(e["id"])
                 break
     return found
+
+
+async def _digest_if_sized_like_a_success(ctx: Context, want: list[_Outcome]) -> None:
+    """A big file's sha256 is deferred (:func:`fill_digests`); dedupe needs it now only when an
+    earlier success for the same model has the same size."""
+    undigested = [o for o in want if o.v is not None and o.v.sha256 is None]
+    if not undigested:
+        return
+    sizes = sorted({o.v.size_bytes for o in undigested if o.v is not None})
+    marks = ", ".join("?" for _ in sizes)
+    rows = await ctx.store.fetchall(
+        f"SELECT DISTINCT model, size_bytes FROM inputs WHERE size_bytes IN ({marks}) "
+        "AND state = ? AND results_path IS NOT NULL",
+        (*sizes, InputState.SUCCEEDED.value),
+    )
+    alike = {(r["model"], r["size_bytes"]) for r in rows}
+    for o in undigested:
+        assert o.v is not None
+        if (o.row["model"], o.v.size_bytes) in alike:
+            try:
+                o.v.sha256 = await anyio.to_thread.run_sync(sha256_of, Path(o.row["work_path"]))
+            except OSError as e:  # not reusable then; the submit stage reports an unreadable file
+                log.warning("input_digest_failed", input_id=o.row["id"], error=str(e))
+
+
+async def fill_digests(ctx: Context, todo: list[tuple[str, str]]) -> None:
+    """Work out the sha256 that validation left out for big files (``(input id, work path)``
+    pairs). It only serves dedupe, so it is done after the input is queued, while its first
+    jobs are being submitted; a crash before it is made good when the validator starts."""
+    for input_id, work_path in todo:
+        try:
+            digest = await anyio.to_thread.run_sync(sha256_of, Path(work_path))
+        except OSError as e:
+            log.warning("input_digest_failed", input_id=input_id, error=str(e))
+            continue
+        async with ctx.store.tx() as conn:
+            await conn.execute(
+                "UPDATE inputs SET sha256 = ? WHERE id = ? AND sha256 IS NULL", (digest, input_id)
+            )
 
 
 _FACTS = "size_bytes = ?, sha256 = ?, request_count = ?, est_tokens = ?, media_count = ?, kind = ?"
@@ -240,11 +290,21 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
                 requests=o.v.request_count,
                 parts=len(o.v.parts),
                 size_bytes=o.v.size_bytes,
+                second_core_bytes=o.v.tail_bytes,
             )
     if reused:
         ctx.wake.collect.set()
     if len(reused) < len(good):
         ctx.wake.submit.set()
+    crash_point("after_queue")
+    await fill_digests(
+        ctx,
+        [
+            (o.row["id"], o.row["work_path"])
+            for o in good
+            if o.v is not None and o.v.sha256 is None and o.row["id"] not in reused
+        ],
+    )
 
 
 async def run_validator(
@@ -252,6 +312,12 @@ async def run_validator(
 ) -> None:
     """The validation stage loop."""
     task_status.started()
+    missing = await ctx.store.fetchall(
+        "SELECT id, work_path FROM inputs WHERE sha256 IS NULL AND size_bytes IS NOT NULL "
+        "AND state NOT IN (?, ?, ?)",
+        (InputState.SEEN.value, InputState.VALIDATING.value, InputState.REJECTED.value),
+    )
+    await fill_digests(ctx, [(r["id"], r["work_path"]) for r in missing])
     while True:
         await validate_once(ctx)
         await ctx.wake.validate.wait(VALIDATE_INTERVAL)

@@ -5,8 +5,9 @@ SPEC §2 and plans the parts the submit stage sends (SPEC §3): byte ranges of t
 lines are canonical, else canonical part files. Blocks of well-formed lines are checked in bulk
 with C-level ``map``s; the first doubt sends a block through the exact per-line checks. A second
 thread reads the file on its own for its sha256 and for ``"file:`` (media references); only a file
-that has one is validated again with a media check on every line. Memory stays flat on huge
-files: problems are capped, duplicate keys are found from 64-bit key hashes (8 bytes per key, in
+that has one is validated again with a media check on every line. A big file's second half is
+checked by a child process meanwhile (:mod:`daemon.validate_tail`). Memory stays flat on huge
+files: problems are capped, duplicate keys are found from 61-bit key hashes (8 bytes per key, in
 64 buckets checked one set at a time), and hash-equal keys are confirmed by a second read of the
 file (which only happens when a hash repeats).
 
@@ -16,13 +17,15 @@ Token estimate: request line bytes // 4 (crude; used only for admission).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 import orjson
 
@@ -31,12 +34,14 @@ from daemon.validate_io import (
     MAX_MEDIA_NAMES,
     MEDIA_MARK,
     FileScan,
+    FileWindow,
     MediaChecker,
     PartPlan,
     PartWriter,
     media_uris,
     part_file_name,
 )
+from daemon.validate_tail import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailCheck
 
 __all__ = ["PartPlan", "Problem", "Validation", "check_main", "part_file_name", "validate_file"]
 
@@ -47,9 +52,22 @@ _WS = b" \t\r\n"
 _loads = orjson.loads
 _get = dict.get
 _has: Any = dict.__contains__
-_TWO, _STR = {2}, {str}
-_BUCKETS = 64  # key hashes (signed 64-bit) are kept in buckets by their top 6 bits
-_SHIFT, _HALF = 58, 32
+_TWO = {2}
+_BUCKETS = 64  # key hashes are kept in buckets by their low 6 bits
+_MASK = _BUCKETS - 1
+_ENCODE: Any = str.encode  # TypeError for anything but a str
+_FROM_BYTES = int.from_bytes
+
+
+def _key_hashes(keys: Iterable[Any]) -> Iterator[int]:
+    """A 61-bit hash of each key that is the same in every process (``hash()`` of a ``str`` is
+    salted per process; that of an ``int`` is not), so the tail child's hashes meet ours. Keys
+    come from orjson, which refuses lone surrogates, so ``encode`` cannot fail."""
+    return map(hash, map(_FROM_BYTES, map(_ENCODE, keys)))
+
+
+def _key_hash(key: str) -> int:
+    return hash(_FROM_BYTES(key.encode()))
 
 
 @dataclass(frozen=True)
@@ -67,12 +85,13 @@ class Validation:
     problem_count: int
     request_count: int
     size_bytes: int
-    sha256: str
+    sha256: str | None  # None when deferred (``validate_file(defer_digest=True)``, big files)
     kind: Kind
     est_tokens: int
     media_refs: int  # parts referring to file:NAME
     media_names: set[str] = field(default_factory=set)  # distinct names (bounded)
     parts: list[PartPlan] = field(default_factory=list)
+    tail_bytes: int = 0  # bytes checked by the child process (daemon.validate_tail)
 
 
 def model_kind(model: str) -> Kind:
@@ -110,18 +129,42 @@ def _read_line(readline: Any, limit: int) -> tuple[bytes, int, bool]:
 
 
 def validate_file(
-    path: Path, *, model: str, cfg: Config, out_dir: Path | None = None
+    path: Path,
+    *,
+    model: str,
+    cfg: Config,
+    out_dir: Path | None = None,
+    defer_digest: bool = False,
 ) -> Validation:
     """Validate ``path`` for ``model`` in one streaming pass. With ``out_dir``, also plan the
     parts the submit stage sends: a part of canonical lines is a byte range of ``path`` itself
     (``source_path`` None); once a line needs rewriting, part files of canonical lines are
-    written there (deleted again if the file turns out invalid). Raises OSError when the file
-    cannot be read."""
+    written there (deleted again if the file turns out invalid). A file of at least ``[inbox]
+    parallel_validation_bytes`` has its second half checked by a child process meanwhile
+    (:mod:`daemon.validate_tail`); with ``defer_digest`` such a file's sha256 is left to the
+    caller (``sha256`` None). Raises OSError when the file cannot be read."""
     with open(path, "rb", buffering=_READ_BUFFER) as f:
-        scan = FileScan(path, os.fstat(f.fileno()).st_size)
+        size = os.fstat(f.fileno()).st_size
+        share = SHARE if defer_digest else SHARE_WITH_DIGEST
+        tail = TailCheck.start(path, size, model, cfg, share=share)
+        # with a child, this thread scans once it has read its share: a scan thread beside the
+        # parser would wait for the GIL at every read, and the child has the second core
+        split = tail is not None
+        scan = FileScan(path, size, inline=split, digest=not (split and defer_digest))
         try:
-            run = _run(path, f, model=model, cfg=cfg, out_dir=out_dir, check_media=False)
+            run = _run(
+                path,
+                f,
+                model=model,
+                cfg=cfg,
+                out_dir=out_dir,
+                check_media=False,
+                tail=tail,
+                meanwhile=scan.result,
+            )
         finally:
+            if tail is not None:
+                tail.close()
             digest, media_marks = scan.result()
         if media_marks:  # some line may refer to local media: look at every line for it
             run.parts.close(keep=False)
@@ -141,17 +184,62 @@ def validate_file(
         media_refs=run.media_refs,
         media_names=run.media_names,
         parts=run.parts.parts if ok else [],
+        tail_bytes=run.tail_bytes,
     )
 
 
-def _run(path: Path, f: IO[bytes], **kw: Any) -> _Pass:
-    run = _Pass(path, f, **kw)
+def _run(
+    path: Path,
+    f: IO[bytes],
+    *,
+    model: str,
+    cfg: Config,
+    out_dir: Path | None,
+    check_media: bool,
+    tail: TailCheck | None = None,
+    meanwhile: Callable[[], object] | None = None,
+) -> _Pass:
+    run = _Pass(
+        path,
+        f,
+        model=model,
+        limit=cfg.inbox.max_line_bytes,
+        parts=PartWriter(cfg, out_dir, path),
+        media=MediaChecker(cfg.media_dir),
+        check_media=check_media,
+    )
     try:
-        run.read_all()
+        if tail is None:
+            run.read_all()
+        else:  # this thread takes the lines before the child's, then joins what the child found
+            with io.BufferedReader(FileWindow(path, 0, tail.begin), _READ_BUFFER) as head:
+                run.f = head
+                run.read_all()
+            if meanwhile is not None:
+                meanwhile()
+            run.f = f
+            run.take_tail(tail)
         run.finish()
     except BaseException:
         run.parts.close(keep=False)
         raise
+    return run
+
+
+def new_tail_pass(
+    path: Path, f: IO[bytes], *, model: str, limit: int, recorder: BlockRecorder
+) -> _Pass:
+    """The pass the tail child runs (:mod:`daemon.validate_tail`): bulk blocks only."""
+    run = _Pass(
+        path,
+        f,
+        model=model,
+        limit=limit,
+        parts=cast(PartWriter, recorder),
+        media=None,
+        check_media=False,
+    )
+    run.stop_at_slow = True  # so only add_block and abandon are called on the recorder
     return run
 
 
@@ -166,28 +254,31 @@ class _Pass:
         f: IO[bytes],
         *,
         model: str,
-        cfg: Config,
-        out_dir: Path | None,
+        limit: int,
+        parts: PartWriter,
+        media: MediaChecker | None,
         check_media: bool,
     ) -> None:
         self.path, self.f, self.model = path, f, model
         self.kind: Kind = model_kind(model)
         self.need = "content" if self.kind == "embed" else "contents"
-        self.limit = cfg.inbox.max_line_bytes
+        self.limit = limit
         self.cap = self.limit + 2  # readline bound: longer means over-long
-        self.media = MediaChecker(cfg.media_dir)
-        self.parts = PartWriter(cfg, out_dir, path)
+        self.media = media
+        self.parts = parts
         self.problems: list[Problem] = []
         self.problem_count = 0
         self.request_count = self.est_tokens = self.media_refs = 0
         self.media_names: set[str] = set()
         self.check_media = check_media
-        # hash() of every key, partitioned by value so that each bucket fits one set later
+        # a hash of every key, partitioned by value so that each bucket fits one set later
         self.buckets = [array("q") for _ in range(_BUCKETS)]
         self.add_hash = [b.append for b in self.buckets]
         self.ok = False
         self.offset = self.line_no = 0
         self.too_long = f"line is longer than max_line_bytes ({self.limit} bytes)"
+        self.stop_at_slow = False
+        self.tail_bytes = 0
 
     def problem(self, line: int, reason: str) -> None:
         if self.problem_count == 0:
@@ -202,6 +293,8 @@ class _Pass:
         while lines := list(islice(lines_of, n)):
             size = sum(map(len, lines))
             if self.problem_count or not self._fast_block(lines, size):
+                if self.stop_at_slow:  # the tail child: the validator reads on from here
+                    return
                 self._slow_block(lines)
             # aim for ~32 KiB blocks: big enough to amortise, small enough to stay in cache
             n = max(8, min(4096, (32 * 1024 * len(lines)) // (size or 1)))
@@ -213,10 +306,10 @@ class _Pass:
             objs = list(map(_loads, lines))
             keys = list(map(_get, objs, repeat("key")))  # TypeError unless every line is a dict
             reqs = list(map(_get, objs, repeat("request")))
+            encoded = list(map(_ENCODE, keys))  # TypeError unless every key is a str
             if not (
                 set(map(len, objs)) == _TWO
-                and set(map(type, keys)) == _STR
-                and all(keys)
+                and all(encoded)
                 and all(map(_has, reqs, repeat(self.need)))  # TypeError unless reqs are dicts
                 and all(map(bytes.startswith, lines, repeat(b"{")))
                 and all(map(bytes.endswith, lines, repeat(b"}\n")))
@@ -230,8 +323,8 @@ class _Pass:
             return False
         count = len(lines)
         add_hash = self.add_hash
-        for h in map(hash, keys):
-            add_hash[(h >> _SHIFT) + _HALF](h)
+        for h in map(hash, map(_FROM_BYTES, encoded)):  # _key_hashes, from the encoded keys
+            add_hash[h & _MASK](h)
         tokens = (size - count) // 4
         self.parts.add_block(self.line_no + 1, self.offset, lines, size, tokens)
         self.line_no += count
@@ -304,8 +397,8 @@ class _Pass:
                 extra = sorted(k for k in obj if k not in ("key", "request"))
                 self.problem(line_no, f"unknown member(s) {', '.join(extra)} besides key/request")
         if key is not None:
-            h = hash(key)
-            self.add_hash[(h >> _SHIFT) + _HALF](h)
+            h = _key_hash(key)
+            self.add_hash[h & _MASK](h)
         if not bare and "request" not in obj:
             self.problem(line_no, 'missing "request"')
             return
@@ -325,7 +418,7 @@ class _Pass:
                 media += 1
                 if len(self.media_names) < MAX_MEDIA_NAMES:
                     self.media_names.add(name)
-                why = self.media.check(name)
+                why = self.media.check(name) if self.media is not None else None
                 if why:
                     self.problem(line_no, why)
             self.media_refs += media
@@ -338,6 +431,36 @@ class _Pass:
         # in a byte-range part; anything else needs part files
         same = not media and len(raw) == len(body) + (raw[-1:] == b"\n") and not bare
         self.parts.add(line_no, start, self.offset, canon, tokens, same=same)
+
+    def take_tail(self, tail: TailCheck) -> None:
+        """After this pass has read up to the child's first line: take over the child's findings
+        (blocks of canonical lines: counts, tokens, key hashes and, while the parts are byte
+        ranges, the line lengths to plan them), then read on from where the child stopped (the
+        end of the file, or the first block it left for the exact checks)."""
+        # part files being written need the child's lines themselves: read them here instead
+        mine = self.offset != tail.begin or self.parts.writing
+        found = None if mine else tail.result()
+        resume = self.offset
+        if found is not None:
+            plan = None if self.problem_count else self.parts.add_run
+            blocks, lengths = found.blocks, found.lengths
+            line_no, offset, i = self.line_no, self.offset, 0
+            for k in range(0, len(blocks), 3):
+                n, size, tokens = blocks[k], blocks[k + 1], blocks[k + 2]
+                if plan is not None:
+                    plan(line_no + 1, offset, lengths[i : i + n], size, tokens)
+                i += n
+                line_no += n
+                offset += size
+                self.est_tokens += tokens
+            self.request_count += line_no - self.line_no
+            self.tail_bytes = offset - self.offset
+            self.line_no, self.offset = line_no, offset
+            for bucket, theirs in zip(self.buckets, found.buckets, strict=True):
+                bucket.extend(theirs)
+            resume = offset
+        self.f.seek(resume)
+        self.read_all()
 
     def finish(self) -> None:
         """After the last line: empty-file and duplicate-key checks; sets ``ok``."""
@@ -393,7 +516,7 @@ def _confirm_duplicates(path: Path, wanted: set[int], limit: int) -> tuple[list[
             if type(obj) is not dict:
                 continue
             key = obj.get("key") if "key" in obj or "request" in obj else str(line_no)
-            if type(key) is not str or not key or hash(key) not in wanted:
+            if type(key) is not str or not key or _key_hash(key) not in wanted:
                 continue
             if key in first:
                 count += 1

@@ -7,9 +7,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import io
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -31,24 +32,27 @@ MEDIA_MARK = b'"file:'  # how a local media reference (a "file:NAME" URI) starts
 
 
 class FileScan:
-    """One read of a file in a worker thread, for facts about the whole of it: its sha256 and
-    whether ``"file:`` occurs anywhere (i.e. whether any line may refer to local media). Both
-    run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file is scanned
-    on the second core while the validator parses it; a small one is scanned when asked."""
+    """One read of a file for facts about the whole of it: its sha256 (unless ``digest`` is
+    False) and whether ``"file:`` occurs anywhere (i.e. whether any line may refer to local
+    media). Both run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file
+    is scanned in a worker thread on the second core while the validator parses it; a small one,
+    or any with ``inline``, is scanned in the caller's thread when :meth:`result` is asked."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, *, inline: bool = False, digest: bool = True) -> None:
         self._path = path
-        self._result: tuple[str, bool] | None = None
-        self._pool = ThreadPoolExecutor(1) if size > _THREAD_SCAN_BYTES else None
+        self._digest = digest
+        self._result: tuple[str | None, bool] | None = None
+        threaded = size > _THREAD_SCAN_BYTES and not inline
+        self._pool = ThreadPoolExecutor(1) if threaded else None
         self._future = self._pool.submit(self._scan) if self._pool is not None else None
 
-    def _scan(self) -> tuple[str, bool]:
-        sha = hashlib.sha256()
-        found = _scan_file(self._path, (MEDIA_MARK,), _SCAN_BLOCK, sha.update)
-        return sha.hexdigest(), found
+    def _scan(self) -> tuple[str | None, bool]:
+        sha = hashlib.sha256() if self._digest else None
+        found = _scan_file(self._path, (MEDIA_MARK,), _SCAN_BLOCK, sha.update if sha else None)
+        return (sha.hexdigest() if sha else None), found
 
-    def result(self) -> tuple[str, bool]:
-        """``(sha256 hex digest, "file:" seen)``."""
+    def result(self) -> tuple[str | None, bool]:
+        """``(sha256 hex digest or None, "file:" seen)``."""
         if self._result is None:
             if self._future is None:
                 self._result = self._scan()
@@ -59,6 +63,13 @@ class FileScan:
                     assert self._pool is not None
                     self._pool.shutdown()
         return self._result
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256 (hex), read in big blocks without the GIL."""
+    sha = hashlib.sha256()
+    _scan_file(path, (), _SCAN_BLOCK, sha.update)
+    return sha.hexdigest()
 
 
 def _memmem() -> Any:
@@ -241,17 +252,35 @@ class PartWriter:
                 self.add(line_no, start, end, raw[:-1], per_line, same=True)
                 line_no, start = line_no + 1, end
             return
+        self._take_block(line_no, start, n, size, tokens)
+        if self.writing:
+            self.buf.extend(lines)
+            self.buf_bytes += size
+            if self.buf_bytes >= BLOCK:
+                self._flush()
+
+    def add_run(
+        self, line_no: int, start: int, lengths: Sequence[int], size: int, tokens: int
+    ) -> None:
+        """Like :meth:`add_block`, for lines known only by their lengths (with the newline):
+        canonical lines of the input that stay byte ranges. Only while nothing is written."""
+        assert not self.writing
+        n = len(lengths)
+        if self.count + n > self.max_requests or self.size + size > self.max_bytes:
+            per_line = tokens // n
+            for length in lengths:
+                self._take(line_no, start, start + length, length, per_line, same=True)
+                line_no, start = line_no + 1, start + length
+            return
+        self._take_block(line_no, start, n, size, tokens)
+
+    def _take_block(self, line_no: int, start: int, n: int, size: int, tokens: int) -> None:
         if not self.count:
             self._open(line_no, start)
         self.count += n
         self.size += size
         self.tokens += tokens
         self.last_line, self.end = line_no + n - 1, start + size
-        if self.writing:
-            self.buf.extend(lines)
-            self.buf_bytes += size
-            if self.buf_bytes >= BLOCK:
-                self._flush()
 
     def add(
         self, line_no: int, start: int, end: int, canon: bytes, tokens: int, *, same: bool
@@ -259,6 +288,16 @@ class PartWriter:
         """Add one request; ``canon`` is its canonical line without the newline, ``same`` when
         it equals the input's bytes between ``start`` and ``end`` (less the newline)."""
         n = len(canon) + 1
+        self._take(line_no, start, end, n, tokens, same=same)
+        if self.writing:
+            self.buf.append(canon + b"\n")
+            self.buf_bytes += n
+            if self.buf_bytes >= BLOCK:
+                self._flush()
+
+    def _take(self, line_no: int, start: int, end: int, n: int, tokens: int, *, same: bool) -> None:
+        """Count one request of ``n`` canonical bytes into the part, starting a new part first
+        when it would not fit."""
         if self.count and (self.count >= self.max_requests or self.size + n > self.max_bytes):
             self.finish()
         if self.ranged and not same:
@@ -269,11 +308,6 @@ class PartWriter:
         self.size += n
         self.tokens += tokens
         self.last_line, self.end = line_no, end
-        if self.writing:
-            self.buf.append(canon + b"\n")
-            self.buf_bytes += n
-            if self.buf_bytes >= BLOCK:
-                self._flush()
 
     def _open(self, line_no: int, start: int) -> None:
         self.first_line, self.start = line_no, start
@@ -365,3 +399,45 @@ def _copy_range(src: IO[bytes], out: IO[bytes], start: int, end: int) -> None:
             raise OSError(f"{src.name}: shorter than expected")
         out.write(chunk)
         left -= len(chunk)
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of bytes ``start:end`` of a file, for the SDK's upload of an
+    IO object (it takes the size from ``seek``/``tell`` and reads in chunks)."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        self._f = open(path, "rb", buffering=0)
+        self._start, self._end, self._pos = start, end, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end - self._start}
+        self._pos = max(0, base[whence] + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._end - self._start - self._pos
+        if size < 0 or size > left:
+            size = max(0, left)
+        data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
+        if len(data) < size:  # the file shrank: never send a short (or endless) upload
+            raise OSError(f"{self._f.name}: shorter than the part's byte range")
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()

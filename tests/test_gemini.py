@@ -10,7 +10,8 @@ import anyio
 import orjson
 import pytest
 
-from daemon.gemini import ApiError, FileWindow, GeminiClient, RateLimiter
+from daemon.gemini import ApiError, GeminiClient, RateLimiter
+from daemon.validate_io import FileWindow
 from tests import remote_helpers as rh
 from tests.remote_helpers import KEY, Env, lines_for
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -448,3 +449,80 @@ async def test_same_content_after_success_is_reused(ctx: Context) -> None:
     assert again["reused_from"] == first["id"] and again["sha256"] == first["sha256"]
     assert await ctx.store.jobs_of(again["id"]) == []
     assert by[("gemini-2.5-pro/a.jsonl", "queued")]["reused_from"] is None
+
+
+@pytest.fixture
+async def big_ctx(tmp_path: Path) -> AsyncIterator[Context]:
+    """Every file counts as big: validated on two cores, its sha256 worked out after queueing."""
+    cfg = parse_config(
+        {
+            "paths": {"root": str(tmp_path)},
+            "inbox": {
+                "settle_seconds": 0.2,
+                "rescan_seconds": 600.0,
+                "parallel_validation_bytes": 1,
+            },
+        }
+    )
+    cfg.inbox_dir.mkdir(parents=True)
+    async with Store.open(cfg.db_path) as store:
+        yield Context(cfg=cfg, store=store, gemini=None)
+
+
+BIG = b"".join(orjson.dumps({"key": f"k{i}", "request": GEN}) + b"\n" for i in range(500))
+
+
+async def test_a_big_files_digest_is_filled_in_after_it_is_queued(big_ctx: Context) -> None:
+    ctx = big_ctx
+    (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
+    assert await settle_scan(ctx) == 1
+    await validate_once(ctx)
+    (row,) = await rows(ctx)
+    assert row["state"] == "queued" and row["sha256"] == hashlib.sha256(BIG).hexdigest()
+
+
+async def test_a_big_file_with_the_same_content_after_success_is_reused(big_ctx: Context) -> None:
+    ctx = big_ctx
+    (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
+    assert await settle_scan(ctx) == 1
+    await validate_once(ctx)
+    (first,) = await rows(ctx)
+    results = ctx.results_dir / f"{first['id']}.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_bytes(b"{}\n")
+    async with ctx.store.tx() as conn:
+        await ctx.store.set_input_state(
+            conn, first["id"], InputState.SUCCEEDED, results_path=str(results)
+        )
+    (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
+    other = BIG.replace(b'"k499"', b'"k999"')  # the same size, other bytes: new work
+    assert len(other) == len(BIG)
+    (inbox_of(ctx) / "b.jsonl").write_bytes(other)
+    assert await settle_scan(ctx) == 2
+    await validate_once(ctx)
+    by = {(r["rel_path"], r["state"]): r for r in await rows(ctx)}
+    again = by[("a.jsonl", "downloading")]
+    assert again["reused_from"] == first["id"] and again["sha256"] == first["sha256"]
+    new = by[("b.jsonl", "queued")]
+    assert new["reused_from"] is None and new["sha256"] == hashlib.sha256(other).hexdigest()
+
+
+async def test_a_digest_missing_after_a_crash_is_filled_in_when_the_validator_starts(
+    big_ctx: Context,
+) -> None:
+    ctx = big_ctx
+    (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
+    assert await settle_scan(ctx) == 1
+    await validate_once(ctx)
+    (row,) = await rows(ctx)
+    async with ctx.store.tx() as conn:  # as left by a crash between queueing and the digest
+        await conn.execute("UPDATE inputs SET sha256 = NULL WHERE id = ?", (row["id"],))
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_validator, ctx)
+
+        async def filled() -> bool:
+            (now,) = await rows(ctx)
+            return now["sha256"] == hashlib.sha256(BIG).hexdigest()
+
+        await wait_for(filled)
+        tg.cancel_scope.cancel()

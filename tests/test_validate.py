@@ -18,8 +18,22 @@ from daemon.validate import check_main, model_kind, validate_file
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
 
+# Every test here runs twice: validated in one pass, and with a child process checking the second
+# half of the file (daemon.validate_tail; the threshold of 1 byte sends every file through it).
+# The outcome must not depend on which.
+_SPLIT = {"bytes": 0}
+
+
+@pytest.fixture(autouse=True, params=[0, 1], ids=["one-pass", "two-cores"])
+def _validation_split(request: pytest.FixtureRequest) -> Any:
+    _SPLIT["bytes"] = request.param
+    yield request.param
+    _SPLIT["bytes"] = 0
+
+
 def cfg_for(tmp_path: Path, **sections: Any) -> Config:
-    return parse_config({"paths": {"root": str(tmp_path)}, **sections})
+    inbox = {"parallel_validation_bytes": _SPLIT["bytes"], **sections.pop("inbox", {})}
+    return parse_config({"paths": {"root": str(tmp_path)}, "inbox": inbox, **sections})
 
 
 def write(tmp_path: Path, lines: list[Any] | bytes, name: str = "in.jsonl") -> Path:

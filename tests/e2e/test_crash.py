@@ -5,7 +5,9 @@ outside while the emulator is receiving chunks."""
 
 from __future__ import annotations
 
+import hashlib
 import signal
+import sqlite3
 
 import orjson
 import pytest
@@ -137,3 +139,26 @@ async def test_kill9_mid_upload_then_restart(tmp_path, emulator):
     assert [x["key"] for x in got] == [f"k{i}" for i in range(n)]
     assert answer_text(got[-1]) == f"echo: prompt for k{n - 1} {pad}"
     assert all(v == 1 for v in emulator.stats["creates_by_display_name"].values())
+
+
+async def test_kill9_between_queueing_a_big_file_and_its_digest_then_restart(tmp_path, emulator):
+    # A big file (here every file: the threshold is 1 byte) is validated on two cores and its
+    # sha256 is worked out after it is queued. A kill in between leaves the input without one:
+    # the restart fills it in (later dedupe needs it) and finishes the work exactly once.
+    data = config_data(
+        tmp_path / "root",
+        emulator.url,
+        inbox={"parallel_validation_bytes": 1},
+        submit={"inline_max_bytes": 0},
+    )
+    cfg_path = write_config(tmp_path / "config.toml", data)
+    root = tmp_path / "root"
+    await _drop_and_crash(cfg_path, root, "after_queue", N)
+    db = root / "state" / "gemini-batchd.sqlite"
+    with sqlite3.connect(db) as conn:
+        ((state, sha),) = conn.execute("SELECT state, sha256 FROM inputs").fetchall()
+    assert state == "queued" and sha is None
+    await _restart_and_finish(cfg_path, root, emulator)
+    with sqlite3.connect(db) as conn:
+        ((sha,),) = conn.execute("SELECT sha256 FROM inputs").fetchall()
+    assert sha == hashlib.sha256(b"".join(x + b"\n" for x in request_lines(N))).hexdigest()

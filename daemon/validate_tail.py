@@ -1,0 +1,170 @@
+"""Validation on two cores: a child process checks the second half of a big file while the
+validator parses the first.
+
+``orjson`` holds the GIL, so a second thread would not parse any faster; a second process does.
+The child is a plain ``python -c`` that imports only the validator (no ``multiprocessing``: that
+would re-import the daemon's ``__main__``), reads the file on its own from the first line start
+after the middle, and takes blocks of canonical ``{"key","request"}`` lines in the validator's
+bulk way. It stops at the first block that needs a closer look (a bad, blank or over-long line, a
+missing final newline...) and writes what it found to stdout as one pickle: each block's line
+count, size and token estimate, every line's length, and the key hashes in the validator's 64
+buckets (a small pickled header, then the arrays as they are). The validator, once it reaches the child's first line, takes that over (counts, hashes,
+and part planning from the lengths) and reads on itself from where the child stopped, with its
+exact per-line messages. If the child fails, or the parts have become part files (which need the
+lines themselves), the validator simply reads the second half too: the outcome never depends on
+the child, only the time does.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+# The child takes the lines after this fraction of the file. The validator's thread also scans the
+# whole file once it has read its share (about 0.4 s/GB, or 1 s/GB with the sha256) while parsing
+# costs about 1.9 s/GB; these shares have both finish together on two cores.
+SHARE = 0.45
+SHARE_WITH_DIGEST = 0.3
+_SEEK_CHUNK = 64 * 1024
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from daemon.validate_tail import main; main(sys.argv[2:])"
+)
+
+
+class BlockRecorder:
+    """Stands in for the part planner in the child: notes the shape of each block taken."""
+
+    def __init__(self) -> None:
+        self.lengths = array("I")  # every line's length, newline included
+        self.blocks = array("q")  # (line count, bytes, est. tokens) per block, flattened
+
+    def add_block(
+        self, line_no: int, start: int, lines: list[bytes], size: int, tokens: int
+    ) -> None:
+        self.lengths.extend(map(len, lines))
+        self.blocks.extend((len(lines), size, tokens))
+
+    def abandon(self) -> None:
+        pass
+
+
+@dataclass
+class TailFindings:
+    """What the child took, from ``TailCheck.begin`` up to ``stop``."""
+
+    stop: int
+    lengths: array[int]
+    blocks: array[int]
+    buckets: list[array[int]]
+
+
+class TailCheck:
+    """The child process checking the lines from ``begin`` on."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], begin: int) -> None:
+        self.proc, self.begin = proc, begin
+        self._waited = False
+        self._found: TailFindings | None = None
+
+    @classmethod
+    def start(
+        cls, path: Path, size: int, model: str, cfg: Config, *, share: float = SHARE
+    ) -> TailCheck | None:
+        """Start a child for a file of at least ``[inbox] parallel_validation_bytes`` (None for
+        a smaller one, or when no line starts in its second half)."""
+        threshold = cfg.inbox.parallel_validation_bytes
+        if not threshold or size < threshold:
+            return None
+        begin = _line_start_after(path, int(size * share))
+        if begin is None:
+            return None
+        args = [path, str(begin), model, str(cfg.inbox.max_line_bytes)]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, _PKG_ROOT, *map(str, args)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            return None
+        return cls(proc, begin)
+
+    def result(self) -> TailFindings | None:
+        """Wait for the child; None if it failed."""
+        if not self._waited:
+            out = self.proc.stdout
+            assert out is not None
+            try:
+                stop, n_lengths, n_blocks, sizes = pickle.load(out)
+                lengths, blocks = _read(out, "I", n_lengths), _read(out, "q", n_blocks)
+                self._found = TailFindings(
+                    stop, lengths, blocks, [_read(out, "q", n) for n in sizes]
+                )
+            except Exception:  # a truncated or foreign answer: the validator reads it all
+                self._found = None
+            self.close()
+            if self.proc.returncode != 0:
+                self._found = None
+        return self._found
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the validator is done or gave up)."""
+        if self._waited:
+            return
+        self._waited = True
+        if self.proc.poll() is None and self._found is None:
+            self.proc.kill()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.proc.wait()
+
+
+def _line_start_after(path: Path, pos: int) -> int | None:
+    """The offset of the first line that starts after byte ``pos``, if any."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(pos)
+        while chunk := f.read(_SEEK_CHUNK):
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                begin = pos + nl + 1
+                return begin if begin < os.fstat(f.fileno()).st_size else None
+            pos += len(chunk)
+    return None
+
+
+def main(argv: list[str]) -> None:
+    """The child: ``PATH BEGIN MODEL MAX_LINE_BYTES``; one pickle on stdout."""
+    from daemon.validate import new_tail_pass  # here: validate imports this module
+
+    path, begin = Path(argv[0]), int(argv[1])
+    recorder = BlockRecorder()
+    with open(path, "rb", buffering=1 << 20) as f:
+        f.seek(begin)
+        run = new_tail_pass(path, f, model=argv[2], limit=int(argv[3]), recorder=recorder)
+        run.offset = begin
+        run.read_all()
+    # a small header, then the arrays as they are (no copy of them is made to send them)
+    out = sys.stdout.buffer
+    sizes = [len(b) for b in run.buckets]
+    pickle.dump((run.offset, len(recorder.lengths), len(recorder.blocks), sizes), out)
+    for arr in (recorder.lengths, recorder.blocks, *run.buckets):
+        arr.tofile(out)
+    out.flush()
+
+
+def _read(f: IO[bytes], code: str, n: int) -> array[int]:
+    arr = array(code)
+    arr.fromfile(f, n)
+    return arr

@@ -1,0 +1,168 @@
+"""Validation on two cores (daemon.validate_tail): the child process checks the second half of the
+file, the validator takes over what it found. Every outcome must equal the one-pass validation;
+test_validate.py runs its whole suite both ways, these tests look at the seams."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from daemon.config import Config, parse_config
+from daemon.validate import Validation, _key_hash, _run, validate_file
+from daemon.validate_tail import TailCheck
+
+GEN = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
+
+
+def cfg(tmp_path: Path, split: int, **submit: Any) -> Config:
+    return parse_config(
+        {
+            "paths": {"root": str(tmp_path)},
+            "inbox": {"parallel_validation_bytes": split},
+            "submit": {"max_requests_per_job": 300, **submit},
+        }
+    )
+
+
+def lines(n: int, **override: bytes) -> list[bytes]:
+    out = [orjson.dumps({"key": f"k{i}", "request": GEN}) for i in range(n)]
+    for where, raw in override.items():
+        out[int(where[1:])] = raw
+    return out
+
+
+def write(tmp_path: Path, body: bytes) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(body)
+    return path
+
+
+def both(tmp_path: Path, body: bytes, **submit: Any) -> tuple[Validation, Validation]:
+    """(one pass, two cores) for the same file."""
+    path = write(tmp_path, body)
+    one = validate_file(path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 0, **submit))
+    two = validate_file(path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 1, **submit))
+    return one, two
+
+
+def same_outcome(one: Validation, two: Validation) -> None:
+    assert two.ok == one.ok and two.problem_count == one.problem_count
+    assert [(p.line, p.reason) for p in two.problems] == [(p.line, p.reason) for p in one.problems]
+    assert (two.request_count, two.size_bytes, two.sha256) == (
+        one.request_count,
+        one.size_bytes,
+        one.sha256,
+    )
+    shape = [
+        (p.first_line, p.last_line, p.start_offset, p.end_offset, p.request_count)
+        for p in one.parts
+    ]
+    assert [
+        (p.first_line, p.last_line, p.start_offset, p.end_offset, p.request_count)
+        for p in two.parts
+    ] == shape
+    # token estimates are taken per block of lines, and the blocks fall differently
+    assert abs(two.est_tokens - one.est_tokens) <= one.request_count // 10 + 1
+
+
+def test_the_child_checks_the_second_half(tmp_path: Path) -> None:
+    body = b"\n".join(lines(2000)) + b"\n"
+    one, two = both(tmp_path, body)
+    same_outcome(one, two)
+    assert one.tail_bytes == 0 and len(two.parts) == 7
+    # the child's share (the lines after the first 30% of the file) came from the child
+    assert 0.6 * len(body) < two.tail_bytes < 0.75 * len(body)
+    assert two.sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\n".join(lines(2000)),  # no newline after the last line
+        b"\n".join(lines(2000)) + b"\n\n   \n",  # blank lines at the end
+        b"\n".join(lines(1900)) + b"\r\n" + b"\n".join(lines(2000)[1900:]) + b"\n",  # CRLF
+        b"\n".join(lines(2000, l1700=b'{"contents": [{"parts": [{"text": "bare"}]}]}')) + b"\n",
+    ],
+    ids=["no-final-newline", "blank-lines", "crlf", "bare-line"],
+)
+def test_the_validator_reads_on_where_the_child_stopped(tmp_path: Path, body: bytes) -> None:
+    one, two = both(tmp_path, body)
+    same_outcome(one, two)
+    assert two.ok and 0 < two.tail_bytes < 0.75 * len(body)
+
+
+def test_a_bad_line_in_the_childs_half_keeps_its_line_number(tmp_path: Path) -> None:
+    body = b"\n".join(lines(2000, l1499=b'{"key": "x", "request": []}')) + b"\n"
+    one, two = both(tmp_path, body)
+    same_outcome(one, two)
+    assert [(p.line, p.reason[:30]) for p in two.problems] == [
+        (1500, '"request" is not a JSON object')
+    ]
+
+
+def test_a_duplicate_across_the_halves_is_found(tmp_path: Path) -> None:
+    dup = orjson.dumps({"key": "k10", "request": GEN})
+    body = b"\n".join(lines(2000, l1900=dup)) + b"\n"
+    one, two = both(tmp_path, body)
+    same_outcome(one, two)
+    assert [(p.line, p.reason) for p in two.problems] == [
+        (1901, "duplicate key 'k10' (first on line 11)")
+    ]
+
+
+def test_part_files_take_the_childs_lines_from_the_file(tmp_path: Path) -> None:
+    # a bare line in the first half turns the parts into part files, which need the lines
+    # themselves: the child's findings are set aside and the validator reads its half too
+    body = b"\n".join(lines(2000, l5=orjson.dumps(GEN))) + b"\n"
+    path = write(tmp_path, body)
+    got = {}
+    for split in (0, 1):
+        out = tmp_path / f"parts-{split}"
+        v = validate_file(path, model="gemini-2.5-flash", cfg=cfg(tmp_path, split), out_dir=out)
+        assert v.ok and v.tail_bytes == 0
+        got[split] = [p.source_path.read_bytes() for p in v.parts if p.source_path is not None]
+    assert len(got[1]) == 7 and got[1] == got[0]
+
+
+def test_a_failing_child_changes_nothing(tmp_path: Path) -> None:
+    body = b"\n".join(lines(2000, l1600=b"{oops")) + b"\n"
+    path = write(tmp_path, body)
+    c = cfg(tmp_path, 0)
+    expected = validate_file(path, model="gemini-2.5-flash", cfg=c)
+    for code in ("import sys; sys.exit(3)", "print('not a pickle')"):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        tail = TailCheck(child, begin=len(body) // 2 + body[len(body) // 2 :].index(b"\n") + 1)
+        assert tail.result() is None
+        with path.open("rb") as f:
+            run = _run(
+                path, f, model="gemini-2.5-flash", cfg=c, out_dir=None, check_media=False, tail=tail
+            )
+        assert run.tail_bytes == 0 and run.request_count == 2000
+        assert [(p.line, p.reason) for p in run.problems] == [
+            (p.line, p.reason) for p in expected.problems
+        ]
+
+
+def test_a_key_hash_is_the_same_in_another_process() -> None:
+    # str hash() is salted per process: the child's hashes must be comparable with ours
+    code = "from daemon.validate import _key_hash; print(_key_hash('key-\u00e9-1'))"
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=root, check=True)
+    assert int(out.stdout) == _key_hash("key-\u00e9-1")
+
+
+def test_a_deferred_digest_is_left_out_only_for_a_split_file(tmp_path: Path) -> None:
+    body = b"\n".join(lines(2000)) + b"\n"
+    path = write(tmp_path, body)
+    big = validate_file(path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 1), defer_digest=True)
+    assert big.ok and big.sha256 is None and big.tail_bytes > 0
+    small = validate_file(
+        path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 1 << 30), defer_digest=True
+    )
+    assert small.sha256 == hashlib.sha256(body).hexdigest() and small.tail_bytes == 0
