@@ -23,7 +23,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
@@ -34,10 +34,10 @@ from daemon.validate_io import (
     MAX_MEDIA_NAMES,
     MEDIA_MARK,
     FileScan,
-    FileWindow,
     MediaChecker,
     PartPlan,
     PartWriter,
+    ScanningWindow,
     media_uris,
     part_file_name,
 )
@@ -150,7 +150,10 @@ def validate_file(
         # with a child, this thread scans once it has read its share: a scan thread beside the
         # parser would wait for the GIL at every read, and the child has the second core
         split = tail is not None
-        scan = FileScan(path, size, inline=split, digest=not (split and defer_digest))
+        # Split, every window this pass reads looks for media marks itself; the sha256, unless
+        # deferred, is read by this thread once it has parsed its share (a scan thread beside
+        # the parser would wait for the GIL at every read, and the child has the second core).
+        scan = None if split and defer_digest else FileScan(path, size, inline=split)
         try:
             run = _run(
                 path,
@@ -160,12 +163,13 @@ def validate_file(
                 out_dir=out_dir,
                 check_media=False,
                 tail=tail,
-                meanwhile=scan.result,
+                meanwhile=scan.result if split and scan is not None else None,
             )
         finally:
             if tail is not None:
                 tail.close()
-            digest, media_marks = scan.result()
+            digest, media_marks = scan.result() if scan is not None else (None, False)
+        media_marks = media_marks or run.marks_seen
         if media_marks:  # some line may refer to local media: look at every line for it
             run.parts.close(keep=False)
             f.seek(0)
@@ -212,13 +216,14 @@ def _run(
         if tail is None:
             run.read_all()
         else:  # this thread takes the lines before the child's, then joins what the child found
-            with io.BufferedReader(FileWindow(path, 0, tail.begin), _READ_BUFFER) as head:
-                run.f = head
+            head = ScanningWindow(path, 0, tail.begin)
+            with io.BufferedReader(head, _READ_BUFFER) as reader:
+                run.f = reader
                 run.read_all()
             if meanwhile is not None:
                 meanwhile()
-            run.f = f
-            run.take_tail(tail)
+            run.take_tail(tail, os.fstat(f.fileno()).st_size)
+            run.marks_seen = run.marks_seen or head.found
         run.finish()
     except BaseException:
         run.parts.close(keep=False)
@@ -274,11 +279,13 @@ class _Pass:
         # a hash of every key, partitioned by value so that each bucket fits one set later
         self.buckets = [array("q") for _ in range(_BUCKETS)]
         self.add_hash = [b.append for b in self.buckets]
+        self.tail_buckets: list[array[int]] | None = None  # the tail child's, each unique
         self.ok = False
         self.offset = self.line_no = 0
         self.too_long = f"line is longer than max_line_bytes ({self.limit} bytes)"
         self.stop_at_slow = False
         self.tail_bytes = 0
+        self.marks_seen = False  # "file: in what the windows of a split pass read
 
     def problem(self, line: int, reason: str) -> None:
         if self.problem_count == 0:
@@ -432,7 +439,7 @@ class _Pass:
         same = not media and len(raw) == len(body) + (raw[-1:] == b"\n") and not bare
         self.parts.add(line_no, start, self.offset, canon, tokens, same=same)
 
-    def take_tail(self, tail: TailCheck) -> None:
+    def take_tail(self, tail: TailCheck, file_size: int) -> None:
         """After this pass has read up to the child's first line: take over the child's findings
         (blocks of canonical lines: counts, tokens, key hashes and, while the parts are byte
         ranges, the line lengths to plan them), then read on from where the child stopped (the
@@ -456,18 +463,26 @@ class _Pass:
             self.request_count += line_no - self.line_no
             self.tail_bytes = offset - self.offset
             self.line_no, self.offset = line_no, offset
-            for bucket, theirs in zip(self.buckets, found.buckets, strict=True):
-                bucket.extend(theirs)
+            if found.unique:  # kept apart: finish() only checks them against ours
+                self.tail_buckets = found.buckets
+            else:
+                for bucket, theirs in zip(self.buckets, found.buckets, strict=True):
+                    bucket.extend(theirs)
             resume = offset
-        self.f.seek(resume)
-        self.read_all()
+            self.marks_seen = found.marks
+        rest = ScanningWindow(self.path, resume, file_size)
+        with io.BufferedReader(rest, _READ_BUFFER) as reader:
+            self.f = reader
+            self.read_all()
+        self.marks_seen = self.marks_seen or rest.found
 
     def finish(self) -> None:
         """After the last line: empty-file and duplicate-key checks; sets ``ok``."""
         if self.request_count == 0:
             self.problem(0, "the file has no request lines (empty)")
-        dup = _duplicate_hashes(self.buckets)
+        dup = _duplicate_hashes(self.buckets, self.tail_buckets)
         self.buckets = []
+        self.tail_buckets = None
         self.add_hash = []
         if dup:
             found, count = _confirm_duplicates(self.path, dup, self.limit)
@@ -478,15 +493,19 @@ class _Pass:
         self.ok = self.problem_count == 0
 
 
-def _duplicate_hashes(buckets: list[array[int]]) -> set[int]:
+def _duplicate_hashes(buckets: list[array[int]], apart: list[array[int]] | None = None) -> set[int]:
     """Key hashes that occur more than once (true duplicates or, rarely, collisions); one set
-    per bucket at a time keeps the memory small."""
+    per bucket at a time keeps the memory small. ``apart`` holds more hashes by the same
+    buckets, known to be unique among themselves (the tail child checked them): they need only
+    be looked up in ours."""
     found: set[int] = set()
-    for bucket in buckets:
-        if len(set(bucket)) == len(bucket):
+    for i, bucket in enumerate(buckets):
+        theirs = apart[i] if apart is not None else ()
+        seen = set(bucket)
+        if len(seen) == len(bucket) and seen.isdisjoint(theirs):
             continue
-        seen: set[int] = set()
-        for h in bucket:
+        seen.clear()
+        for h in chain(bucket, theirs):
             if h in seen:
                 found.add(h)
             seen.add(h)

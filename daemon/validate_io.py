@@ -86,9 +86,13 @@ def _memmem() -> Any:
 _MEMMEM = _memmem()
 
 
-def _has_mark(buf: bytearray, n: int, mark: bytes) -> bool:
+def _has_mark(buf: bytearray | memoryview, n: int, mark: bytes) -> bool:
     if _MEMMEM is None:
-        return buf.find(mark, 0, n) >= 0
+        return (
+            bytes(buf[:n]).find(mark) >= 0
+            if isinstance(buf, memoryview)
+            else buf.find(mark, 0, n) >= 0
+        )
     base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
     return bool(_MEMMEM(base, n, mark, len(mark)))
 
@@ -441,3 +445,33 @@ class FileWindow(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
+
+
+class ScanningWindow(FileWindow):
+    """A :class:`FileWindow` that also looks for the media mark (``"file:``) in what it reads,
+    straight in the reader's buffer (libc ``memmem``), so that a file parsed in windows needs no
+    separate read to know whether it may refer to local media."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        super().__init__(path, start, end)
+        self.found = False
+        self._edge = b""  # the end of the previous read, for a mark across two reads
+
+    read = io.RawIOBase.read  # type: ignore[assignment]  # every read goes through readinto
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._end - self._start - self._pos
+        want = min(len(buffer), max(0, left))
+        if not want:
+            return 0
+        view = memoryview(buffer).cast("B")[:want]
+        n = os.preadv(self._f.fileno(), [view], self._start + self._pos)
+        if n < want:  # the file shrank: never hand on a short window
+            raise OSError(f"{self._f.name}: shorter than the window")
+        self._pos += n
+        if not self.found:
+            edge = self._edge + bytes(view[:64])
+            self.found = MEDIA_MARK in edge or _has_mark(view, n, MEDIA_MARK)
+            self._edge = bytes(view[n - 64 : n]) if n >= 64 else bytes(view[:n])
+        view.release()
+        return n

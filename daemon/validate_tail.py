@@ -7,8 +7,8 @@ would re-import the daemon's ``__main__``), reads the file on its own from the f
 after the middle, and takes blocks of canonical ``{"key","request"}`` lines in the validator's
 bulk way. It stops at the first block that needs a closer look (a bad, blank or over-long line, a
 missing final newline...) and writes what it found to stdout as one pickle: each block's line
-count, size and token estimate, every line's length, and the key hashes in the validator's 64
-buckets (a small pickled header, then the arrays as they are). The validator, once it reaches the child's first line, takes that over (counts, hashes,
+count, size and token estimate, every line's length, the key hashes in the validator's 64
+buckets and whether any of them repeats (a small pickled header, then the arrays as they are). The validator, once it reaches the child's first line, takes that over (counts, hashes,
 and part planning from the lengths) and reads on itself from where the child stopped, with its
 exact per-line messages. If the child fails, or the parts have become part files (which need the
 lines themselves), the validator simply reads the second half too: the outcome never depends on
@@ -17,6 +17,7 @@ the child, only the time does.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import subprocess
@@ -26,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from daemon.validate_io import ScanningWindow
+
 if TYPE_CHECKING:
     from daemon.config import Config
 
-# The child takes the lines after this fraction of the file. The validator's thread also scans the
-# whole file once it has read its share (about 0.4 s/GB, or 1 s/GB with the sha256) while parsing
-# costs about 1.9 s/GB; these shares have both finish together on two cores.
-SHARE = 0.45
+# The child takes the lines after this fraction of the file; measured on two cores, these shares
+# have both finish together. Parsing costs about 2 s/GB on either side; the child also starts a
+# Python (~0.1 s) and checks its key hashes for repeats; with the sha256 (not deferred) the
+# validator's thread also reads the whole file for it once it has parsed its share (~1 s/GB).
+SHARE = 0.55
 SHARE_WITH_DIGEST = 0.3
 _SEEK_CHUNK = 64 * 1024
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -67,6 +71,8 @@ class TailFindings:
     lengths: array[int]
     blocks: array[int]
     buckets: list[array[int]]
+    unique: bool  # no hash repeats within ``buckets``
+    marks: bool  # "file: seen in what the child read
 
 
 class TailCheck:
@@ -107,11 +113,10 @@ class TailCheck:
             out = self.proc.stdout
             assert out is not None
             try:
-                stop, n_lengths, n_blocks, sizes = pickle.load(out)
+                stop, unique, marks, n_lengths, n_blocks, sizes = pickle.load(out)
                 lengths, blocks = _read(out, "I", n_lengths), _read(out, "q", n_blocks)
-                self._found = TailFindings(
-                    stop, lengths, blocks, [_read(out, "q", n) for n in sizes]
-                )
+                buckets = [_read(out, "q", n) for n in sizes]
+                self._found = TailFindings(stop, lengths, blocks, buckets, unique, marks)
             except Exception:  # a truncated or foreign answer: the validator reads it all
                 self._found = None
             self.close()
@@ -145,20 +150,23 @@ def _line_start_after(path: Path, pos: int) -> int | None:
 
 
 def main(argv: list[str]) -> None:
-    """The child: ``PATH BEGIN MODEL MAX_LINE_BYTES``; one pickle on stdout."""
+    """The child: ``PATH BEGIN MODEL MAX_LINE_BYTES``; its findings on stdout."""
     from daemon.validate import new_tail_pass  # here: validate imports this module
 
     path, begin = Path(argv[0]), int(argv[1])
     recorder = BlockRecorder()
-    with open(path, "rb", buffering=1 << 20) as f:
-        f.seek(begin)
+    window = ScanningWindow(path, begin, os.stat(path).st_size)  # looks for media marks too
+    with io.BufferedReader(window, 1 << 20) as f:
         run = new_tail_pass(path, f, model=argv[2], limit=int(argv[3]), recorder=recorder)
         run.offset = begin
         run.read_all()
     # a small header, then the arrays as they are (no copy of them is made to send them)
     out = sys.stdout.buffer
     sizes = [len(b) for b in run.buckets]
-    pickle.dump((run.offset, len(recorder.lengths), len(recorder.blocks), sizes), out)
+    # the check for repeats among its own hashes is done here, on the second core
+    unique = all(len(set(b)) == len(b) for b in run.buckets)
+    header = (run.offset, unique, window.found, len(recorder.lengths), len(recorder.blocks), sizes)
+    pickle.dump(header, out)
     for arr in (recorder.lengths, recorder.blocks, *run.buckets):
         arr.tofile(out)
     out.flush()

@@ -5,6 +5,7 @@ test_validate.py runs its whole suite both ways, these tests look at the seams."
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from daemon.config import Config, parse_config
 from daemon.validate import Validation, _key_hash, _run, validate_file
+from daemon.validate_io import ScanningWindow
 from daemon.validate_tail import TailCheck
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
@@ -166,3 +168,44 @@ def test_a_deferred_digest_is_left_out_only_for_a_split_file(tmp_path: Path) -> 
         path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 1 << 30), defer_digest=True
     )
     assert small.sha256 == hashlib.sha256(body).hexdigest() and small.tail_bytes == 0
+
+
+MEDIA_LINE = orjson.dumps(
+    {
+        "key": "m",
+        "request": {"contents": [{"parts": [{"fileData": {"fileUri": "file:nope.png"}}]}]},
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("at", "ending"),
+    [(100, b"\n"), (1800, b"\n"), (1998, b"")],  # first half, the child's, after it stopped
+)
+def test_media_marks_are_seen_by_every_window(tmp_path: Path, at: int, ending: bytes) -> None:
+    # with the digest deferred there is no separate scan: the windows look for "file: as they
+    # read, and a mark anywhere sends the file through the media check
+    body = b"\n".join(lines(2000, **{f"l{at}": MEDIA_LINE})) + ending
+    path = write(tmp_path, body)
+    v = validate_file(path, model="gemini-2.5-flash", cfg=cfg(tmp_path, 1), defer_digest=True)
+    assert v.sha256 is None and v.media_refs == 1
+    assert [(p.line, p.reason) for p in v.problems] == [
+        (at + 1, "media file 'nope.png' not found in media_dir")
+    ]
+
+
+@pytest.mark.parametrize("where", [0, 10, (1 << 20) - 3, 1 << 20, (3 << 20) - 6])
+def test_a_scanning_window_finds_a_mark_anywhere(tmp_path: Path, where: int) -> None:
+    data = bytearray(b"a" * (3 << 20))
+    data[where : where + 6] = b'"file:'
+    path = tmp_path / "x"
+    path.write_bytes(bytes(data))
+    for reader in ("read", "readline"):
+        window = ScanningWindow(path, 0, len(data))
+        with io.BufferedReader(window, 1 << 20) as f:
+            got = f.read() if reader == "read" else b"".join(iter(lambda: f.readline(999), b""))
+        assert got == bytes(data) and window.found
+    clean = ScanningWindow(path, where + 1, len(data))  # starts past the mark's first byte
+    with io.BufferedReader(clean, 1 << 20) as f:
+        assert len(f.read()) == len(data) - where - 1
+    assert not clean.found
