@@ -427,8 +427,9 @@ async def test_validator_queues_good_and_rejects_bad(ctx: Context) -> None:
     assert hist == ["seen", "validating", "queued"]
 
 
-async def test_same_content_after_success_is_reused(ctx: Context) -> None:
-    (inbox_of(ctx) / "a.jsonl").write_bytes(GOOD)
+async def _succeeded_drop(ctx: Context, data: bytes) -> dict[str, Any]:
+    """Drop ``a.jsonl``, validate it and mark it succeeded with a kept results file."""
+    (inbox_of(ctx) / "a.jsonl").write_bytes(data)
     assert await settle_scan(ctx) == 1
     await validate_once(ctx)
     (first,) = await rows(ctx)
@@ -439,6 +440,11 @@ async def test_same_content_after_success_is_reused(ctx: Context) -> None:
         await ctx.store.set_input_state(
             conn, first["id"], InputState.SUCCEEDED, results_path=str(results)
         )
+    return first
+
+
+async def test_same_content_after_success_is_reused(ctx: Context) -> None:
+    first = await _succeeded_drop(ctx, GOOD)
     (inbox_of(ctx) / "a.jsonl").write_bytes(GOOD)
     (inbox_of(ctx) / "gemini-2.5-pro").mkdir()
     (inbox_of(ctx) / "gemini-2.5-pro" / "a.jsonl").write_bytes(GOOD)  # other model: new work
@@ -483,17 +489,7 @@ async def test_a_big_files_digest_is_filled_in_after_it_is_queued(big_ctx: Conte
 
 async def test_a_big_file_with_the_same_content_after_success_is_reused(big_ctx: Context) -> None:
     ctx = big_ctx
-    (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
-    assert await settle_scan(ctx) == 1
-    await validate_once(ctx)
-    (first,) = await rows(ctx)
-    results = ctx.results_dir / f"{first['id']}.jsonl"
-    results.parent.mkdir(parents=True)
-    results.write_bytes(b"{}\n")
-    async with ctx.store.tx() as conn:
-        await ctx.store.set_input_state(
-            conn, first["id"], InputState.SUCCEEDED, results_path=str(results)
-        )
+    first = await _succeeded_drop(ctx, BIG)
     (inbox_of(ctx) / "a.jsonl").write_bytes(BIG)
     other = BIG.replace(b'"k499"', b'"k999"')  # the same size, other bytes: new work
     assert len(other) == len(BIG)
