@@ -317,7 +317,13 @@ async def run_validator(
         "AND state NOT IN (?, ?, ?)",
         (InputState.SEEN.value, InputState.VALIDATING.value, InputState.REJECTED.value),
     )
-    await fill_digests(ctx, [(r["id"], r["work_path"]) for r in missing])
+    # an input whose work file was cleaned up since cannot be read again: left without one
+    todo = [
+        (r["id"], r["work_path"])
+        for r in missing
+        if r["work_path"] and os.path.exists(r["work_path"])
+    ]
+    await fill_digests(ctx, todo)
     while True:
         await validate_once(ctx)
         await ctx.wake.validate.wait(VALIDATE_INTERVAL)
