@@ -41,6 +41,7 @@ class _Outcome:
     row: dict[str, Any]
     v: Validation | None = None
     error: str | None = None  # the file could not be read
+    seconds: float = 0.0  # spent validating it
 
 
 def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> list[_Outcome]:
@@ -50,6 +51,7 @@ def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> l
         out_dir = work_dir / row["id"]
         for stale in out_dir.glob("part-*-a1.jsonl"):  # from a run cut short by a crash
             stale.unlink()
+        started = time.monotonic()
         try:
             v = validate_file(
                 Path(row["work_path"]),
@@ -61,7 +63,7 @@ def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> l
         except OSError as e:
             out.append(_Outcome(row, error=f"cannot read the file: {e.strerror or e}"))
         else:
-            out.append(_Outcome(row, v))
+            out.append(_Outcome(row, v, seconds=time.monotonic() - started))
     return out
 
 
@@ -291,6 +293,7 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
                 parts=len(o.v.parts),
                 size_bytes=o.v.size_bytes,
                 second_core_bytes=o.v.tail_bytes,
+                validate_seconds=round(o.seconds, 3),
             )
     if reused:
         ctx.wake.collect.set()

@@ -1,4 +1,4 @@
-"""Streaming validation of a dropped JSONL file, part planning, and ``gemini-batchd check``.
+"""Streaming validation of a dropped JSONL file, and part planning.
 
 One pass over the file in binary (bounded line reads, ``orjson`` per line) checks every rule of
 SPEC §2 and plans the parts the submit stage sends (SPEC §3): byte ranges of the input while its
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from daemon.validate_io import (
 )
 from daemon.validate_tail import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailCheck
 
-__all__ = ["PartPlan", "Problem", "Validation", "check_main", "part_file_name", "validate_file"]
+__all__ = ["PartPlan", "Problem", "Validation", "part_file_name", "validate_file"]
 
 Kind = Literal["generate", "embed"]
 MAX_PROBLEMS = 100
@@ -147,8 +146,6 @@ def validate_file(
         size = os.fstat(f.fileno()).st_size
         share = SHARE if defer_digest else SHARE_WITH_DIGEST
         tail = TailCheck.start(path, size, model, cfg, share=share)
-        # with a child, this thread scans once it has read its share: a scan thread beside the
-        # parser would wait for the GIL at every read, and the child has the second core
         split = tail is not None
         # Split, every window this pass reads looks for media marks itself; the sha256, unless
         # deferred, is read by this thread once it has parsed its share (a scan thread beside
@@ -546,73 +543,3 @@ def _confirm_duplicates(path: Path, wanted: set[int], limit: int) -> tuple[list[
             else:
                 first[key] = line_no
     return problems, count
-
-
-def _default_model(cfg: Config, file: Path) -> str:
-    """The folder name when the file sits in ``inbox/<model>/`` (or a folder that looks like a
-    Gemini model id), else ``[gemini] default_model``."""
-    folder = file.resolve().parent
-    name = folder.name
-    if is_model_id(name) and (
-        folder.parent == cfg.inbox_dir.resolve() or name.startswith("gemini") or "embedding" in name
-    ):
-        return name
-    return cfg.gemini.default_model
-
-
-def check_main(cfg: Config, file: str, *, model: str | None, as_json: bool) -> int:
-    """``gemini-batchd check FILE``: validate offline as the daemon would; 0 ok, 1 problems."""
-    path = Path(file)
-    model = model or _default_model(cfg, path)
-    try:
-        if not path.is_file():
-            raise OSError(0, "not a regular file" if path.exists() else "no such file")
-        v = validate_file(path, model=model, cfg=cfg)
-    except OSError as e:
-        if as_json:
-            sys.stdout.write(
-                orjson.dumps(
-                    {"file": file, "model": model, "ok": False, "error": e.strerror}
-                ).decode()
-                + "\n"
-            )
-        else:
-            print(f"{file}: cannot read: {e.strerror}", file=sys.stderr)
-        return 1
-    if as_json:
-        doc = {
-            "file": file,
-            "model": model,
-            "kind": v.kind,
-            "ok": v.ok,
-            "problems": [{"line": p.line, "reason": p.reason} for p in v.problems],
-            "problem_count": v.problem_count,
-            "request_count": v.request_count,
-            "size_bytes": v.size_bytes,
-            "sha256": v.sha256,
-            "est_tokens": v.est_tokens,
-            "media_refs": v.media_refs,
-            "parts": [
-                {
-                    "part_no": p.part_no,
-                    "first_line": p.first_line,
-                    "last_line": p.last_line,
-                    "request_count": p.request_count,
-                    "size_bytes": p.size_bytes,
-                }
-                for p in v.parts
-            ],
-        }
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0 if v.ok else 1
-    for p in v.problems:
-        print(f"{file}:{p.line}: {p.reason}" if p.line else f"{file}: {p.reason}")
-    if v.ok:
-        print(
-            f"{file}: ok: {v.request_count} requests, {len(v.parts)} part(s), "
-            f"{v.size_bytes} bytes, ~{v.est_tokens} tokens (model {model}, {v.kind})"
-        )
-        return 0
-    more = f" (first {len(v.problems)} shown)" if v.problem_count > len(v.problems) else ""
-    print(f"{file}: rejected: {v.problem_count} problem(s){more}; {v.request_count} request lines")
-    return 1

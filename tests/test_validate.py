@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from daemon import validate_io
+from daemon.check import check_main
 from daemon.config import Config, parse_config
-from daemon.validate import check_main, model_kind, validate_file
+from daemon.validate import model_kind, validate_file
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
