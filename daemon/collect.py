@@ -86,37 +86,86 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
 
 
 async def collect_once(ctx: Context) -> int:
-    """One pass: collect every due ``done`` job, then settle every input whose jobs all ended.
-    Returns how many jobs and inputs were handled."""
+    """One pass: collect every due ``done`` job (and those that become due meanwhile), then
+    settle every input whose jobs all ended. Returns how many jobs and inputs were handled."""
     n = 0
-    now = time.time()
-    due = await ctx.store.fetchall(
-        "SELECT j.*, i.request_count AS input_requests FROM jobs j "
-        "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ? "
-        "ORDER BY j.id",
-        (now,),
-    )
+    due = DueJobs(ctx)
+    first = await due.fill()
     big = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
     small = anyio.CapacityLimiter(_small_concurrency(ctx))
     writer: GroupCommit[_Collected] = GroupCommit(ctx.store, _write_collected)
 
-    todo = iter(due)
-
     async def worker() -> None:
         nonlocal n
-        for job in todo:  # shared: each worker takes the next job
-            async with small if _is_small(job) else big:
-                try:
+        while (job := await due.next()) is not None:  # shared: each worker takes the next job
+            try:
+                async with small if _is_small(job) else big:
                     n += await _collect_job(ctx, job, writer)
-                except Exception:
-                    log.exception("collect_failed", job=job["display_name"])
+            except Exception:
+                log.exception("collect_failed", job=job["display_name"])
+            finally:
+                due.done()
 
     # A few at once: one job's download overlaps with an earlier one's indexing. A fixed pool
     # of tasks, not one per job: thousands of jobs may be due after a submission backlog.
-    async with anyio.create_task_group() as tg:
-        for _ in range(min(len(due), SMALL_COLLECT_CONCURRENCY)):
-            tg.start_soon(worker)
+    if first:
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(max(first, COLLECT_CONCURRENCY), SMALL_COLLECT_CONCURRENCY)):
+                tg.start_soon(worker)
     return n + await _settle_all(ctx, await _settled_inputs(ctx))
+
+
+class DueJobs:
+    """The ``done`` jobs a collect round works through, oldest first. While a worker is still at
+    a job, the others look for jobs of big inputs that became due meanwhile (a poller saw them
+    end) and take them in the same round, so that one job's download overlaps with another's
+    ordering instead of waiting for the next round. Small ones wait for the next round (which
+    settles what this one collected first), and nothing is added while submission has a
+    backlog (the round then ends and yields to it)."""
+
+    LOOK_EVERY = 0.1  # seconds between looks for newly due jobs while another job is worked on
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.queue: list[dict[str, Any]] = []
+        self.taken: set[int] = set()
+        self.busy = 0
+        self.lock = anyio.Lock()
+        self.changed = anyio.Event()
+
+    async def fill(self, *, big_only: bool = False) -> int:
+        """Queue the jobs due now that this round has not taken; returns how many."""
+        rows = await self.ctx.store.fetchall(
+            "SELECT j.*, i.request_count AS input_requests FROM jobs j "
+            "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ? "
+            "ORDER BY j.id",
+            (time.time(),),
+        )
+        fresh = [r for r in rows if r["id"] not in self.taken and not (big_only and _is_small(r))]
+        self.taken.update(r["id"] for r in fresh)
+        self.queue.extend(reversed(fresh))  # popped from the end: oldest first
+        return len(fresh)
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next job to collect (the caller calls :meth:`done` after it), or None when the
+        round is over: nothing due and no other worker still at a job."""
+        while True:
+            if self.queue:
+                self.busy += 1
+                return self.queue.pop()
+            if self.ctx.submit_backlog or not self.busy:
+                return None
+            changed = self.changed
+            with anyio.move_on_after(self.LOOK_EVERY):
+                await changed.wait()  # a worker finished (the round may be over)
+            async with self.lock:
+                if not self.queue:
+                    await self.fill(big_only=True)
+
+    def done(self) -> None:
+        self.busy -= 1
+        self.changed.set()
+        self.changed = anyio.Event()
 
 
 def _small_concurrency(ctx: Context) -> int:
@@ -206,6 +255,7 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
     error leaves the job ``done`` (with a backoff) for a later round."""
     dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
     result_file = job["result_file"]
+    started = time.monotonic()
     try:
         if not job["remote_name"] or job["remote_state"] in _EMPTY_STATES:
             await anyio.to_thread.run_sync(_write_lines, dest, [])
@@ -232,13 +282,20 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
         log.error("results_lost", job=job["display_name"], error=str(exc))
         await anyio.to_thread.run_sync(_write_lines, dest, [])
     crash_point("after_download")
+    downloaded = time.monotonic()
     if not _is_small(job):
         await _index_job(ctx, job, dest)
     now = time.time()
     item = (str(dest), result_file, job["finished_at"] or now, now, job["id"])
     # Committed with the other jobs collected meanwhile (shielded: the file is written).
     await writer.put([item])
-    log.info("job_collected", job=job["display_name"], input_id=job["input_id"])
+    log.info(
+        "job_collected",
+        job=job["display_name"],
+        input_id=job["input_id"],
+        download_seconds=round(downloaded - started, 3),
+        order_seconds=round(time.monotonic() - downloaded, 3),
+    )
     if not _is_small(job):
         await _assemble_ready_parts(ctx, job["input_id"])
     return True
