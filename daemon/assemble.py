@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -96,12 +96,57 @@ def extend(results: Path, work: Path, ready: list[Ready]) -> int:
                 append_file(f, part.path)
             f.flush()
             os.fdatasync(f.fileno())
-        tmp = _record_path(work).with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps([[p.part_no, p.job_id, p.size] for p in ready]))
-        with open(tmp, "rb") as r:
-            os.fsync(r.fileno())
-        os.replace(tmp, _record_path(work))
+        _record(work, ready)
         return len(ready)
+
+
+@contextlib.contextmanager
+def straight_in(
+    results: Path, work: Path, before: list[Ready], part_no: int, job_id: int
+) -> Iterator[IO[bytes] | None]:
+    """The prefix file open at its end for part ``part_no``'s bytes, when it holds exactly the
+    parts ``before`` it (so the part needs no ordered file of its own, nor a copy); None (and
+    nothing changed) otherwise. On success the part is flushed to disk and recorded; if the
+    writer fails, what it wrote is cut off again."""
+    prefix = prefix_path(results, work)
+    with _lock(prefix):
+        if len(before) != part_no - 1 or [p.part_no for p in before] != list(range(1, part_no)):
+            yield None
+            return
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        f, held = _open(prefix, work, before)
+        with f:
+            if held != len(before):
+                yield None
+                return
+            start = f.tell()
+            try:
+                yield f
+            except BaseException:
+                f.truncate(start)
+                raise
+            f.flush()
+            os.fdatasync(f.fileno())
+            size = f.tell() - start
+        _record(work, [*before, Ready(part_no, job_id, Path(), size)])
+
+
+def holds(work: Path, part_no: int, job_id: int, size: int) -> bool:
+    """Whether the record says the prefix file holds this part, from this job, of this size."""
+    try:
+        rows = orjson.loads(_record_path(work).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return [part_no, job_id, size] in rows
+
+
+def _record(work: Path, parts: list[Ready]) -> None:
+    """Write the record of the parts the prefix file holds (after their data is on disk)."""
+    tmp = _record_path(work).with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps([[p.part_no, p.job_id, p.size] for p in parts]))
+    with open(tmp, "rb") as r:
+        os.fsync(r.fileno())
+    os.replace(tmp, _record_path(work))
 
 
 def publish(

@@ -119,11 +119,19 @@ async def _order_part(
     source = Path(job["source_path"]) if job["source_path"] else None
     if job["attempt"] != 1 or source is None or not source.exists() or not results.exists():
         return None
-    dest = fast_path(ctx.input_dir(row["id"]), job["part_no"])
+    work = ctx.input_dir(row["id"])
+    dest = fast_path(work, job["part_no"])
     stop = threading.Event()
     span = None if job.get("source_start") is None else (job["source_start"], job["source_end"])
+    before = await _ready_before(ctx, row, job["part_no"])
+    straight = None
+    if before is not None:  # the parts before are in the outbox file: this one can follow
+        out = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
+        straight = functools.partial(
+            assemble.straight_in, out, work, before, job["part_no"], job["id"]
+        )
     order = functools.partial(
-        order_part, job["part_no"], source, results, job["id"], dest, stop, span
+        order_part, job["part_no"], source, results, job["id"], dest, stop, span, straight
     )
     started = time.monotonic()
     try:
@@ -137,9 +145,33 @@ async def _order_part(
         "part_ordered",
         job=job["display_name"],
         fast=summary is not None,
+        straight_in=summary is not None and summary.in_prefix,
         seconds=round(time.monotonic() - started, 2),
     )
     return summary
+
+
+async def _ready_before(
+    ctx: Context, row: dict[str, Any], part_no: int
+) -> list[assemble.Ready] | None:
+    """Parts 1 .. ``part_no`` - 1, each put in order from its first job (nothing to retry), as
+    the outbox file in the making takes them; None if any is not."""
+    first = {j["part_no"]: j for j in await ctx.store.jobs_of(row["id"]) if j["attempt"] == 1}
+    work = ctx.input_dir(row["id"])
+
+    def ready() -> list[assemble.Ready] | None:
+        out = []
+        for n in range(1, part_no):
+            j = first.get(n)
+            if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
+                return None
+            summary = load_summary(work, n, j["id"], Path(j["results_path"]))
+            if summary is None or summary.retryable:
+                return None
+            out.append(ready_part(work, summary))
+        return out
+
+    return await anyio.to_thread.run_sync(ready)
 
 
 async def fast_parts(

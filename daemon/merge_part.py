@@ -17,15 +17,16 @@ import os
 import re
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate, islice, repeat
 from operator import add
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
+from daemon import assemble
 from daemon.assemble import Ready
 from daemon.merge import Stopped
 from daemon.merge_lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
@@ -55,6 +56,7 @@ class PartSummary:
     media: bool
     tokens: list[int]
     codes: list[list[Any]] = field(default_factory=list)  # [code, count, first position, error]
+    in_prefix: bool = False  # gathered straight into the outbox file in the making (no file)
 
 
 def fast_path(work: Path, part_no: int) -> Path:
@@ -238,10 +240,13 @@ def order_part(
     dest: Path,
     stop: threading.Event,
     span: tuple[int, int] | None = None,
+    straight: Callable[[], contextlib.AbstractContextManager[IO[bytes] | None]] | None = None,
 ) -> PartSummary | None:
     """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
-    it, if given) to ``dest`` (fsynced) and its summary to ``dest.json``; None (nothing written)
-    unless every key has exactly one answer."""
+    it, if given) to ``dest`` (fsynced), or straight into the outbox file in the making when
+    ``straight`` yields it (:func:`daemon.assemble.straight_in`: the parts before are all in
+    it; not for answers with inline media, which are extracted from ``dest`` later), and the
+    summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
     with _one_at_a_time(stop):
         positions = _key_positions(source, stop, span)
         if not positions:
@@ -261,7 +266,15 @@ def order_part(
         del positions, answers.positions
         if ordered is None:  # unanswered keys or a duplicate answer: the general path
             return None
-        size = _gather(results, *ordered, dest, stop)
+        # the ordered lines are the results' lines: the same marks
+        media = file_contains(results, (b'"inlineData"', b'"inline_data"'))
+        into = straight() if straight is not None and not media else None
+        with into if into is not None else contextlib.nullcontext(None) as out:
+            if out is not None:
+                size = _gather_into(results, *ordered, out, stop)
+            else:
+                with atomic_writer(dest) as f:
+                    size = _gather_into(results, *ordered, f, stop)
         summary = PartSummary(
             part_no=part_no,
             job_id=job_id,
@@ -270,9 +283,10 @@ def order_part(
             total=len(ordered[0]),
             succeeded=answers.succeeded,
             retryable=answers.retryable,
-            media=file_contains(dest, (b'"inlineData"', b'"inline_data"')),
+            media=media,
             tokens=answers.tokens,
             codes=list(answers.codes.values()),
+            in_prefix=out is not None,
         )
         with atomic_writer(Path(f"{dest}.json")) as f:
             f.write(orjson.dumps(asdict(summary)))
@@ -292,22 +306,24 @@ def _one_at_a_time(stop: threading.Event) -> Iterator[None]:
         _ORDERING.release()
 
 
-def _gather(results: Path, offs: array[int], lens: array[int], dest: Path, stop: Any) -> int:
+def _gather_into(
+    results: Path, offs: array[int], lens: array[int], out: IO[bytes], stop: Any
+) -> int:
     # pread per answer, not a memory map: mapped pages of the results file would count in the
-    # daemon's RSS (+128 MB for a 100,000-request part). Durable before it is trusted: the
-    # outbox is built from it.
+    # daemon's RSS (+128 MB for a 100,000-request part).
     fd = os.open(results, os.O_RDONLY)
     pread = os.pread
+    size = 0
     try:
-        with atomic_writer(dest) as out:
-            for lo in range(0, len(offs), _GATHER):
-                if stop.is_set():
-                    raise Stopped
-                hi = min(lo + _GATHER, len(offs))
-                batch = [pread(fd, lens[p], offs[p]) for p in range(lo, hi)]
-                batch.append(b"")
-                out.write(b"\n".join(batch))
-            size = out.tell()
+        for lo in range(0, len(offs), _GATHER):
+            if stop.is_set():
+                raise Stopped
+            hi = min(lo + _GATHER, len(offs))
+            batch = [pread(fd, lens[p], offs[p]) for p in range(lo, hi)]
+            batch.append(b"")
+            data = b"\n".join(batch)
+            out.write(data)
+            size += len(data)
     finally:
         os.close(fd)
     return size
@@ -323,8 +339,12 @@ def load_summary(work: Path, part_no: int, job_id: int, results: Path) -> PartSu
             summary.part_no != part_no
             or summary.job_id != job_id
             or summary.results_size != results.stat().st_size
-            or summary.ordered_size != dest.stat().st_size
         ):
+            return None
+        if summary.in_prefix:  # its answers are only in the outbox file in the making
+            if not assemble.holds(work, part_no, job_id, summary.ordered_size):
+                return None
+        elif summary.ordered_size != dest.stat().st_size:
             return None
     except (OSError, TypeError, ValueError):
         return None

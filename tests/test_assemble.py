@@ -77,3 +77,34 @@ def test_discard_removes_the_file_and_the_record(tmp_path: Path) -> None:
     assemble.discard(results, work)
     assert not assemble.prefix_path(results, work).exists()
     assert not (work / "prefix.json").exists() and not results.exists()
+
+
+def test_a_part_goes_straight_in_only_after_the_parts_before_it(tmp_path: Path) -> None:
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [100, 50, 70])
+    prefix = assemble.prefix_path(results, work)
+    with assemble.straight_in(results, work, [], 1, ps[0].job_id) as f:
+        assert f is not None
+        f.write(ps[0].path.read_bytes())
+    assert prefix.read_bytes() == whole(ps[:1])
+    assert assemble.holds(work, 1, ps[0].job_id, 100)
+    # part 3 cannot follow part 1: nothing written, nothing recorded
+    with assemble.straight_in(results, work, ps[:1], 3, ps[2].job_id) as f:
+        assert f is None
+    # a writer that fails leaves the file and the record as they were
+    try:
+        with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
+            assert f is not None
+            f.write(b"half a part")
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert prefix.read_bytes() == whole(ps[:1]) and not assemble.holds(work, 2, ps[1].job_id, 11)
+    with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
+        assert f is not None
+        f.write(ps[1].path.read_bytes())
+    assert assemble.holds(work, 2, ps[1].job_id, 50)
+    assemble.publish(results, work, ps, None)  # part 3 appended from its file at settle
+    assert results.read_bytes() == whole(ps)

@@ -188,11 +188,15 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     work = ctx.input_dir(inp.id)
     per_job = collect.SMALL_INPUT_REQUESTS < 0
     # per job: both parts already put in order while "other jobs still ran" (the fast path:
-    # each part answered exactly once by its first job, so no merge index at all)
+    # each part answered exactly once by its first job, so no merge index at all); part 2 came
+    # back first, into a file of its own; part 1 went straight into the outbox file in the
+    # making, and part 2 was appended after it
     assert not (work / "merge.sqlite").exists()
-    assert sorted(p.name for p in work.glob("part-*.fast")) == (
-        ["part-1.fast", "part-2.fast"] if per_job else []
-    )
+    assert sorted(p.name for p in work.glob("part-*.fast")) == (["part-2.fast"] if per_job else [])
+    prefix = assemble.prefix_path(inp.out()["results"], work)
+    assert prefix.exists() is per_job
+    if per_job:  # part 2 is appended by the collector's next step (not run here)
+        assert [x["key"] for x in lines_of(prefix)] == keys1
     assert await collect_once(ctx) == 1
     row = await inp.row()
     assert row["state"] == "succeeded"
@@ -251,9 +255,12 @@ async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -
     if per_job:
         assert [x["key"] for x in lines_of(prefix)] == keys1
     await inp.collected(inp.jobs[2], [ok(k) for k in reversed(keys2)])
-    assert sorted(p.name for p in work.glob("part-*.fast")) == (
-        ["part-1.fast", "part-2.fast"] if per_job else []
+    # each part came back in turn: straight into the outbox file in the making, no file of its own
+    assert sorted(p.name for p in work.glob("part-*.fast*")) == (
+        ["part-1.fast.json", "part-2.fast.json"] if per_job else []
     )
+    if per_job:
+        assert [x["key"] for x in lines_of(prefix)] == keys1 + keys2
     assert not (work / "merge.sqlite").exists()
     assert await collect_once(ctx) == 1
     assert (await inp.row())["state"] == "succeeded"
@@ -486,8 +493,8 @@ async def test_big_inputs_mix_fast_parts_and_the_index(ctx: Context) -> None:
     per_job = collect.SMALL_INPUT_REQUESTS < 0
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
     await inp.collected(inp.jobs[2], [ok("d"), ok("d"), ok("zz"), err("c", 3)])
-    assert (work / "part-1.fast").exists() is per_job
-    assert not (work / "part-2.fast").exists()
+    assert (work / "part-1.fast.json").exists() is per_job  # in order, straight in the outbox
+    assert not (work / "part-2.fast.json").exists()
     assert (work / "merge.sqlite").exists() is per_job
     assert await collect_once(ctx) == 1
     got = lines_of(inp.out()["results"])
@@ -504,16 +511,18 @@ async def test_fast_parts_survive_a_lost_summary(ctx: Context) -> None:
     time; an ordered file that no longer matches its summary is not trusted (redone too)."""
     inp = await Input.make(ctx, [["a", "b"], ["c"]])
     work = ctx.input_dir(inp.id)
-    await inp.collected(inp.jobs[1], [ok("b"), err("a", 3)])
-    await inp.collected(inp.jobs[2], [ok("c")])
+    await inp.collected(inp.jobs[2], [ok("c")])  # back first: a file of its own
+    await inp.collected(inp.jobs[1], [ok("b"), err("a", 3)])  # straight into the outbox file
     if collect.SMALL_INPUT_REQUESTS < 0:  # per job (a small input is merged in memory)
+        assert (work / "part-2.fast").exists() and not (work / "part-1.fast").exists()
         (work / "part-1.fast.json").unlink()
         (work / "part-2.fast").write_bytes(b"stale\n")
         # the fast path still covers the input: both parts are put in order again
         row, jobs = await inp.row(), await ctx.store.jobs_of(inp.id)
         assert await collect_big.fast_parts(ctx, row, jobs) is not None
         assert (work / "part-1.fast.json").exists()
-        assert (work / "part-2.fast").read_bytes() != b"stale\n"
+        redone = orjson.loads((work / "part-2.fast.json").read_bytes())
+        assert redone["in_prefix"] or (work / "part-2.fast").read_bytes() != b"stale\n"
     assert await collect_once(ctx) == 1
     assert not (work / "merge.sqlite").exists()
     got = lines_of(inp.out()["results"])
@@ -530,11 +539,15 @@ async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> 
     assert not (work / "merge.sqlite").exists()
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
     per_job = collect.SMALL_INPUT_REQUESTS < 0
-    # part 1 is in order as soon as its job is back, while part 2's job still runs
-    assert (work / "part-1.fast").exists() is per_job
-    assert not (work / "part-2.fast").exists()
+    # part 1 is in order as soon as its job is back, while part 2's job still runs: straight in
+    # the outbox file in the making (a hidden temporary name), and part 2 after it
+    prefix = assemble.prefix_path(inp.out()["results"], work)
+    assert prefix.exists() is per_job and not list(work.glob("part-*.fast"))
+    if per_job:
+        assert [x["key"] for x in lines_of(prefix)] == ["a", "b"]
     await inp.collected(inp.jobs[2], [ok("c")])
-    assert (work / "part-2.fast").exists() is per_job
+    if per_job:
+        assert [x["key"] for x in lines_of(prefix)] == ["a", "b", "c"]
     assert await collect_once(ctx) == 1
     assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c"]
 
