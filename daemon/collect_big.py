@@ -29,6 +29,7 @@ from daemon.merge_part import (
     fast_path,
     load_summary,
     order_part,
+    prepare_keys,
     ready_part,
 )
 from daemon.outbox import outbox_paths
@@ -41,6 +42,7 @@ async def index_job(ctx: Context, row: dict[str, Any], job: dict[str, Any], dest
     """Put a job's results (``dest``) in order now: the fast path when the job answered its
     part exactly once, else fold them into the input's merge index."""
     if await _order_part(ctx, row, job, dest) is not None:
+        await _prepare_next(ctx, row, job["part_no"])
         return
     parts = await input_parts(ctx, row, await ctx.store.jobs_of(row["id"]))
     await _fold(ctx, row, parts, ResultsFile(dest, job["id"], job["attempt"]), job["part_no"])
@@ -149,6 +151,27 @@ async def _order_part(
         seconds=round(time.monotonic() - started, 2),
     )
     return summary
+
+
+async def _prepare_next(ctx: Context, row: dict[str, Any], part_no: int) -> None:
+    """Read the keys of the next part ahead while its job still runs (they are then ready when
+    its results come back; the last part's ordering is on the way to the outbox file)."""
+    nxt = [
+        j
+        for j in await ctx.store.jobs_of(row["id"])
+        if j["part_no"] == part_no + 1 and j["attempt"] == 1 and j["state"] == JobState.ACTIVE
+    ]
+    if not nxt or not nxt[0]["source_path"]:
+        return
+    j = nxt[0]
+    span = None if j.get("source_start") is None else (j["source_start"], j["source_end"])
+    stop = threading.Event()
+    try:
+        await run_stoppable(
+            functools.partial(prepare_keys, Path(j["source_path"]), span, stop), stop
+        )
+    except OSError:
+        log.exception("prepare_keys_failed", job=j["display_name"])  # ordering reads them then
 
 
 async def _ready_before(

@@ -36,6 +36,8 @@ from daemon.validate_io import file_contains
 _BLOCK = 1 << 20
 _RESULTS_BLOCK = 1 << 18
 _ORDERING = threading.Lock()
+# The keys of one part read ahead while its job still runs: (source, span) -> key positions.
+_PREPARED: dict[tuple[str, tuple[int, int] | None], dict[str, int]] = {}
 _GATHER = 1024
 _loads = orjson.loads
 _get: Any = dict.get
@@ -248,7 +250,7 @@ def order_part(
     it; not for answers with inline media, which are extracted from ``dest`` later), and the
     summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
     with _one_at_a_time(stop):
-        positions = _key_positions(source, stop, span)
+        positions = _PREPARED.pop((str(source), span), None) or _key_positions(source, stop, span)
         if not positions:
             return None
         answers = _Answers(positions)
@@ -291,6 +293,17 @@ def order_part(
         with atomic_writer(Path(f"{dest}.json")) as f:
             f.write(orjson.dumps(asdict(summary)))
         return summary
+
+
+def prepare_keys(source: Path, span: tuple[int, int] | None, stop: threading.Event) -> bool:
+    """Read a part's keys ahead, while its job still runs, for :func:`order_part` to take
+    (one part's worth at most, ~10 MB at 100,000 keys); returns whether they were read."""
+    with _one_at_a_time(stop):
+        _PREPARED.clear()
+        positions = _key_positions(source, stop, span)
+        if positions:
+            _PREPARED[(str(source), span)] = positions
+        return bool(positions)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import assemble, collect, collect_big
+from daemon import assemble, collect, collect_big, merge_part
 from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
@@ -611,3 +611,24 @@ async def test_a_round_takes_big_jobs_that_become_due_meanwhile(ctx: Context) ->
     busy.busy = 1  # another worker at a job, but submission has a backlog
     ctx.submit_backlog = True
     assert await busy.next() is None
+
+
+async def test_the_next_parts_keys_are_read_while_its_job_runs(ctx: Context) -> None:
+    # per job: once part 1 is in order, the keys of part 2 (its job still running) are read
+    # ahead, and putting part 2 in order takes them instead of reading them again
+    if collect.SMALL_INPUT_REQUESTS > 0:
+        return  # a small input is merged in memory at the end: nothing is read ahead
+    inp = await Input.make(ctx, [["a", "b"], ["c", "d"], ["e"]], ranged=True)
+    merge_part._PREPARED.clear()
+    await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
+    src = str(ctx.input_dir(inp.id) / "input.jsonl")
+    ((where, keys),) = merge_part._PREPARED.items()
+    assert where[0] == src and keys == {"c": 0, "d": 1}
+    await inp.collected(inp.jobs[2], [ok("d"), ok("c")])  # takes them, reads part 3's ahead
+    ((where, keys),) = merge_part._PREPARED.items()
+    assert keys == {"e": 0}
+    await inp.done(inp.jobs[3])
+    await inp.collected(inp.jobs[3], [ok("e")])  # no part 4: nothing left read ahead
+    assert not merge_part._PREPARED
+    assert await collect_once(ctx) == 1
+    assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c", "d", "e"]
