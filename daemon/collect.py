@@ -104,7 +104,7 @@ async def collect_once(ctx: Context) -> int:
             except Exception:
                 log.exception("collect_failed", job=job["display_name"])
             finally:
-                due.done()
+                due.done(job)
 
     # A few at once: one job's download overlaps with an earlier one's indexing. A fixed pool
     # of tasks, not one per job: thousands of jobs may be due after a submission backlog.
@@ -117,43 +117,48 @@ async def collect_once(ctx: Context) -> int:
 
 class DueJobs:
     """The ``done`` jobs a collect round works through, oldest first. While a worker is still at
-    a job, the others look for jobs of big inputs that became due meanwhile (a poller saw them
-    end) and take them in the same round, so that one job's download overlaps with another's
-    ordering instead of waiting for the next round. Small ones wait for the next round (which
-    settles what this one collected first), and nothing is added while submission has a
-    backlog (the round then ends and yields to it)."""
+    a job of a big input, the others look for jobs of big inputs that became due meanwhile (a
+    poller saw them end) and take them in the same round, so that one job's download overlaps
+    with another's ordering instead of waiting for the next round. Small jobs wait for the next
+    round (which settles what this one collected first); a round stops taking more after
+    ``ROUND_SECONDS``, and nothing is added while submission has a backlog (the round then ends
+    and yields to it)."""
 
     LOOK_EVERY = 0.1  # seconds between looks for newly due jobs while another job is worked on
+    ROUND_SECONDS = 30.0
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.queue: list[dict[str, Any]] = []
         self.taken: set[int] = set()
-        self.busy = 0
+        self.big_busy = 0  # workers at a job of a big input
         self.lock = anyio.Lock()
         self.changed = anyio.Event()
+        self.until = time.monotonic() + self.ROUND_SECONDS
 
     async def fill(self, *, big_only: bool = False) -> int:
         """Queue the jobs due now that this round has not taken; returns how many."""
+        big = " AND (j.mode = 'file' OR i.request_count > ?)" if big_only else ""
         rows = await self.ctx.store.fetchall(
             "SELECT j.*, i.request_count AS input_requests FROM jobs j "
-            "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ? "
-            "ORDER BY j.id",
-            (time.time(),),
+            "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ?"
+            f"{big} ORDER BY j.id",
+            (time.time(), SMALL_INPUT_REQUESTS) if big_only else (time.time(),),
         )
-        fresh = [r for r in rows if r["id"] not in self.taken and not (big_only and _is_small(r))]
+        fresh = [r for r in rows if r["id"] not in self.taken]
         self.taken.update(r["id"] for r in fresh)
         self.queue.extend(reversed(fresh))  # popped from the end: oldest first
         return len(fresh)
 
     async def next(self) -> dict[str, Any] | None:
-        """The next job to collect (the caller calls :meth:`done` after it), or None when the
-        round is over: nothing due and no other worker still at a job."""
+        """The next job to collect (the caller calls :meth:`done` with it after), or None when
+        the round is over."""
         while True:
             if self.queue:
-                self.busy += 1
-                return self.queue.pop()
-            if self.ctx.submit_backlog or not self.busy:
+                job = self.queue.pop()
+                self.big_busy += not _is_small(job)
+                return job
+            if self.ctx.submit_backlog or not self.big_busy or time.monotonic() > self.until:
                 return None
             changed = self.changed
             with anyio.move_on_after(self.LOOK_EVERY):
@@ -162,8 +167,8 @@ class DueJobs:
                 if not self.queue:
                     await self.fill(big_only=True)
 
-    def done(self) -> None:
-        self.busy -= 1
+    def done(self, job: dict[str, Any]) -> None:
+        self.big_busy -= not _is_small(job)
         self.changed.set()
         self.changed = anyio.Event()
 

@@ -584,14 +584,14 @@ async def test_many_inputs_settle_in_one_pass_same_name_newest_last(ctx: Context
 async def test_a_round_takes_big_jobs_that_become_due_meanwhile(ctx: Context) -> None:
     # A job that ends while a round is at another job is taken in that round (its download
     # overlapping the other's ordering), unless it is a small inline one (the next round); the
-    # round ends once nobody is at a job; with a submission backlog nothing is added.
+    # round ends once nobody is at a big input's job; with a submission backlog nothing is added.
     small = collect.SMALL_INPUT_REQUESTS > 0  # the in-memory run: a 4-request input is small
     inp = await Input.make(ctx, [["a"], ["b"], ["c"], ["d"]])
     await inp.done(inp.jobs[1])
     due = collect.DueJobs(ctx)
     assert await due.fill() == 1
-    job = await due.next()
-    assert job is not None and job["id"] == inp.jobs[1]
+    job1 = await due.next()
+    assert job1 is not None and job1["id"] == inp.jobs[1]
     async with ctx.store.tx() as conn:  # while job 1 is collected, jobs 2 and 3 (inline) end
         await ctx.store.update_job(conn, inp.jobs[3], mode="inline")
     await inp.done(inp.jobs[3])
@@ -599,16 +599,16 @@ async def test_a_round_takes_big_jobs_that_become_due_meanwhile(ctx: Context) ->
     job = await due.next()
     assert job is not None and job["id"] == inp.jobs[2]
     if not small:
-        job = await due.next()
-        assert job is not None and job["id"] == inp.jobs[3]
-        due.done()
-    due.done()
-    due.done()
+        job3 = await due.next()
+        assert job3 is not None and job3["id"] == inp.jobs[3]
+        due.done(job3)
+    due.done(job)
+    due.done(job1)
     assert await due.next() is None  # nobody at a job: the round is over
     assert (inp.jobs[3] in due.taken) is not small
     await inp.done(inp.jobs[4])
     busy = collect.DueJobs(ctx)
-    busy.busy = 1  # another worker at a job, but submission has a backlog
+    busy.big_busy = 1  # another worker at a job, but submission has a backlog
     ctx.submit_backlog = True
     assert await busy.next() is None
 
