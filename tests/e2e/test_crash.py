@@ -46,7 +46,10 @@ async def _restart_and_finish(cfg_path, root, emulator, n=N) -> None:
     p = DaemonProcess(cfg_path)
     try:
         summary = outbox_paths(root / "outbox", "crash.jsonl")["summary"]
-        await wait_until(summary.exists, timeout=90)
+        try:
+            await wait_until(summary.exists, timeout=90)
+        except TimeoutError:
+            raise AssertionError(f"no summary after the restart:\n{p.output()[-6000:]}") from None
         assert p.terminate() == 0, p.output()
     finally:
         p.close()
