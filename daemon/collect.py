@@ -117,14 +117,14 @@ async def collect_once(ctx: Context) -> int:
 
 class DueJobs:
     """The ``done`` jobs a collect round works through, oldest first. While a worker is still at
-    a job of a big input, the others look for jobs of big inputs that became due meanwhile (a
-    poller saw them end) and take them in the same round, so that one job's download overlaps
+    a job of a big input, the others look for jobs of big inputs that became due meanwhile (when
+    a poller saw one end and nudged the collector) and take them in the same round, so that one job's download overlaps
     with another's ordering instead of waiting for the next round. Small jobs wait for the next
     round (which settles what this one collected first); a round stops taking more after
     ``ROUND_SECONDS``, and nothing is added while submission has a backlog (the round then ends
     and yields to it)."""
 
-    LOOK_EVERY = 0.1  # seconds between looks for newly due jobs while another job is worked on
+    LOOK_EVERY = 1.0  # at most this long between looks for due jobs (pollers nudge sooner)
     ROUND_SECONDS = 30.0
 
     def __init__(self, ctx: Context) -> None:
@@ -160,12 +160,24 @@ class DueJobs:
                 return job
             if self.ctx.submit_backlog or not self.big_busy or time.monotonic() > self.until:
                 return None
-            changed = self.changed
-            with anyio.move_on_after(self.LOOK_EVERY):
-                await changed.wait()  # a worker finished (the round may be over)
+            await self._wait()
             async with self.lock:
                 if not self.queue:
                     await self.fill(big_only=True)
+
+    async def _wait(self) -> None:
+        """Until a worker finishes (the round may be over) or a poller nudges the collector (a
+        job ended), at most ``LOOK_EVERY`` seconds."""
+        changed, nudge = self.changed, self.ctx.wake.collect
+
+        async def first(wait: Any) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        with anyio.move_on_after(self.LOOK_EVERY):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first, changed.wait)
+                tg.start_soon(first, functools.partial(nudge.wait, self.LOOK_EVERY))
 
     def done(self, job: dict[str, Any]) -> None:
         self.big_busy -= not _is_small(job)

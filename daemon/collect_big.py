@@ -52,13 +52,28 @@ async def assemble_ready_parts(ctx: Context, row: dict[str, Any]) -> None:
     """Append the parts put in order so far (consecutive from part 1) to the input's outbox
     file in the making (:mod:`daemon.assemble`), so that settling has little left to write."""
     input_id = row["id"]
-    first = {j["part_no"]: j for j in await ctx.store.jobs_of(input_id) if j["attempt"] == 1}
     part_nos = sorted(r["part_no"] for r in await ctx.store.parts_of(input_id))
+    ready = await _ready_parts(ctx, row, part_nos)
+    if not ready:
+        return
     work = ctx.input_dir(input_id)
     results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
+    try:
+        await anyio.to_thread.run_sync(assemble.extend, results, work, ready)
+    except OSError:
+        log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
 
-    def extend() -> None:
-        ready: list[assemble.Ready] = []
+
+async def _ready_parts(
+    ctx: Context, row: dict[str, Any], part_nos: list[int]
+) -> list[assemble.Ready]:
+    """Of ``part_nos`` (in order), those put in order from their first job with nothing to
+    retry, up to the first that is not, as the outbox file in the making takes them."""
+    first = {j["part_no"]: j for j in await ctx.store.jobs_of(row["id"]) if j["attempt"] == 1}
+    work = ctx.input_dir(row["id"])
+
+    def ready() -> list[assemble.Ready]:
+        out = []
         for n in part_nos:
             j = first.get(n)
             if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
@@ -66,14 +81,10 @@ async def assemble_ready_parts(ctx: Context, row: dict[str, Any]) -> None:
             summary = load_summary(work, n, j["id"], Path(j["results_path"]))
             if summary is None or summary.retryable:
                 break
-            ready.append(ready_part(work, summary))
-        if ready:
-            assemble.extend(results, work, ready)
+            out.append(ready_part(work, summary))
+        return out
 
-    try:
-        await anyio.to_thread.run_sync(extend)
-    except OSError:
-        log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
+    return await anyio.to_thread.run_sync(ready)
 
 
 def _fold_sync(
@@ -177,24 +188,10 @@ async def _prepare_next(ctx: Context, row: dict[str, Any], part_no: int) -> None
 async def _ready_before(
     ctx: Context, row: dict[str, Any], part_no: int
 ) -> list[assemble.Ready] | None:
-    """Parts 1 .. ``part_no`` - 1, each put in order from its first job (nothing to retry), as
-    the outbox file in the making takes them; None if any is not."""
-    first = {j["part_no"]: j for j in await ctx.store.jobs_of(row["id"]) if j["attempt"] == 1}
-    work = ctx.input_dir(row["id"])
-
-    def ready() -> list[assemble.Ready] | None:
-        out = []
-        for n in range(1, part_no):
-            j = first.get(n)
-            if j is None or j["state"] != JobState.COLLECTED or not j["results_path"]:
-                return None
-            summary = load_summary(work, n, j["id"], Path(j["results_path"]))
-            if summary is None or summary.retryable:
-                return None
-            out.append(ready_part(work, summary))
-        return out
-
-    return await anyio.to_thread.run_sync(ready)
+    """Parts 1 .. ``part_no`` - 1, when all are ready for the outbox file in the making."""
+    before = list(range(1, part_no))
+    ready = await _ready_parts(ctx, row, before)
+    return ready if len(ready) == len(before) else None
 
 
 async def fast_parts(

@@ -193,10 +193,17 @@ async def _digest_if_sized_like_a_success(ctx: Context, want: list[_Outcome]) ->
     for o in undigested:
         assert o.v is not None
         if (o.row["model"], o.v.size_bytes) in alike:
-            try:
-                o.v.sha256 = await anyio.to_thread.run_sync(sha256_of, Path(o.row["work_path"]))
-            except OSError as e:  # not reusable then; the submit stage reports an unreadable file
-                log.warning("input_digest_failed", input_id=o.row["id"], error=str(e))
+            o.v.sha256 = await _digest(o.row["id"], o.row["work_path"])
+
+
+async def _digest(input_id: str, work_path: str) -> str | None:
+    """The file's sha256, or None (logged) if it cannot be read: not reusable then, and the
+    submit stage reports an unreadable file."""
+    try:
+        return await anyio.to_thread.run_sync(sha256_of, Path(work_path))
+    except OSError as e:
+        log.warning("input_digest_failed", input_id=input_id, error=str(e))
+        return None
 
 
 async def fill_digests(ctx: Context, todo: list[tuple[str, str]]) -> None:
@@ -204,10 +211,8 @@ async def fill_digests(ctx: Context, todo: list[tuple[str, str]]) -> None:
     pairs). It only serves dedupe, so it is done after the input is queued, while its first
     jobs are being submitted; a crash before it is made good when the validator starts."""
     for input_id, work_path in todo:
-        try:
-            digest = await anyio.to_thread.run_sync(sha256_of, Path(work_path))
-        except OSError as e:
-            log.warning("input_digest_failed", input_id=input_id, error=str(e))
+        digest = await _digest(input_id, work_path)
+        if digest is None:
             continue
         async with ctx.store.tx() as conn:
             await conn.execute(

@@ -150,7 +150,9 @@ def validate_file(
         # Split, every window this pass reads looks for media marks itself; the sha256, unless
         # deferred, is read by this thread once it has parsed its share (a scan thread beside
         # the parser would wait for the GIL at every read, and the child has the second core).
-        scan = None if split and defer_digest else FileScan(path, size, inline=split)
+        scan = (
+            None if split and defer_digest else FileScan(path, size, inline=split, marks=not split)
+        )
         try:
             run = _run(
                 path,

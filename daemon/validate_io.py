@@ -34,13 +34,22 @@ MEDIA_MARK = b'"file:'  # how a local media reference (a "file:NAME" URI) starts
 class FileScan:
     """One read of a file for facts about the whole of it: its sha256 (unless ``digest`` is
     False) and whether ``"file:`` occurs anywhere (i.e. whether any line may refer to local
-    media). Both run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file
+    media; unless ``marks`` is False). Both run without the GIL (hashlib, and libc ``memmem`` through ctypes), so a big file
     is scanned in a worker thread on the second core while the validator parses it; a small one,
     or any with ``inline``, is scanned in the caller's thread when :meth:`result` is asked."""
 
-    def __init__(self, path: Path, size: int, *, inline: bool = False, digest: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        *,
+        inline: bool = False,
+        digest: bool = True,
+        marks: bool = True,
+    ) -> None:
         self._path = path
         self._digest = digest
+        self._marks = (MEDIA_MARK,) if marks else ()
         self._result: tuple[str | None, bool] | None = None
         threaded = size > _THREAD_SCAN_BYTES and not inline
         self._pool = ThreadPoolExecutor(1) if threaded else None
@@ -48,7 +57,7 @@ class FileScan:
 
     def _scan(self) -> tuple[str | None, bool]:
         sha = hashlib.sha256() if self._digest else None
-        found = _scan_file(self._path, (MEDIA_MARK,), _SCAN_BLOCK, sha.update if sha else None)
+        found = _scan_file(self._path, self._marks, _SCAN_BLOCK, sha.update if sha else None)
         return (sha.hexdigest() if sha else None), found
 
     def result(self) -> tuple[str | None, bool]:
@@ -108,19 +117,32 @@ def _scan_file(path: Path, marks: tuple[bytes, ...], block: int, update: Any = N
     end), and tell whether any of ``marks`` (at most 64 bytes each) occurs."""
     buf = bytearray(block)
     view = memoryview(buf)
-    found = False
-    tail = b""  # the end of the previous read, for a mark across two reads
+    finder = MarkFinder(marks)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             if update is not None:
                 update(view[:n])
-            if not found:
-                edge = tail + bytes(view[: min(n, 64)])
-                found = any(_has_mark(buf, n, m) or m in edge for m in marks)
-                tail = bytes(view[max(0, n - 64) : n])
-                if found and update is None:
-                    break
-    return found
+            if finder.feed(buf, n) and update is None:
+                break
+    return finder.found
+
+
+class MarkFinder:
+    """Looks for marks (at most 64 bytes each) in consecutive reads, a mark across two reads
+    included; libc ``memmem`` in the reader's own buffer."""
+
+    def __init__(self, marks: tuple[bytes, ...]) -> None:
+        self.marks = marks
+        self.found = False
+        self._edge = b""  # the end of the previous read
+
+    def feed(self, buf: bytearray | memoryview, n: int) -> bool:
+        """Look at ``buf[:n]``, the next read; returns whether a mark was found so far."""
+        if not self.found:
+            edge = self._edge + bytes(buf[: min(n, 64)])
+            self.found = any(m in edge or _has_mark(buf, n, m) for m in self.marks)
+            self._edge = bytes(buf[max(0, n - 64) : n])
+        return self.found
 
 
 class MediaChecker:
@@ -449,13 +471,16 @@ class FileWindow(io.RawIOBase):
 
 class ScanningWindow(FileWindow):
     """A :class:`FileWindow` that also looks for the media mark (``"file:``) in what it reads,
-    straight in the reader's buffer (libc ``memmem``), so that a file parsed in windows needs no
-    separate read to know whether it may refer to local media."""
+    straight in the reader's buffer, so that a file parsed in windows needs no separate read to
+    know whether it may refer to local media."""
 
     def __init__(self, path: Path, start: int, end: int) -> None:
         super().__init__(path, start, end)
-        self.found = False
-        self._edge = b""  # the end of the previous read, for a mark across two reads
+        self._marks = MarkFinder((MEDIA_MARK,))
+
+    @property
+    def found(self) -> bool:
+        return self._marks.found
 
     read = io.RawIOBase.read  # type: ignore[assignment]  # every read goes through readinto
 
@@ -469,9 +494,6 @@ class ScanningWindow(FileWindow):
         if n < want:  # the file shrank: never hand on a short window
             raise OSError(f"{self._f.name}: shorter than the window")
         self._pos += n
-        if not self.found:
-            edge = self._edge + bytes(view[:64])
-            self.found = MEDIA_MARK in edge or _has_mark(view, n, MEDIA_MARK)
-            self._edge = bytes(view[n - 64 : n]) if n >= 64 else bytes(view[:n])
+        self._marks.feed(view, n)
         view.release()
         return n

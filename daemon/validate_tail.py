@@ -65,9 +65,8 @@ class BlockRecorder:
 
 @dataclass
 class TailFindings:
-    """What the child took, from ``TailCheck.begin`` up to ``stop``."""
+    """What the child took, from ``TailCheck.begin`` on (as far as its blocks go)."""
 
-    stop: int
     lengths: array[int]
     blocks: array[int]
     buckets: list[array[int]]
@@ -113,10 +112,10 @@ class TailCheck:
             out = self.proc.stdout
             assert out is not None
             try:
-                stop, unique, marks, n_lengths, n_blocks, sizes = pickle.load(out)
+                unique, marks, n_lengths, n_blocks, sizes = pickle.load(out)
                 lengths, blocks = _read(out, "I", n_lengths), _read(out, "q", n_blocks)
                 buckets = [_read(out, "q", n) for n in sizes]
-                self._found = TailFindings(stop, lengths, blocks, buckets, unique, marks)
+                self._found = TailFindings(lengths, blocks, buckets, unique, marks)
             except Exception:  # a truncated or foreign answer: the validator reads it all
                 self._found = None
             self.close()
@@ -158,14 +157,13 @@ def main(argv: list[str]) -> None:
     window = ScanningWindow(path, begin, os.stat(path).st_size)  # looks for media marks too
     with io.BufferedReader(window, 1 << 20) as f:
         run = new_tail_pass(path, f, model=argv[2], limit=int(argv[3]), recorder=recorder)
-        run.offset = begin
         run.read_all()
     # a small header, then the arrays as they are (no copy of them is made to send them)
     out = sys.stdout.buffer
     sizes = [len(b) for b in run.buckets]
     # the check for repeats among its own hashes is done here, on the second core
     unique = all(len(set(b)) == len(b) for b in run.buckets)
-    header = (run.offset, unique, window.found, len(recorder.lengths), len(recorder.blocks), sizes)
+    header = (unique, window.found, len(recorder.lengths), len(recorder.blocks), sizes)
     pickle.dump(header, out)
     for arr in (recorder.lengths, recorder.blocks, *run.buckets):
         arr.tofile(out)
