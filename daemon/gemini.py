@@ -4,7 +4,11 @@ Transport: one ``httpx2.AsyncClient`` is handed to the SDK (``httpx_async_client
 the raw calls, so every request shares one connection pool and the SDK never falls back to its
 aiohttp path, whose implicit reconnect-and-resend would repeat a ``batches.create``. SDK retries are
 off client-wide (``HttpRetryOptions(attempts=1)``): the stages retry themselves, with backoff, and
-never blindly retry a create.
+never blindly retry a create. Downloads alone go through a second SDK client on the SDK's own
+aiohttp transport: a download is a repeatable read, and aiohttp (a C parser, 4 MiB reads) streams a
+result file 2-4 times faster than httpx (pure-Python h11, 64 KiB reads): 0.13-0.20 s against
+0.40-0.50 s for 128 MB here. Its whole-request timeout is off; a download fails instead when no
+data arrives for ``[api] timeout`` seconds (as httpx's per-read timeout does).
 
 Raw calls (same headers as the SDK) are used where the SDK's typed objects lose data: ``get`` and
 ``list`` (the SDK drops ``batchStats``, ``error`` and request metadata) and the inline create (the
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import anyio
 import httpx2
 import orjson
@@ -104,6 +109,19 @@ class RateLimiter:
             await anyio.sleep(wait)
 
 
+class _StallWatch:
+    """A download's destination: writes to ``out``, and cancels ``scope`` once no data has come
+    for ``timeout`` seconds (from the request on, then from the last chunk)."""
+
+    def __init__(self, out: Any, scope: anyio.CancelScope, timeout: float) -> None:
+        self.out, self.scope, self.timeout = out, scope, timeout
+        scope.deadline = anyio.current_time() + timeout
+
+    async def write(self, chunk: bytes) -> None:
+        self.scope.deadline = anyio.current_time() + self.timeout
+        await self.out.write(chunk)
+
+
 def _model_path(model: str) -> str:
     if model.startswith(("models/", "tunedModels/")):
         return model
@@ -161,9 +179,19 @@ class GeminiClient:
                 httpx_async_client=self._http,
             ),
         )
+        # Downloads only (see the module docstring): no total timeout, the stall timeout is ours.
+        self._download_sdk = genai.Client(
+            api_key=api_key,
+            http_options=types.HttpOptions(
+                base_url=self.base_url,
+                api_version=self.api_version,
+                retry_options=types.HttpRetryOptions(attempts=1),
+            ),
+        )
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()
+        await self._download_sdk.aio.aclose()
         await self._http.aclose()
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -193,6 +221,12 @@ class GeminiClient:
             kind, message, outcome = "ambiguous", f"timed out after {self.timeout:g}s", "timeout"
         elif isinstance(exc, httpx2.TransportError):
             kind, message, outcome = "ambiguous", f"connection lost: {exc!r}", "dropped"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            kind, message, outcome = "transient", f"cannot connect: {exc}", "connect_error"
+        elif isinstance(exc, TimeoutError):
+            kind, message, outcome = "ambiguous", f"no data for {self.timeout:g}s", "timeout"
+        elif isinstance(exc, aiohttp.ClientError):
+            kind, message, outcome = "ambiguous", f"connection lost: {exc!r}", "dropped"
         elif isinstance(exc, json.JSONDecodeError | pydantic.ValidationError):
             # An answer we cannot read: the server did act (a create may have happened).
             kind, message, outcome = "ambiguous", f"unreadable answer: {exc}", "bad_answer"
@@ -216,7 +250,15 @@ class GeminiClient:
         await self._limiter.acquire()
         try:
             result = await fn()
-        except (genai_errors.APIError, httpx2.HTTPError, ValueError, TypeError, KeyError) as e:
+        except (
+            genai_errors.APIError,
+            httpx2.HTTPError,
+            aiohttp.ClientError,
+            TimeoutError,
+            ValueError,
+            TypeError,
+            KeyError,
+        ) as e:
             raise self._error(endpoint, e) from None
         self.calls[(endpoint, "200")] += 1
         return result
@@ -294,8 +336,12 @@ class GeminiClient:
             async def go() -> None:
                 await out.seek(0)
                 await out.truncate()
-                # the stubs say IOBase; the SDK awaits a write that returns an awaitable
-                await self._sdk.aio.files.download(file=file_name, destination=out)  # type: ignore[call-overload]
+                with anyio.CancelScope() as scope:
+                    sink = _StallWatch(out, scope, self.timeout)
+                    # the stubs say IOBase; the SDK awaits a write that returns an awaitable
+                    await self._download_sdk.aio.files.download(file=file_name, destination=sink)  # type: ignore[call-overload]
+                if scope.cancelled_caught:
+                    raise TimeoutError
 
             await self._call("files.download", go)
             await out.flush()

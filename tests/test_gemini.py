@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import aiohttp.web
 import anyio
 import orjson
 import pytest
@@ -192,6 +193,85 @@ async def test_connect_error_is_transient(env: Env) -> None:
         assert ei.value.kind == "transient"
     finally:
         await dead.aclose()
+
+
+async def _finished_results_file(env: Env, tmp_path: Path, n: int) -> str:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(li) + "\n" for li in lines_for(n)))
+    f = await env.gem.upload_file(src, display_name="in")
+    op = await env.gem.create_file_job(
+        model=MODEL, file_name=f["name"], display_name="dn-dl", embed=False
+    )
+    done = await wait_done(env.gem, op["name"])
+    return str(done["metadata"]["output"]["responsesFile"])
+
+
+@pytest.mark.parametrize(("fault", "outcome"), [("drop", "dropped"), ("503", "503")])
+async def test_download_faults_are_transient(
+    env: Env, tmp_path: Path, fault: str, outcome: str
+) -> None:
+    # Downloads go through the SDK's aiohttp transport: its errors are classified too. (aiohttp
+    # sends a GET again once by itself when a kept-alive connection drops: fine for a read.)
+    name = await _finished_results_file(env, tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    env.emu.fail_next("files.download", fault, count=2 if fault == "drop" else 1)
+    with pytest.raises(ApiError) as ei:
+        await env.gem.download_file(name, out)
+    assert ei.value.kind == "transient" and not out.exists()
+    assert env.gem.calls[("files.download", outcome)] == 1
+    await env.gem.download_file(name, out)  # the next attempt starts afresh
+    assert len(out.read_bytes().splitlines()) == 3
+
+
+async def test_download_from_nowhere_is_transient(env: Env, tmp_path: Path) -> None:
+    dead = GeminiClient(env.ctx.cfg, KEY, base_url="http://127.0.0.1:9")
+    try:
+        with pytest.raises(ApiError) as ei:
+            await dead.download_file("files/x", tmp_path / "out.jsonl")
+        assert ei.value.kind == "transient"
+        assert dead.calls[("files.download", "connect_error")] == 1
+    finally:
+        await dead.aclose()
+
+
+@pytest.mark.parametrize("how", ["stalls", "is_cut_short"])
+async def test_download_that_stalls_or_is_cut_short(tmp_path: Path, how: str) -> None:
+    # A real HTTP server that sends the start of a 1 MB body, then stops sending (the download
+    # fails once no data has come for [api] timeout) or closes the connection.
+    release = anyio.Event()
+
+    async def handler(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        resp = aiohttp.web.StreamResponse(headers={"Content-Length": str(1 << 20)})
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        if how == "stalls":
+            await release.wait()
+        else:
+            assert request.transport is not None
+            request.transport.close()
+        return resp
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    cfg = rh.make_cfg(tmp_path, api={"timeout": 0.5})
+    gem = GeminiClient(cfg, KEY, base_url=f"http://127.0.0.1:{port}")
+    out = tmp_path / "out.jsonl"
+    try:
+        with anyio.fail_after(10), pytest.raises(ApiError) as ei:
+            await gem.download_file("files/x", out)
+        assert ei.value.kind == "transient" and not out.exists()
+        assert KEY not in str(ei.value)
+        outcome = "timeout" if how == "stalls" else "dropped"
+        assert gem.calls[("files.download", outcome)] == 1, gem.calls
+    finally:
+        release.set()
+        await gem.aclose()
+        await runner.cleanup()
 
 
 async def test_rate_limiter_caps_calls_per_second() -> None:
