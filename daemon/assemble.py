@@ -50,34 +50,39 @@ def _lock(prefix: Path) -> threading.Lock:
         return _locks.setdefault(str(prefix), threading.Lock())
 
 
-def _held(work: Path, parts: list[Ready]) -> int:
-    """How many of ``parts`` (consecutive from the first) the record says the file holds."""
+def _recorded(work: Path, parts: list[Ready]) -> list[list[int]]:
+    """The record's rows, if they agree with ``parts`` as far as both go (the record may hold
+    more parts than a caller knows of yet); [] if it disagrees or is missing."""
     try:
         rows = orjson.loads(_record_path(work).read_bytes())
     except (OSError, ValueError):
-        return 0
-    held = 0
+        return []
     for row, part in zip(rows, parts, strict=False):
         if row != [part.part_no, part.job_id, part.size]:
-            break
-        held += 1
-    return held if held == len(rows) else 0
+            return []
+    return rows  # type: ignore[no-any-return]
 
 
 def _open(prefix: Path, work: Path, parts: list[Ready]) -> tuple[IO[bytes], int]:
-    """The prefix file open for appending after the parts it validly holds, and their count."""
-    held = _held(work, parts)
-    size = sum(p.size for p in parts[:held])
+    """The prefix file open for appending after the parts it validly holds, and their count
+    (which may exceed ``len(parts)``: a caller that looked before the last part was recorded).
+    When the file cannot be trusted it starts empty, and its record goes (parts that went
+    straight in are then no longer taken as held, see :func:`holds`)."""
+    rows = _recorded(work, parts)
+    size = sum(row[2] for row in rows)
     try:
         f = open(prefix, "r+b")
     except FileNotFoundError:
         f = open(prefix, "w+b")
-        held = size = 0
+        rows, size = [], 0
     if os.fstat(f.fileno()).st_size < size:  # shorter than recorded: start again
-        held = size = 0
+        rows, size = [], 0
+    if not rows:
+        with contextlib.suppress(FileNotFoundError):
+            _record_path(work).unlink()
     f.truncate(size)  # drops a half-appended part
     f.seek(size)
-    return f, held
+    return f, len(rows)
 
 
 def extend(results: Path, work: Path, ready: list[Ready]) -> int:
@@ -90,7 +95,7 @@ def extend(results: Path, work: Path, ready: list[Ready]) -> int:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         f, held = _open(prefix, work, ready)
         with f:
-            if held == len(ready):
+            if held >= len(ready):
                 return held
             for part in ready[held:]:
                 append_file(f, part.path)
@@ -160,6 +165,10 @@ def publish(
         prefix.parent.mkdir(parents=True, exist_ok=True)
         f, held = _open(prefix, work, parts)
         try:
+            if held > len(parts):  # recorded parts the input does not have: not written out
+                held = len(parts)
+                f.truncate(sum(p.size for p in parts))
+                f.seek(0, os.SEEK_END)
             for i, part in enumerate(parts[held:]):
                 append_file(f, part.path)
                 if i == 0 and after_first is not None:

@@ -108,3 +108,51 @@ def test_a_part_goes_straight_in_only_after_the_parts_before_it(tmp_path: Path) 
     assert assemble.holds(work, 2, ps[1].job_id, 50)
     assemble.publish(results, work, ps, None)  # part 3 appended from its file at settle
     assert results.read_bytes() == whole(ps)
+
+
+def test_a_late_look_at_fewer_parts_leaves_what_the_file_holds(tmp_path: Path) -> None:
+    # Parts 1 and 2 went straight in (they have no files of their own). A collector worker
+    # that looked before part 2's job was marked collected asks to extend with part 1 only:
+    # the file must keep part 2 (it used to be cut back to nothing, and settling then failed
+    # for ever on the missing part-1.fast).
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [100, 50, 70])
+    prefix = assemble.prefix_path(results, work)
+    for i in (0, 1):
+        with assemble.straight_in(results, work, ps[:i], i + 1, ps[i].job_id) as f:
+            assert f is not None
+            f.write(ps[i].path.read_bytes())
+    expected = whole(ps)
+    ps[0].path.unlink()
+    ps[1].path.unlink()
+    assert assemble.extend(results, work, ps[:1]) == 2
+    with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
+        assert f is None  # part 2 is in already
+    assert prefix.stat().st_size == 150
+    assert assemble.holds(work, 1, ps[0].job_id, 100) and assemble.holds(work, 2, ps[1].job_id, 50)
+    assemble.publish(results, work, ps)
+    assert results.read_bytes() == expected
+
+
+def test_a_prefix_file_that_lost_its_data_is_no_longer_trusted(tmp_path: Path) -> None:
+    # The file is shorter than its record (lost outside the daemon): the record goes too, so
+    # parts that went straight in are no longer taken as held and are put in order again.
+    work, outbox = tmp_path / "work", tmp_path / "outbox"
+    work.mkdir()
+    results = outbox / "x.jsonl"
+    ps = parts(work, [100, 50])
+    with assemble.straight_in(results, work, [], 1, ps[0].job_id) as f:
+        assert f is not None
+        f.write(ps[0].path.read_bytes())
+    assemble.prefix_path(results, work).write_bytes(b"")
+    assert assemble.extend(results, work, ps[:2]) == 2  # both from their files
+    assert assemble.prefix_path(results, work).read_bytes() == whole(ps)
+    assemble.prefix_path(results, work).write_bytes(b"")
+    ps[0].path.unlink()
+    try:
+        assemble.extend(results, work, ps[:2])
+    except FileNotFoundError:
+        pass
+    assert not assemble.holds(work, 1, ps[0].job_id, 100)
