@@ -27,7 +27,7 @@ import anyio
 import orjson
 import structlog
 
-from daemon import collect_big, merge_part
+from daemon import collect_big
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
@@ -273,9 +273,6 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
     dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
     result_file = job["result_file"]
     started = time.monotonic()
-    # a big input's answers are parsed while they download (see merge_part.Streamed)
-    big = (job["input_requests"] or 0) > SMALL_INPUT_REQUESTS
-    streamed = merge_part.Streamed() if big and job["mode"] == "file" else None
     try:
         if not job["remote_name"] or job["remote_state"] in _EMPTY_STATES:
             await anyio.to_thread.run_sync(_write_lines, dest, [])
@@ -284,7 +281,7 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
                 op = await _gemini(ctx).get_batch(job["remote_name"])
                 result_file = _output(op).get("responsesFile")
             if result_file:
-                await _download(ctx, result_file, dest, streamed)
+                await _download(ctx, result_file, dest)
             else:
                 await anyio.to_thread.run_sync(_write_lines, dest, [])
         else:
@@ -304,7 +301,7 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
     crash_point("after_download")
     downloaded = time.monotonic()
     if not _is_small(job):
-        await _index_job(ctx, job, dest, streamed)
+        await _index_job(ctx, job, dest)
     now = time.time()
     item = (str(dest), result_file, job["finished_at"] or now, now, job["id"])
     # Committed with the other jobs collected meanwhile (shielded: the file is written).
@@ -315,21 +312,18 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
         input_id=job["input_id"],
         download_seconds=round(downloaded - started, 3),
         order_seconds=round(time.monotonic() - downloaded, 3),
-        parsed_while_downloading=streamed is not None and streamed.taken,
     )
     if not _is_small(job):
         await _assemble_ready_parts(ctx, job["input_id"])
     return True
 
 
-async def _index_job(
-    ctx: Context, job: dict[str, Any], dest: Path, streamed: merge_part.Streamed | None = None
-) -> None:
+async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
     """A big input's job results are put in order while its other jobs still run
     (:mod:`daemon.collect_big`); a small input's wait for settle."""
     row = await ctx.store.get_input(job["input_id"])
     if row is not None and not small_input(row):
-        await collect_big.index_job(ctx, row, job, dest, streamed)
+        await collect_big.index_job(ctx, row, job, dest)
 
 
 async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
@@ -370,11 +364,9 @@ def _write_lines(dest: Path, lines: list[bytes]) -> None:
             f.write(line + b"\n")
 
 
-async def _download(
-    ctx: Context, file_name: str, dest: Path, follower: merge_part.Streamed | None
-) -> None:
+async def _download(ctx: Context, file_name: str, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.download")
-    await _gemini(ctx).download_file(file_name, tmp, follower)
+    await _gemini(ctx).download_file(file_name, tmp)
 
     def seal() -> None:
         with open(tmp, "rb+") as f:

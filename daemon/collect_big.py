@@ -26,7 +26,6 @@ from daemon.merge import MergeIndex, Part, Rebuild, ResultsFile, Stopped, remove
 from daemon.merge_part import (
     OrderedParts,
     PartSummary,
-    Streamed,
     fast_path,
     load_summary,
     order_part,
@@ -39,17 +38,10 @@ from daemon.states import JobState
 log = structlog.get_logger(__name__)
 
 
-async def index_job(
-    ctx: Context,
-    row: dict[str, Any],
-    job: dict[str, Any],
-    dest: Path,
-    streamed: Streamed | None = None,
-) -> None:
+async def index_job(ctx: Context, row: dict[str, Any], job: dict[str, Any], dest: Path) -> None:
     """Put a job's results (``dest``) in order now: the fast path when the job answered its
-    part exactly once (taking the answers ``streamed`` parsed during the download, if it has
-    them all), else fold them into the input's merge index."""
-    if await _order_part(ctx, row, job, dest, streamed) is not None:
+    part exactly once, else fold them into the input's merge index."""
+    if await _order_part(ctx, row, job, dest) is not None:
         await _prepare_next(ctx, row, job["part_no"])
         return
     parts = await input_parts(ctx, row, await ctx.store.jobs_of(row["id"]))
@@ -134,11 +126,7 @@ async def _fold(
 
 
 async def _order_part(
-    ctx: Context,
-    row: dict[str, Any],
-    job: dict[str, Any],
-    results: Path,
-    streamed: Streamed | None = None,
+    ctx: Context, row: dict[str, Any], job: dict[str, Any], results: Path
 ) -> PartSummary | None:
     """The fast path for a first attempt's results (None when it does not apply)."""
     source = Path(job["source_path"]) if job["source_path"] else None
@@ -156,16 +144,7 @@ async def _order_part(
             assemble.straight_in, out, work, before, job["part_no"], job["id"]
         )
     order = functools.partial(
-        order_part,
-        job["part_no"],
-        source,
-        results,
-        job["id"],
-        dest,
-        stop,
-        span,
-        straight,
-        streamed=streamed,
+        order_part, job["part_no"], source, results, job["id"], dest, stop, span, straight
     )
     started = time.monotonic()
     try:

@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import aiohttp
 import anyio
@@ -109,31 +109,17 @@ class RateLimiter:
             await anyio.sleep(wait)
 
 
-class ChunkFollower(Protocol):
-    """Sees a download's bytes as they are written (e.g. :class:`daemon.merge_part.Streamed`)."""
-
-    def restart(self) -> None: ...
-    def feed(self, chunk: bytes) -> None: ...
-
-
 class _StallWatch:
-    """A download's destination: writes to ``out`` (and shows each chunk to ``follower``), and
-    cancels ``scope`` once no data has come for ``timeout`` seconds (from the request on, then
-    from the last chunk)."""
+    """A download's destination: writes to ``out``, and cancels ``scope`` once no data has come
+    for ``timeout`` seconds (from the request on, then from the last chunk)."""
 
-    def __init__(
-        self, out: Any, scope: anyio.CancelScope, timeout: float, follower: ChunkFollower | None
-    ) -> None:
-        self.out, self.scope, self.timeout, self.follower = out, scope, timeout, follower
+    def __init__(self, out: Any, scope: anyio.CancelScope, timeout: float) -> None:
+        self.out, self.scope, self.timeout = out, scope, timeout
         scope.deadline = anyio.current_time() + timeout
-        if follower is not None:
-            follower.restart()
 
     async def write(self, chunk: bytes) -> None:
         self.scope.deadline = anyio.current_time() + self.timeout
         await self.out.write(chunk)
-        if self.follower is not None:
-            self.follower.feed(chunk)
 
 
 def _model_path(model: str) -> str:
@@ -340,11 +326,8 @@ class GeminiClient:
             if e.http_code != 404:
                 raise
 
-    async def download_file(
-        self, file_name: str, dest: Path, follower: ChunkFollower | None = None
-    ) -> None:
-        """Stream a (generated) file to ``dest`` via ``dest.part``; ``dest`` appears whole or not.
-        ``follower`` is shown each chunk once it is written (and told when a try starts over)."""
+    async def download_file(self, file_name: str, dest: Path) -> None:
+        """Stream a (generated) file to ``dest`` via ``dest.part``; ``dest`` appears whole or not."""
         part = dest.with_name(dest.name + ".part")
         # An async file: the SDK awaits each chunk's write, which runs in a worker thread, so a
         # big download never blocks the event loop on the disk.
@@ -354,7 +337,7 @@ class GeminiClient:
                 await out.seek(0)
                 await out.truncate()
                 with anyio.CancelScope() as scope:
-                    sink = _StallWatch(out, scope, self.timeout, follower)
+                    sink = _StallWatch(out, scope, self.timeout)
                     # the stubs say IOBase; the SDK awaits a write that returns an awaitable
                     await self._download_sdk.aio.files.download(file=file_name, destination=sink)  # type: ignore[call-overload]
                 if scope.cancelled_caught:

@@ -42,7 +42,6 @@ _GATHER = 1024
 _loads = orjson.loads
 _get: Any = dict.get
 _STR = {str}
-_MEDIA_MARKS = (b'"inlineData"', b'"inline_data"')
 
 
 @dataclass
@@ -142,77 +141,6 @@ def _key_positions(
     return positions if len(positions) == len(keys) else None
 
 
-def _bulk(base: int, lines: list[bytes]) -> tuple[list[str], Any, list[int], list[int]] | None:
-    """A block of successful answers (the block's first line at offset ``base``) parsed at once
-    with C-level maps: ``(keys, offsets, lengths, token sums)``; None when any line needs a
-    closer look (not JSON, an error line, odd usage, a ``\\r``...)."""
-    try:
-        objs = list(map(_loads, lines))
-        keys = list(map(_get, objs, repeat("key")))  # TypeError unless all are objects
-        if set(map(type, keys)) != _STR:
-            return None
-        usage = list(map(_get, map(_get, objs, repeat("response")), repeat("usageMetadata")))
-        tokens = [sum(filter(None, map(_get, usage, repeat(f)))) for f in TOKEN_FIELDS]
-    except (orjson.JSONDecodeError, TypeError):
-        return None
-    if any(map(bytes.endswith, lines, repeat(b"\r"))):
-        return None
-    lens = list(map(len, lines))
-    starts = islice(accumulate(lens, initial=base), len(lines))
-    offs = map(add, starts, range(len(lines)))  # + a newline per earlier line
-    return keys, offs, lens, tokens
-
-
-class Streamed:
-    """A job's results parsed as the download writes them, a chunk at a time, so that putting
-    the part in order only has to gather. Fed in the event loop's thread (each 1 MiB chunk takes
-    a few ms): a worker thread would hold the GIL that the download needs for every read. Only
-    blocks of plain successful answers are taken; at anything else it stops, and
-    :func:`order_part` parses the file itself."""
-
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        """The download starts (again) from its first byte."""
-        self.ok = True
-        self.taken = False
-        self.rest = b""
-        self.size = 0  # bytes of whole lines parsed
-        self.keys: list[str] = []
-        self.offs = array("q")
-        self.lens = array("l")
-        self.tokens = [0] * len(TOKEN_FIELDS)
-        self.media = False
-
-    def feed(self, chunk: bytes) -> None:
-        """The next bytes of the results file."""
-        if not self.ok:
-            return
-        data = self.rest + chunk if self.rest else chunk
-        # every line ends in one ``data``: a mark (inside a line) is never cut in two
-        self.media = self.media or any(map(data.__contains__, _MEDIA_MARKS))
-        lines = data.split(b"\n")
-        self.rest = lines.pop()
-        if not lines:
-            return
-        block = _bulk(self.size, lines)
-        if block is None:
-            self.ok = False
-            self.keys, self.offs, self.lens, self.rest = [], array("q"), array("l"), b""
-            return
-        keys, offs, lens, tokens = block
-        self.keys.extend(keys)
-        self.offs.extend(offs)
-        self.lens.extend(lens)
-        self.size += sum(lens) + len(lens)
-        self.tokens = list(map(add, self.tokens, tokens))
-
-    def complete(self, size: int) -> bool:
-        """Whether every line of a ``size``-byte results file was taken in bulk."""
-        return self.ok and not self.rest and self.size == size
-
-
 class _Answers:
     """Where each answer of a part sits in the job's results file, and what the summary needs,
     filled a block of result lines at a time."""
@@ -229,33 +157,27 @@ class _Answers:
     def add_block(self, base: int, lines: list[bytes]) -> bool:
         """Take a block of successful answers in bulk (C-level maps); False (nothing taken)
         when any line needs a closer look."""
-        block = _bulk(base, lines)
-        if block is None:
+        try:
+            objs = list(map(_loads, lines))
+            keys = list(map(_get, objs, repeat("key")))  # TypeError unless all are objects
+            if set(map(type, keys)) != _STR:
+                return False
+            pos: list[Any] = list(map(self.positions.get, keys))
+            if None in pos:
+                return False
+            usage = list(map(_get, map(_get, objs, repeat("response")), repeat("usageMetadata")))
+            tokens = [sum(filter(None, map(_get, usage, repeat(f)))) for f in TOKEN_FIELDS]
+        except (orjson.JSONDecodeError, TypeError):  # not JSON, an error line, odd usage...
             return False
-        keys, offs, lens, tokens = block
-        pos: list[Any] = list(map(self.positions.get, keys))
-        if None in pos:
+        if any(map(bytes.endswith, lines, repeat(b"\r"))):
             return False
-        self._take(pos, offs, lens, tokens)
-        return True
-
-    def _take(self, pos: Any, offs: Any, lens: Any, tokens: list[int]) -> None:
-        self.pos.extend(pos)
-        self.offs.extend(offs)
+        lens = list(map(len, lines))
+        starts = islice(accumulate(lens, initial=base), len(lines))
+        self.offs.extend(map(add, starts, range(len(lines))))  # + a newline per earlier line
         self.lens.extend(lens)
-        self.succeeded += len(lens)
+        self.pos.extend(pos)
+        self.succeeded += len(lines)
         self.tokens = list(map(add, self.tokens, tokens))
-
-    def take_streamed(self, streamed: Streamed, size: int) -> bool:
-        """Take the answers parsed while the results file was downloaded, if that parse covered
-        the whole file (``size`` bytes) in bulk and knows every key; False (nothing taken) else."""
-        if not streamed.complete(size):
-            return False
-        pos: list[Any] = list(map(self.positions.get, streamed.keys))
-        if None in pos:
-            return False
-        self._take(pos, streamed.offs, streamed.lens, streamed.tokens)
-        streamed.taken = True
         return True
 
     def add_line(self, off: int, raw: bytes) -> bool:
@@ -321,21 +243,18 @@ def order_part(
     stop: threading.Event,
     span: tuple[int, int] | None = None,
     straight: Callable[[], contextlib.AbstractContextManager[IO[bytes] | None]] | None = None,
-    streamed: Streamed | None = None,
 ) -> PartSummary | None:
     """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
     it, if given) to ``dest`` (fsynced), or straight into the outbox file in the making when
     ``straight`` yields it (:func:`daemon.assemble.straight_in`: the parts before are all in
     it; not for answers with inline media, which are extracted from ``dest`` later), and the
-    summary to ``dest.json``; None (nothing written) unless every key has exactly one answer.
-    ``streamed``: the answers as parsed during the download, taken when they cover the file."""
+    summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
     with _one_at_a_time(stop):
         positions = _PREPARED.pop((str(source), span), None) or _key_positions(source, stop, span)
         if not positions:
             return None
         answers = _Answers(positions)
-        taken = streamed is not None and answers.take_streamed(streamed, results.stat().st_size)
-        for base, lines in () if taken else _blocks(results):
+        for base, lines in _blocks(results):
             if stop.is_set():
                 raise Stopped
             if answers.add_block(base, lines):
@@ -350,9 +269,7 @@ def order_part(
         if ordered is None:  # unanswered keys or a duplicate answer: the general path
             return None
         # the ordered lines are the results' lines: the same marks
-        media = streamed.media if streamed is not None and streamed.taken else None
-        if media is None:
-            media = file_contains(results, _MEDIA_MARKS)
+        media = file_contains(results, (b'"inlineData"', b'"inline_data"'))
         into = straight() if straight is not None and not media else None
         with into if into is not None else contextlib.nullcontext(None) as out:
             if out is not None:

@@ -223,32 +223,6 @@ async def test_download_faults_are_transient(
     assert len(out.read_bytes().splitlines()) == 3
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.restarts = 0
-
-    def restart(self) -> None:
-        self.restarts += 1
-        self.chunks.clear()
-
-    def feed(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-
-
-async def test_a_download_shows_its_chunks_to_a_follower(env: Env, tmp_path: Path) -> None:
-    # What the collector parses while a big job's results download (merge_part.Streamed).
-    name = await _finished_results_file(env, tmp_path, 400)
-    out = tmp_path / "out.jsonl"
-    env.emu.fail_next("files.download", "503")
-    seen = _Recorder()
-    with pytest.raises(ApiError):
-        await env.gem.download_file(name, out, seen)
-    await env.gem.download_file(name, out, seen)
-    assert seen.restarts == 2 and b"".join(seen.chunks) == out.read_bytes()
-    assert len(out.read_bytes().splitlines()) == 400
-
-
 async def test_download_from_nowhere_is_transient(env: Env, tmp_path: Path) -> None:
     dead = GeminiClient(env.ctx.cfg, KEY, base_url="http://127.0.0.1:9")
     try:
