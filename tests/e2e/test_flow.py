@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from daemon.outbox import outbox_paths
-from tests.e2e.conftest import running_daemon, wait_final
+from tests.e2e.conftest import DaemonProcess, config_data, running_daemon, wait_final, write_config
 from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
 
 
@@ -136,3 +136,34 @@ async def test_bad_file_is_rejected_and_others_are_unaffected(make_cfg, emulator
     assert (
         emulator.stats["calls"].get("batches.create", 0) == 2
     )  # nothing submitted for the bad file
+
+
+async def test_a_big_input_is_put_in_order_part_by_part(tmp_path, emulator):
+    # 12,000 requests in 3 file jobs, a real daemon process: each part is put in order as its
+    # job comes back (the fast path) and the outbox file is assembled meanwhile. (A variant of
+    # this test, with other timings, found a race: a collect worker that looked before part 2's
+    # job was marked collected cut the outbox file in the making back to nothing, and settling
+    # failed for ever; tests/test_assemble.py pins it.)
+    data = config_data(
+        tmp_path / "root",
+        emulator.url,
+        submit={"inline_max_bytes": 0, "max_requests_per_job": 4_000},
+    )
+    data["daemon"]["log_format"] = "json"
+    root = tmp_path / "root"
+    p = DaemonProcess(write_config(tmp_path / "config.toml", data))
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "big.jsonl", request_lines(12_000))
+        summary = outbox_paths(root / "outbox", "big.jsonl")["summary"]
+        try:
+            await wait_until(summary.exists, timeout=90)
+        except TimeoutError:
+            raise AssertionError(f"no summary:\n{p.output()[-6000:]}") from None
+        assert p.terminate() == 0, p.output()
+        events = [orjson.loads(x) for x in p.output().splitlines() if x.startswith("{")]
+    finally:
+        p.close()
+    ordered = [e for e in events if e.get("event") == "part_ordered"]
+    assert len(ordered) == 3 and all(e["fast"] for e in ordered), ordered
+    assert_results_in_order(root / "outbox" / "big.jsonl", 12_000)
