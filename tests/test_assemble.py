@@ -23,11 +23,22 @@ def whole(ps: list[Ready]) -> bytes:
     return b"".join(p.path.read_bytes() for p in ps)
 
 
-def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
+def layout(tmp_path: Path, sizes: list[int]) -> tuple[Path, Path, list[Ready]]:
+    """An input's work folder, its outbox results path, and its parts (files of ``sizes``)."""
+    work = tmp_path / "work"
     work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [100, 50, 70])
+    return work, tmp_path / "outbox" / "x.jsonl", parts(work, sizes)
+
+
+def put_straight_in(results: Path, work: Path, ps: list[Ready], n: int) -> None:
+    """Part ``n`` of ``ps`` written straight into the outbox file after the parts before it."""
+    with assemble.straight_in(results, work, ps[: n - 1], n, ps[n - 1].job_id) as f:
+        assert f is not None
+        f.write(ps[n - 1].path.read_bytes())
+
+
+def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
+    work, results, ps = layout(tmp_path, [100, 50, 70])
     assert assemble.extend(results, work, ps[:1]) == 1
     prefix = assemble.prefix_path(results, work)
     assert prefix.name == f".x.jsonl.{work.name}.tmp" and prefix.read_bytes() == whole(ps[:1])
@@ -42,10 +53,7 @@ def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
 
 
 def test_settle_trusts_the_file_only_as_far_as_the_record_matches(tmp_path: Path) -> None:
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
-    work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [100, 50, 70])
+    work, results, ps = layout(tmp_path, [100, 50, 70])
     assemble.extend(results, work, ps[:2])
     prefix = assemble.prefix_path(results, work)
     # a crash in the middle of appending part 3: more bytes than the record says
@@ -68,10 +76,7 @@ def test_settle_trusts_the_file_only_as_far_as_the_record_matches(tmp_path: Path
 
 
 def test_discard_removes_the_file_and_the_record(tmp_path: Path) -> None:
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
-    work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [10])
+    work, results, ps = layout(tmp_path, [10])
     assemble.extend(results, work, ps)
     assert orjson.loads((work / "prefix.json").read_bytes()) == [[1, 11, 10]]
     assemble.discard(results, work)
@@ -80,14 +85,9 @@ def test_discard_removes_the_file_and_the_record(tmp_path: Path) -> None:
 
 
 def test_a_part_goes_straight_in_only_after_the_parts_before_it(tmp_path: Path) -> None:
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
-    work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [100, 50, 70])
+    work, results, ps = layout(tmp_path, [100, 50, 70])
     prefix = assemble.prefix_path(results, work)
-    with assemble.straight_in(results, work, [], 1, ps[0].job_id) as f:
-        assert f is not None
-        f.write(ps[0].path.read_bytes())
+    put_straight_in(results, work, ps, 1)
     assert prefix.read_bytes() == whole(ps[:1])
     assert assemble.holds(work, 1, ps[0].job_id, 100)
     # part 3 cannot follow part 1: nothing written, nothing recorded
@@ -102,9 +102,7 @@ def test_a_part_goes_straight_in_only_after_the_parts_before_it(tmp_path: Path) 
     except OSError:
         pass
     assert prefix.read_bytes() == whole(ps[:1]) and not assemble.holds(work, 2, ps[1].job_id, 11)
-    with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
-        assert f is not None
-        f.write(ps[1].path.read_bytes())
+    put_straight_in(results, work, ps, 2)
     assert assemble.holds(work, 2, ps[1].job_id, 50)
     assemble.publish(results, work, ps, None)  # part 3 appended from its file at settle
     assert results.read_bytes() == whole(ps)
@@ -115,15 +113,10 @@ def test_a_late_look_at_fewer_parts_leaves_what_the_file_holds(tmp_path: Path) -
     # that looked before part 2's job was marked collected asks to extend with part 1 only:
     # the file must keep part 2 (it used to be cut back to nothing, and settling then failed
     # for ever on the missing part-1.fast).
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
-    work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [100, 50, 70])
+    work, results, ps = layout(tmp_path, [100, 50, 70])
     prefix = assemble.prefix_path(results, work)
-    for i in (0, 1):
-        with assemble.straight_in(results, work, ps[:i], i + 1, ps[i].job_id) as f:
-            assert f is not None
-            f.write(ps[i].path.read_bytes())
+    put_straight_in(results, work, ps, 1)
+    put_straight_in(results, work, ps, 2)
     expected = whole(ps)
     ps[0].path.unlink()
     ps[1].path.unlink()
@@ -139,13 +132,8 @@ def test_a_late_look_at_fewer_parts_leaves_what_the_file_holds(tmp_path: Path) -
 def test_a_prefix_file_that_lost_its_data_is_no_longer_trusted(tmp_path: Path) -> None:
     # The file is shorter than its record (lost outside the daemon): the record goes too, so
     # parts that went straight in are no longer taken as held and are put in order again.
-    work, outbox = tmp_path / "work", tmp_path / "outbox"
-    work.mkdir()
-    results = outbox / "x.jsonl"
-    ps = parts(work, [100, 50])
-    with assemble.straight_in(results, work, [], 1, ps[0].job_id) as f:
-        assert f is not None
-        f.write(ps[0].path.read_bytes())
+    work, results, ps = layout(tmp_path, [100, 50])
+    put_straight_in(results, work, ps, 1)
     assemble.prefix_path(results, work).write_bytes(b"")
     assert assemble.extend(results, work, ps[:2]) == 2  # both from their files
     assert assemble.prefix_path(results, work).read_bytes() == whole(ps)

@@ -132,6 +132,13 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(30)
 
+    async def wait_for_file(self, path: Path, timeout: float = 90.0) -> None:
+        """Until ``path`` exists; on a timeout the daemon's log says where it hung."""
+        try:
+            await wait_until(path.exists, timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(f"no {path.name}:\n{self.output()[-6000:]}") from None
+
     async def wait_exit(self, timeout: float = 60.0) -> int:
         await wait_until(lambda: self.proc.poll() is not None, timeout=timeout)
         return self.proc.returncode

@@ -45,11 +45,7 @@ def _check_outcome(root, emulator, n=N) -> None:
 async def _restart_and_finish(cfg_path, root, emulator, n=N) -> None:
     p = DaemonProcess(cfg_path)
     try:
-        summary = outbox_paths(root / "outbox", "crash.jsonl")["summary"]
-        try:
-            await wait_until(summary.exists, timeout=90)
-        except TimeoutError:
-            raise AssertionError(f"no summary after the restart:\n{p.output()[-6000:]}") from None
+        await p.wait_for_file(outbox_paths(root / "outbox", "crash.jsonl")["summary"])
         assert p.terminate() == 0, p.output()
     finally:
         p.close()

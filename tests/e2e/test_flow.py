@@ -155,11 +155,7 @@ async def test_a_big_input_is_put_in_order_part_by_part(tmp_path, emulator):
     try:
         await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
         drop(root / "inbox", "big.jsonl", request_lines(12_000))
-        summary = outbox_paths(root / "outbox", "big.jsonl")["summary"]
-        try:
-            await wait_until(summary.exists, timeout=90)
-        except TimeoutError:
-            raise AssertionError(f"no summary:\n{p.output()[-6000:]}") from None
+        await p.wait_for_file(outbox_paths(root / "outbox", "big.jsonl")["summary"])
         assert p.terminate() == 0, p.output()
         events = [orjson.loads(x) for x in p.output().splitlines() if x.startswith("{")]
     finally:
