@@ -59,14 +59,16 @@ _FROM_BYTES = int.from_bytes
 
 
 def _key_hashes(keys: Iterable[Any]) -> Iterator[int]:
-    """A 61-bit hash of each key that is the same in every process (``hash()`` of a ``str`` is
-    salted per process; that of an ``int`` is not), so the tail child's hashes meet ours. Keys
-    come from orjson, which refuses lone surrogates, so ``encode`` cannot fail."""
-    return map(hash, map(_FROM_BYTES, map(_ENCODE, keys)))
+    """A 64-bit hash of each key that is the same in every process (``hash()`` of a ``str`` is
+    salted per process; that of an ``int``, or of a tuple of one, is not), so the tail child's
+    hashes meet ours. The tuple mixes the bits: an ``int``'s hash keeps the key's last bytes as
+    its low bits, the bucket, so keys ending in digits filled 10 of the 64 buckets. Keys come
+    from orjson, which refuses lone surrogates, so ``encode`` cannot fail."""
+    return map(hash, zip(map(_FROM_BYTES, map(_ENCODE, keys))))
 
 
 def _key_hash(key: str) -> int:
-    return hash(_FROM_BYTES(key.encode()))
+    return hash((_FROM_BYTES(key.encode()),))
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,7 @@ class _Pass:
         self.buckets = [array("q") for _ in range(_BUCKETS)]
         self.add_hash = [b.append for b in self.buckets]
         self.tail_buckets: list[array[int]] | None = None  # the tail child's, each unique
+        self.tail: TailCheck | None = None  # the child, while it may check upper buckets
         self.ok = False
         self.offset = self.line_no = 0
         self.too_long = f"line is longer than max_line_bytes ({self.limit} bytes)"
@@ -329,7 +332,7 @@ class _Pass:
             return False
         count = len(lines)
         add_hash = self.add_hash
-        for h in map(hash, map(_FROM_BYTES, encoded)):  # _key_hashes, from the encoded keys
+        for h in map(hash, zip(map(_FROM_BYTES, encoded))):  # _key_hashes, from encoded keys
             add_hash[h & _MASK](h)
         tokens = (size - count) // 4
         self.parts.add_block(self.line_no + 1, self.offset, lines, size, tokens)
@@ -464,6 +467,7 @@ class _Pass:
             self.line_no, self.offset = line_no, offset
             if found.unique:  # kept apart: finish() only checks them against ours
                 self.tail_buckets = found.buckets
+                self.tail = tail
             else:
                 for bucket, theirs in zip(self.buckets, found.buckets, strict=True):
                     bucket.extend(theirs)
@@ -479,9 +483,10 @@ class _Pass:
         """After the last line: empty-file and duplicate-key checks; sets ``ok``."""
         if self.request_count == 0:
             self.problem(0, "the file has no request lines (empty)")
-        dup = _duplicate_hashes(self.buckets, self.tail_buckets)
+        dup = self._repeated_hashes()
         self.buckets = []
         self.tail_buckets = None
+        self.tail = None
         self.add_hash = []
         if dup:
             found, count = _confirm_duplicates(self.path, dup, self.limit)
@@ -491,8 +496,20 @@ class _Pass:
                 self.problems = sorted(self.problems + found, key=lambda p: p.line)[:MAX_PROBLEMS]
         self.ok = self.problem_count == 0
 
+    def _repeated_hashes(self) -> set[int]:
+        """Key hashes seen more than once. With the tail child's hashes kept apart, the child
+        (idle by now: it finished first) looks at the upper half of the buckets meanwhile."""
+        mine, theirs, half = self.buckets, self.tail_buckets, _BUCKETS // 2
+        if theirs is None or self.tail is None or not self.tail.send_upper(mine[half:]):
+            return duplicate_hashes(mine, theirs)
+        dup = duplicate_hashes(mine[:half], theirs[:half])
+        upper = self.tail.upper_repeats()
+        if upper is None:  # the child failed: look here
+            upper = duplicate_hashes(mine[half:], theirs[half:])
+        return dup | upper
 
-def _duplicate_hashes(buckets: list[array[int]], apart: list[array[int]] | None = None) -> set[int]:
+
+def duplicate_hashes(buckets: list[array[int]], apart: list[array[int]] | None = None) -> set[int]:
     """Key hashes that occur more than once (true duplicates or, rarely, collisions); one set
     per bucket at a time keeps the memory small. ``apart`` holds more hashes by the same
     buckets, known to be unique among themselves (the tail child checked them): they need only

@@ -10,7 +10,9 @@ missing final newline...) and writes what it found to stdout as one pickle: each
 count, size and token estimate, every line's length, the key hashes in the validator's 64
 buckets and whether any of them repeats (a small pickled header, then the arrays as they are). The validator, once it reaches the child's first line, takes that over (counts, hashes,
 and part planning from the lengths) and reads on itself from where the child stopped, with its
-exact per-line messages. If the child fails, or the parts have become part files (which need the
+exact per-line messages. At the end the child, idle by then, also looks for keys repeated across
+the halves in the upper half of the buckets (the validator sends its own hashes of those) while
+the validator looks at the lower half. If the child fails, or the parts have become part files (which need the
 lines themselves), the validator simply reads the second half too: the outcome never depends on
 the child, only the time does.
 """
@@ -98,7 +100,7 @@ class TailCheck:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, _PKG_ROOT, *map(str, args)],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
             )
@@ -118,20 +120,47 @@ class TailCheck:
                 self._found = TailFindings(lengths, blocks, buckets, unique, marks)
             except Exception:  # a truncated or foreign answer: the validator reads it all
                 self._found = None
-            self.close()
-            if self.proc.returncode != 0:
-                self._found = None
+            if self._found is None:
+                self.close()
+            self._waited = True  # (the child now waits for send_upper, or for its stdin to close)
         return self._found
+
+    def send_upper(self, buckets: list[array[int]]) -> bool:
+        """Hand the validator's own hashes of the upper buckets to the child (after
+        :meth:`result`), which looks for repeats in them and its own; False if it cannot."""
+        inp = self.proc.stdin
+        if self._found is None or inp is None or inp.closed:
+            return False
+        try:
+            pickle.dump([len(b) for b in buckets], inp)
+            for b in buckets:
+                b.tofile(inp)
+            inp.close()
+        except OSError:
+            return False
+        return True
+
+    def upper_repeats(self) -> set[int] | None:
+        """The child's answer to :meth:`send_upper`: hashes seen more than once there."""
+        assert self.proc.stdout is not None
+        try:
+            found = pickle.load(self.proc.stdout)
+        except Exception:
+            return None
+        return found if isinstance(found, set) else None
 
     def close(self) -> None:
         """Stop the child if it still runs (the validator is done or gave up)."""
-        if self._waited:
+        if self.proc.returncode is not None:
             return
-        self._waited = True
-        if self.proc.poll() is None and self._found is None:
+        if self._found is None:  # it may be stuck writing what nobody reads
             self.proc.kill()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                try:
+                    pipe.close()  # the child, waiting for send_upper, sees the end and exits
+                except OSError:
+                    pass
         self.proc.wait()
 
 
@@ -150,7 +179,7 @@ def _line_start_after(path: Path, pos: int) -> int | None:
 
 def main(argv: list[str]) -> None:
     """The child: ``PATH BEGIN MODEL MAX_LINE_BYTES``; its findings on stdout."""
-    from daemon.validate import new_tail_pass  # here: validate imports this module
+    from daemon.validate import duplicate_hashes, new_tail_pass  # validate imports this module
 
     path, begin = Path(argv[0]), int(argv[1])
     recorder = BlockRecorder()
@@ -167,6 +196,16 @@ def main(argv: list[str]) -> None:
     pickle.dump(header, out)
     for arr in (recorder.lengths, recorder.blocks, *run.buckets):
         arr.tofile(out)
+    out.flush()
+    # Then, if the validator sends its own hashes of the upper buckets (it checks the lower
+    # ones meanwhile), the repeats among them and ours; nothing if its end closes instead.
+    inp = sys.stdin.buffer
+    try:
+        sizes = pickle.load(inp)
+    except EOFError:
+        return
+    theirs = [_read(inp, "q", n) for n in sizes]
+    pickle.dump(duplicate_hashes(theirs, run.buckets[len(run.buckets) - len(sizes) :]), out)
     out.flush()
 
 

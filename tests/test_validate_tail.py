@@ -8,6 +8,7 @@ import hashlib
 import io
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,79 @@ def test_a_scanning_window_finds_a_mark_anywhere(tmp_path: Path, where: int) -> 
     with io.BufferedReader(clean, 1 << 20) as f:
         assert len(f.read()) == len(data) - where - 1
     assert not clean.found
+
+
+def _keys_by_half(n: int) -> tuple[str, str]:
+    """A key whose hash falls in the lower half of the validator's 64 buckets, and one in the
+    upper half (the child looks for repeats across the halves there)."""
+    keys = [f"k{i}" for i in range(n)]
+    lower = next(k for k in keys if _key_hash(k) & 63 < 32)
+    upper = next(k for k in keys if _key_hash(k) & 63 >= 32)
+    return lower, upper
+
+
+def test_duplicates_across_the_halves_are_found_in_every_bucket(tmp_path: Path) -> None:
+    lower, upper = _keys_by_half(100)
+    body = (
+        b"\n".join(
+            lines(
+                2000,
+                l1900=orjson.dumps({"key": lower, "request": GEN}),
+                l1950=orjson.dumps({"key": upper, "request": GEN}),
+            )
+        )
+        + b"\n"
+    )
+    one, two = both(tmp_path, body)
+    same_outcome(one, two)
+    assert [p.line for p in two.problems] == [1901, 1951]
+
+
+def test_the_child_looks_for_repeats_in_the_upper_buckets(tmp_path: Path) -> None:
+    # The protocol itself, with a real child: after its findings, it takes our hashes of the
+    # upper 32 buckets and answers with those that it holds too (or that repeat among ours).
+    body = b"\n".join(lines(2000)) + b"\n"
+    path = write(tmp_path, body)
+    tail = TailCheck.start(path, len(body), "gemini-2.5-flash", cfg(tmp_path, 1))
+    assert tail is not None
+    try:
+        found = tail.result()
+        assert found is not None and found.unique
+        theirs = next(h for b in found.buckets[32:] for h in b)
+        ours = [array("q") for _ in range(32)]
+        ours[(theirs & 63) - 32].append(theirs)  # a key of the child's half, again in ours
+        ours[0].extend([64 * 7 + 32, 64 * 7 + 32])  # a repeat among our own
+        assert tail.send_upper(ours)
+        assert tail.upper_repeats() == {theirs, 64 * 7 + 32}
+    finally:
+        tail.close()
+    assert tail.proc.returncode == 0
+
+
+def test_a_child_that_fails_at_the_upper_buckets_changes_nothing(tmp_path: Path) -> None:
+    # A child that hands over (empty) findings, then reads our hashes and exits without an
+    # answer: the validator looks at the upper buckets itself and still finds the repeat.
+    _, upper = _keys_by_half(100)
+    body = b"\n".join(lines(2000, l1950=orjson.dumps({"key": upper, "request": GEN}))) + b"\n"
+    path = write(tmp_path, body)
+    code = (
+        "import pickle, sys; pickle.dump((True, False, 0, 0, [0] * 64), sys.stdout.buffer); "
+        "sys.stdout.flush(); sys.stdin.buffer.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    tail = TailCheck(child, begin=len(body) // 2 + body[len(body) // 2 :].index(b"\n") + 1)
+    with path.open("rb") as f:
+        run = _run(
+            path,
+            f,
+            model="gemini-2.5-flash",
+            cfg=cfg(tmp_path, 0),
+            out_dir=None,
+            check_media=False,
+            tail=tail,
+        )
+    tail.close()
+    assert run.request_count == 2000
+    assert [p.line for p in run.problems] == [1951]
