@@ -20,7 +20,7 @@ import functools
 import io
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain, islice, repeat
 from pathlib import Path
@@ -58,16 +58,12 @@ _ENCODE: Any = str.encode  # TypeError for anything but a str
 _FROM_BYTES = int.from_bytes
 
 
-def _key_hashes(keys: Iterable[Any]) -> Iterator[int]:
-    """A 64-bit hash of each key that is the same in every process (``hash()`` of a ``str`` is
+def _key_hash(key: str) -> int:
+    """A 64-bit hash of a key that is the same in every process (``hash()`` of a ``str`` is
     salted per process; that of an ``int``, or of a tuple of one, is not), so the tail child's
     hashes meet ours. The tuple mixes the bits: an ``int``'s hash keeps the key's last bytes as
     its low bits, the bucket, so keys ending in digits filled 10 of the 64 buckets. Keys come
     from orjson, which refuses lone surrogates, so ``encode`` cannot fail."""
-    return map(hash, zip(map(_FROM_BYTES, map(_ENCODE, keys))))
-
-
-def _key_hash(key: str) -> int:
     return hash((_FROM_BYTES(key.encode()),))
 
 
@@ -332,7 +328,7 @@ class _Pass:
             return False
         count = len(lines)
         add_hash = self.add_hash
-        for h in map(hash, zip(map(_FROM_BYTES, encoded))):  # _key_hashes, from encoded keys
+        for h in map(hash, zip(map(_FROM_BYTES, encoded))):  # _key_hash, from encoded keys
             add_hash[h & _MASK](h)
         tokens = (size - count) // 4
         self.parts.add_block(self.line_no + 1, self.offset, lines, size, tokens)
