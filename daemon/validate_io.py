@@ -460,9 +460,16 @@ class FileWindow(io.RawIOBase):
         return data
 
     def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        left = self._end - self._start - self._pos
+        want = min(len(buffer), max(0, left))
+        if not want:
+            return 0
+        with memoryview(buffer).cast("B")[:want] as view:  # straight into it: no copy
+            n = os.preadv(self._f.fileno(), [view], self._start + self._pos)
+        if n < want:  # the file shrank: never hand on a short window
+            raise OSError(f"{self._f.name}: shorter than the part's byte range")
+        self._pos += n
+        return n
 
     def close(self) -> None:
         self._f.close()
@@ -485,15 +492,7 @@ class ScanningWindow(FileWindow):
     read = io.RawIOBase.read  # type: ignore[assignment]  # every read goes through readinto
 
     def readinto(self, buffer: Any) -> int:
-        left = self._end - self._start - self._pos
-        want = min(len(buffer), max(0, left))
-        if not want:
-            return 0
-        view = memoryview(buffer).cast("B")[:want]
-        n = os.preadv(self._f.fileno(), [view], self._start + self._pos)
-        if n < want:  # the file shrank: never hand on a short window
-            raise OSError(f"{self._f.name}: shorter than the window")
-        self._pos += n
-        self._marks.feed(view, n)
-        view.release()
+        n = super().readinto(buffer)
+        if n:
+            self._marks.feed(buffer, n)
         return n

@@ -81,7 +81,7 @@ class TailCheck:
 
     def __init__(self, proc: subprocess.Popen[bytes], begin: int) -> None:
         self.proc, self.begin = proc, begin
-        self._waited = False
+        self._taken = False  # the findings were taken (the child then waits for send_upper)
         self._found: TailFindings | None = None
 
     @classmethod
@@ -109,8 +109,9 @@ class TailCheck:
         return cls(proc, begin)
 
     def result(self) -> TailFindings | None:
-        """Wait for the child; None if it failed."""
-        if not self._waited:
+        """Wait for the child's findings; None if it failed."""
+        if not self._taken:
+            self._taken = True
             out = self.proc.stdout
             assert out is not None
             try:
@@ -122,7 +123,6 @@ class TailCheck:
                 self._found = None
             if self._found is None:
                 self.close()
-            self._waited = True  # (the child now waits for send_upper, or for its stdin to close)
         return self._found
 
     def send_upper(self, buckets: list[array[int]]) -> bool:
