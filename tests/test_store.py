@@ -15,8 +15,10 @@ async def test_migrates_to_latest_and_sets_durable_pragmas(tmp_path):
     async with Store.open(tmp_path / "db.sqlite") as store:
         assert await store.scalar("PRAGMA user_version") == len(MIGRATIONS)
         assert await store.scalar("PRAGMA journal_mode") == "wal"
-        assert await store.scalar("PRAGMA synchronous") == 2  # FULL
-        assert await store.scalar("PRAGMA foreign_keys") == 1
+        async with store.tx() as conn:  # the writer's own settings
+            for pragma, value in (("synchronous", 2), ("foreign_keys", 1)):  # 2: FULL
+                async with conn.execute(f"PRAGMA {pragma}") as cur:
+                    assert tuple(await cur.fetchone()) == (value,)
 
 
 async def test_refuses_a_newer_database(tmp_path):
@@ -132,3 +134,43 @@ async def test_history_find_by_path_and_jobs(tmp_path):
                     request_count=3,
                     est_tokens=9,
                 )
+
+
+async def test_reads_from_other_tasks_see_only_committed_state(tmp_path):
+    # A task inside a write transaction must not leak its uncommitted rows to readers in other
+    # tasks (aiosqlite shares one connection's transaction between tasks): a reader that acted
+    # on a row later rolled back would act on something that never happened.
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        inside = anyio.Event()
+        release = anyio.Event()
+        seen: list[object] = []
+
+        async def writer() -> None:
+            with pytest.raises(RuntimeError):
+                async with store.tx() as conn:
+                    await store.add_input(
+                        conn, id="ghost", rel_path="g.jsonl", model="m", work_path="w"
+                    )
+                    inside.set()
+                    await release.wait()
+                    raise RuntimeError("rolled back")
+
+        async def reader() -> None:
+            await inside.wait()
+            seen.append(await store.get_input("ghost"))
+            seen.append(await store.scalar("SELECT COUNT(*) FROM inputs"))
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            tg.start_soon(reader)
+        assert seen == [None, 0]
+        assert await store.get_input("ghost") is None
+
+
+async def test_a_transaction_reads_its_own_writes_through_the_store(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        async with store.tx() as conn:
+            await store.add_input(conn, id="i1", rel_path="a.jsonl", model="m", work_path="w")
+            row = await store.get_input("i1")
+            assert row is not None and row["state"] == InputState.SEEN.value

@@ -1,8 +1,11 @@
 """The store: SQLite through aiosqlite, the single source of truth for every stage.
 
-One connection, opened in autocommit mode; every write goes through :meth:`Store.tx`, which holds an
+Two connections. Writes go through :meth:`Store.tx` on the writer connection, which holds an
 ``anyio.Lock`` and runs ``BEGIN IMMEDIATE … COMMIT`` (aiosqlite shares one transaction between tasks,
-so unserialised transactions would interleave). Stages read and write rows as plain dicts.
+so unserialised transactions would interleave). Reads go through a second, read-only connection: in WAL
+mode it sees only committed state, so a task never acts on another task's uncommitted (perhaps later
+rolled back) rows. The task inside a transaction reads through the writer, and so sees its own writes.
+Stages read and write rows as plain dicts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import anyio
@@ -49,6 +53,8 @@ class Store:
         self.conn = conn
         self.path = path
         self._lock = anyio.Lock()
+        self._reader: aiosqlite.Connection | None = None
+        self._tx_task: int | None = None  # the task inside tx(), which reads through the writer
 
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -67,12 +73,35 @@ class Store:
                 await conn.execute(pragma)
             store = cls(conn, path)
             await store._migrate()
-            yield store
+            async with store._open_reader():
+                yield store
         finally:
             # Shielded: a close abandoned by cancellation would finish in aiosqlite's thread after
             # the event loop is gone ("Event loop is closed").
             with anyio.CancelScope(shield=True):
                 await conn.close()
+
+    @asynccontextmanager
+    async def _open_reader(self) -> AsyncIterator[None]:
+        reader = await aiosqlite.connect(
+            f"file:{quote(str(self.path))}?mode=ro", uri=True, isolation_level=None, timeout=5.0
+        )
+        try:
+            reader.row_factory = sqlite3.Row
+            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute("PRAGMA query_only=ON")
+            self._reader = reader
+            yield
+        finally:
+            self._reader = None
+            with anyio.CancelScope(shield=True):
+                await reader.close()
+
+    def _read_conn(self) -> aiosqlite.Connection:
+        """The reader, except for the task inside :meth:`tx` (it must see its own writes)."""
+        if self._reader is None or self._tx_task == _task_id():
+            return self.conn
+        return self._reader
 
     async def _migrate(self) -> None:
         (version,) = await self._one_value("PRAGMA user_version")
@@ -98,6 +127,7 @@ class Store:
         """A write transaction (BEGIN IMMEDIATE … COMMIT), serialised across tasks."""
         async with self._lock:
             await self.conn.execute("BEGIN IMMEDIATE")
+            self._tx_task = _task_id()
             try:
                 yield self.conn
             except BaseException:
@@ -107,14 +137,16 @@ class Store:
             else:
                 with anyio.CancelScope(shield=True):
                     await self.conn.execute("COMMIT")
+            finally:
+                self._tx_task = None
 
     # ---- generic reads ----------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        async with self.conn.execute(sql, tuple(params)) as cur:
+        async with self._read_conn().execute(sql, tuple(params)) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        async with self.conn.execute(sql, tuple(params)) as cur:
+        async with self._read_conn().execute(sql, tuple(params)) as cur:
             row = await cur.fetchone()
         return dict(row) if row is not None else None
 
@@ -293,6 +325,10 @@ class Store:
             f"UPDATE {table} SET {sets} WHERE {key} = ?",
             (*[_plain(v) for v in fields.values()], value),
         )
+
+
+def _task_id() -> int:
+    return anyio.get_current_task().id
 
 
 def _plain(value: Any) -> Any:
