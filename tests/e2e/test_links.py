@@ -8,7 +8,9 @@ would let a producer write or delete anything root can.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from daemon.actions import cancel_input
 from daemon.emulator import Emulator, EmulatorSettings
 from daemon.outbox import outbox_paths
+from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import config_data, running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
 
@@ -24,31 +27,46 @@ NOBODY, NOGROUP = 65534, 65534
 IMAGE_MODEL = "gemini-2.5-flash-image"
 
 
-def as_producer(fn_name: str, folder: Path, *args: str) -> None:
-    """Run ``os.<fn_name>(*args, dir_fd=<folder>)`` as nobody:nogroup (a producer in the group)."""
+def as_producer(folder: Path, action: Callable[[int], object]) -> None:
+    """Run ``action(<descriptor of folder>)`` in a child process as nobody:nogroup (a producer in
+    the spool's group); the child makes only system calls, then leaves."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         pid = os.fork()
-        if pid == 0:  # the child only makes system calls, then leaves
+        if pid == 0:
             code = 1
             try:
                 os.setgroups([])
                 os.setgid(NOGROUP)
                 os.setuid(NOBODY)
-                getattr(os, fn_name)(*args, dir_fd=fd)
+                action(fd)
                 code = 0
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, f"{fn_name}{args} failed as nobody"
+        assert os.waitstatus_to_exitcode(status) == 0, f"{action} failed as nobody in {folder}"
     finally:
         os.close(fd)
 
 
 def plant_link(folder: Path, name: str, target: Path) -> Path:
-    as_producer("symlink", folder, str(target), name)
+    as_producer(folder, lambda fd: os.symlink(target, name, dir_fd=fd))
     assert (folder / name).is_symlink()
     return folder / name
+
+
+def _rewrite(fd: int) -> None:
+    out = os.open("cat.png", os.O_WRONLY | os.O_APPEND, dir_fd=fd)
+    os.write(out, b" and a secret")
+    os.close(out)
+
+
+def _swap_for_link(secret: Path) -> Callable[[int], None]:
+    def swap(fd: int) -> None:
+        os.unlink("cat.png", dir_fd=fd)
+        os.symlink(secret, "cat.png", dir_fd=fd)
+
+    return swap
 
 
 def shared(folder: Path) -> Path:
@@ -175,9 +193,10 @@ async def test_reuse_does_not_follow_planted_links(make_cfg, tmp_path):
     assert not (outbox / "b.media").is_symlink()
 
 
-async def test_media_swapped_for_a_link_after_validation_is_not_uploaded(tmp_path):
+@pytest.mark.parametrize("change", ["link", "rewritten"])
+async def test_media_changed_after_validation_is_not_uploaded(tmp_path, change):
     """``cat.png`` is validated, then (while its input waits for a job slot) replaced by a link
-    to a secret: the input fails naming the file, and nothing is uploaded."""
+    to a secret, or rewritten in place: the input fails naming the file, nothing is uploaded."""
     secret = tmp_path / "secret.png"
     secret.write_bytes(PNG + b"the daemon user's secret")
     emu = Emulator(settings=EmulatorSettings(pending_seconds=3600, running_seconds=0.1))
@@ -197,12 +216,19 @@ async def test_media_swapped_for_a_link_after_validation_is_not_uploaded(tmp_pat
             hold = await wait_until(lambda: _state(ctx, "hold.jsonl", "submitted", "running"))
             drop(cfg.inbox_dir, "cats.jsonl", [line])
             await wait_until(lambda: _state(ctx, "cats.jsonl", "queued"))
-            as_producer("unlink", media_dir, "cat.png")
-            plant_link(media_dir, "cat.png", secret)
+            as_producer(media_dir, _swap_for_link(secret) if change == "link" else _rewrite)
             await cancel_input(ctx, hold["id"])
-            row = await wait_final(ctx, "cats.jsonl")
+            await wait_final(ctx, hold["id"])
+            ctx.wake.submit.set()  # a freed slot does not wake the submitter yet (another branch)
+
+            async def settled() -> Any:  # failed as it should, or (the bug) the secret uploaded
+                row = await ctx.store.find_input("cats.jsonl")
+                done = row["state"] in FINAL_INPUT_STATES or emu.stats["calls"].get("files.upload")
+                return row if done else None
+
+            row = await wait_until(settled, timeout=60)
         assert row["state"] == "failed", row
-        assert "cat.png" in row["reason"], row
+        assert "cat.png" in row["reason"] and "nothing uploaded" in row["reason"], row
         err = orjson.loads(outbox_paths(cfg.outbox_dir, "cats.jsonl")["error"].read_bytes())
         assert "cat.png" in orjson.dumps(err).decode()
         assert not emu.stats["calls"].get("files.upload")
