@@ -21,38 +21,10 @@ from daemon.outbox import outbox_paths
 from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import config_data, running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
+from tests.planting import NOBODY, NOGROUP, as_producer, plant_link, shared, untouched, victim
 
 PNG = b"\x89PNG\r\n\x1a\n"
-NOBODY, NOGROUP = 65534, 65534
 IMAGE_MODEL = "gemini-2.5-flash-image"
-
-
-def as_producer(folder: Path, action: Callable[[int], object]) -> None:
-    """Run ``action(<descriptor of folder>)`` in a child process as nobody:nogroup (a producer in
-    the spool's group); the child makes only system calls, then leaves."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(NOGROUP)
-                os.setuid(NOBODY)
-                action(fd)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, f"{action} failed as nobody in {folder}"
-    finally:
-        os.close(fd)
-
-
-def plant_link(folder: Path, name: str, target: Path) -> Path:
-    as_producer(folder, lambda fd: os.symlink(target, name, dir_fd=fd))
-    assert (folder / name).is_symlink()
-    return folder / name
 
 
 def _rewrite(fd: int) -> None:
@@ -67,29 +39,6 @@ def _swap_for_link(secret: Path) -> Callable[[int], None]:
         os.symlink(secret, "cat.png", dir_fd=fd)
 
     return swap
-
-
-def shared(folder: Path) -> Path:
-    """A folder as the spool shares it: root:nogroup, setgid, group-writable."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chown(folder, 0, NOGROUP)
-    os.chmod(folder, 0o2770)
-    return folder
-
-
-def victim(tmp_path: Path) -> Path:
-    """A folder of the daemon's user that a producer must not reach, with two files."""
-    v = tmp_path / "victim"
-    v.mkdir()
-    (v / "secret.txt").write_bytes(b"do not touch")
-    (v / "other.bin").write_bytes(b"\x00" * 10)
-    return v
-
-
-def untouched(v: Path) -> None:
-    assert sorted(p.name for p in v.iterdir()) == ["other.bin", "secret.txt"]
-    assert (v / "secret.txt").read_bytes() == b"do not touch"
-    assert (v / "other.bin").read_bytes() == b"\x00" * 10
 
 
 def regular(p: Path) -> Path:
