@@ -4,7 +4,7 @@ Producers share the outbox's group-writable folders, so any name there may be a 
 planted. Nothing here follows a link the daemon did not make. Under a *shared root*
 (:func:`share`, the outbox), folders are opened one component at a time from the root with
 ``O_NOFOLLOW | O_DIRECTORY``; a link in a folder's place is removed (not followed) and a real
-folder made (logged as ``planted_link_replaced``). Files are created with
+folder made (logged as ``planted_folder_replaced``). Files are created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW``, and renames and removals are made relative to the folder's
 descriptor, so a link swapped in after a check is never followed either. Folders outside every
 shared root (the daemon's own state folder) are opened as given: links there are the admin's.
@@ -91,12 +91,17 @@ def _child_dir(fd: int, name: str, where: Path, create: bool) -> int:
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            if not _is_link(fd, name):
-                raise  # a file where a folder belongs: refused as before
-            _unlink_link(fd, name, where)
+            if _is_link(fd, name):
+                _unlink_link(fd, name, where)
+                why = "planted link removed"
+            elif create:  # a file where a folder belongs: kept aside for its owner
+                move_aside(fd, name)
+                why = "planted file moved aside"
+            else:
+                why = "not a folder"
             if not create:
-                raise FileNotFoundError(errno.ENOENT, "planted link removed", str(where)) from None
-            log.warning("planted_link_replaced", path=str(where), by="a real folder")
+                raise FileNotFoundError(errno.ENOENT, why, str(where)) from None
+            log.warning("planted_folder_replaced", path=str(where), was=why)
     raise PlantedLink(errno.ELOOP, "a link keeps being planted here", str(where))
 
 
@@ -189,6 +194,15 @@ def open_regular(dir_fd: int, name: str) -> IO[bytes]:
         os.close(fd)
         raise PlantedLink(errno.EPERM, "not a regular file of the daemon's own", name)
     return os.fdopen(fd, "rb")
+
+
+def move_aside(dir_fd: int, name: str) -> str:
+    """Rename the entry ``name`` (e.g. a folder a producer planted where the daemon writes a
+    file) to ``.<name>.planted-<hex>``, kept for its owner and logged; returns the new name."""
+    aside = f".{name}.planted-{secrets.token_hex(4)}"
+    os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    log.warning("planted_entry_moved_aside", path=name, to=aside)
+    return aside
 
 
 def remove(path: Path) -> bool:

@@ -7,6 +7,7 @@ end in ``.tmp`` so that tools watching the outbox ignore them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -52,7 +53,13 @@ def _publish_at(f: IO[bytes], dfd: int, tmp: str, final: str, mode: int) -> None
     os.fchmod(f.fileno(), mode & ~_umask())
     f.close()
     # A link planted at the final name is replaced by the rename itself (never followed).
-    os.replace(tmp, final, src_dir_fd=dfd, dst_dir_fd=dfd)
+    try:
+        os.replace(tmp, final, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as e:
+        if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        fsio.move_aside(dfd, final)  # a folder planted at the final name
+        os.replace(tmp, final, src_dir_fd=dfd, dst_dir_fd=dfd)
     os.fsync(dfd)
 
 

@@ -129,3 +129,14 @@ def test_the_results_copy_is_a_hard_link_of_the_daemons_file(outbox: Path, tmp_p
     keep = tmp_path / "state" / "results" / "i1.jsonl"
     assert link_or_copy(outbox / "a.jsonl", keep) is True
     assert keep.stat().st_ino == (outbox / "a.jsonl").stat().st_ino
+
+
+def test_a_file_where_a_folder_belongs_is_moved_aside(outbox: Path) -> None:
+    as_producer(outbox, lambda fd: _write_as(fd, "x.media", b"mine"))
+    fsio.prune(outbox / "x.media", set())  # not a folder: nothing to prune, nothing removed
+    assert (outbox / "x.media").read_bytes() == b"mine"
+    with atomic_writer(outbox / "x.media" / "a.png") as f:
+        f.write(b"png")
+    assert (outbox / "x.media" / "a.png").read_bytes() == b"png"
+    (aside,) = outbox.glob(".x.media.planted-*")
+    assert aside.read_bytes() == b"mine"

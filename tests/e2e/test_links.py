@@ -190,3 +190,22 @@ async def test_media_changed_after_validation_is_not_uploaded(tmp_path, change):
 async def _state(ctx, rel: str, *states: str):
     row = await ctx.store.find_input(rel)
     return row if row and row["state"] in states else None
+
+
+async def test_a_folder_planted_at_a_final_name_is_moved_aside(make_cfg):
+    cfg = make_cfg()
+    outbox = shared(cfg.outbox_dir)
+    as_producer(outbox, lambda fd: os.mkdir("dir.summary.json", dir_fd=fd))
+    as_producer(outbox, lambda fd: os.mkdir("dir.jsonl", dir_fd=fd))
+    as_producer(outbox / "dir.jsonl", lambda fd: os.mkdir("inside", dir_fd=fd))
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "dir.jsonl", request_lines(2))
+        row = await wait_final(ctx, "dir.jsonl", timeout=30)
+        assert row["state"] == "succeeded", row
+        drop(cfg.inbox_dir, "after.jsonl", request_lines(2))  # the daemon goes on
+        assert (await wait_final(ctx, "after.jsonl"))["state"] == "succeeded"
+    assert len(read_jsonl(regular(outbox / "dir.jsonl"))) == 2
+    regular(outbox / "dir.summary.json")
+    aside = sorted(p.name for p in outbox.iterdir() if ".planted-" in p.name)
+    assert [n.split(".planted-")[0] for n in aside] == [".dir.jsonl", ".dir.summary.json"]
+    assert [p.name for p in outbox.glob(".dir.jsonl.planted-*/*")] == ["inside"]
