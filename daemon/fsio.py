@@ -112,6 +112,14 @@ def _is_link(fd: int, name: str) -> bool:
         return False
 
 
+def _where(dir_fd: int, name: str) -> Path:
+    """The path of ``name`` in the folder ``dir_fd``, for the log."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name
+    except OSError:
+        return Path(name)
+
+
 def _unlink_link(fd: int, name: str, where: Path) -> None:
     """Remove the link ``name`` (the link itself, never its target), saying what it pointed at."""
     with contextlib.suppress(OSError):
@@ -126,7 +134,7 @@ def open_new(dir_fd: int, name: str, *, flags: int = os.O_WRONLY, exact: bool = 
     takes the name again in between, a random ``.<name>.<hex>.tmp`` is used instead (returned
     as the file's ``name`` attribute through :func:`new_file`), unless ``exact``."""
     if _is_link(dir_fd, name):
-        _unlink_link(dir_fd, name, Path(name))
+        _unlink_link(dir_fd, name, _where(dir_fd, name))
     with contextlib.suppress(FileNotFoundError, IsADirectoryError):
         os.unlink(name, dir_fd=dir_fd)
     try:
@@ -170,13 +178,13 @@ def open_own(dir_fd: int, name: str) -> IO[bytes] | None:
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        _unlink_link(dir_fd, name, Path(name))
+        _unlink_link(dir_fd, name, _where(dir_fd, name))
         return None
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
         return os.fdopen(fd, "r+b")
     os.close(fd)
-    log.warning("planted_file_removed", path=name, uid=st.st_uid)
+    log.warning("planted_file_removed", path=str(_where(dir_fd, name)), uid=st.st_uid)
     os.unlink(name, dir_fd=dir_fd)
     return None
 
@@ -201,7 +209,7 @@ def move_aside(dir_fd: int, name: str) -> str:
     file) to ``.<name>.planted-<hex>``, kept for its owner and logged; returns the new name."""
     aside = f".{name}.planted-{secrets.token_hex(4)}"
     os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    log.warning("planted_entry_moved_aside", path=name, to=aside)
+    log.warning("planted_entry_moved_aside", path=str(_where(dir_fd, name)), to=aside)
     return aside
 
 

@@ -79,7 +79,9 @@ async def test_linked_media_folder_is_not_pruned_through(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("tmp_name", [".bar.summary.json.tmp", ".bar.jsonl.tmp", "bar.jsonl"])
-async def test_linked_temp_or_final_name_is_not_written_through(make_cfg, tmp_path, tmp_name):
+async def test_linked_temp_or_final_name_is_not_written_through(
+    make_cfg, tmp_path, tmp_name, capsys
+):
     cfg = make_cfg()
     v = victim(tmp_path)
     plant_link(shared(cfg.outbox_dir), tmp_name, v / "secret.txt")
@@ -90,6 +92,10 @@ async def test_linked_temp_or_final_name_is_not_written_through(make_cfg, tmp_pa
     untouched(v)
     summary = orjson.loads(regular(cfg.outbox_dir / "bar.summary.json").read_bytes())
     assert summary["state"] == "succeeded"
+    if tmp_name.endswith(".tmp"):  # the refused link is logged, with where it pointed
+        logged = [ln for ln in capsys.readouterr().out.splitlines() if "planted_link_removed" in ln]
+        assert len(logged) == 1 and str(cfg.outbox_dir / tmp_name) in logged[0], logged
+        assert str(v / "secret.txt") in logged[0]
     assert len(read_jsonl(regular(cfg.outbox_dir / "bar.jsonl"))) == 2
 
 
