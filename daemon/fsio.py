@@ -169,8 +169,9 @@ def new_file(dir_fd: int, name: str) -> Iterator[tuple[IO[bytes], str]]:
 
 
 def open_own(dir_fd: int, name: str) -> IO[bytes] | None:
-    """``name`` open for reading and writing if it is a regular file of the daemon's own (not
-    a link, not a producer's file); None when missing. Anything else is removed (logged)."""
+    """``name`` open for reading and writing if it is a regular file of the daemon's own with
+    no other name (not a link, not a producer's file); None when missing. Anything else is
+    removed (logged)."""
     try:
         fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -181,7 +182,8 @@ def open_own(dir_fd: int, name: str) -> IO[bytes] | None:
         _unlink_link(dir_fd, name, _where(dir_fd, name))
         return None
     st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+    # one name only: not a hard link a producer made to some other file of the daemon's
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
         return os.fdopen(fd, "r+b")
     os.close(fd)
     log.warning("planted_file_removed", path=str(_where(dir_fd, name)), uid=st.st_uid)

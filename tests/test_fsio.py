@@ -81,7 +81,7 @@ def _parts(work: Path, sizes: list[int]) -> list[Ready]:
     return out
 
 
-@pytest.mark.parametrize("planted", ["link", "producer's file"])
+@pytest.mark.parametrize("planted", ["link", "producer's file", "hard link"])
 def test_the_big_inputs_outbox_file_is_never_a_planted_one(
     outbox: Path, tmp_path: Path, planted: str
 ) -> None:
@@ -93,6 +93,8 @@ def test_the_big_inputs_outbox_file_is_never_a_planted_one(
     prefix = assemble.prefix_path(results, work)
     if planted == "link":
         plant_link(outbox, prefix.name, v / "secret.txt")
+    elif planted == "hard link":  # made as root: protected_hardlinks stops nobody doing it
+        os.link(v / "secret.txt", prefix)
     else:  # a producer's file with the right size, in place of the daemon's
         assemble.extend(results, work, ps[:1])
         os.unlink(prefix)
