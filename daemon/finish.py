@@ -193,6 +193,8 @@ def _final_state(
     refused = [j for j in jobs if j["error"]]
     if refused:
         err = orjson.loads(refused[-1]["error"])
+        if err.get("status") == "UNREADABLE":  # refused here, before the API saw anything
+            return InputState.FAILED, f"not submitted: {err.get('message', '')}"
         what = " ".join(str(err.get(k)) for k in ("code", "status") if err.get(k) is not None)
         return InputState.FAILED, f"the API failed the job: {what}: {err.get('message', '')}"
     return InputState.FAILED, f"no request succeeded ({failed} errors)"

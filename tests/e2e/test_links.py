@@ -183,7 +183,8 @@ async def test_media_changed_after_validation_is_not_uploaded(tmp_path, change):
 
             row = await wait_until(settled, timeout=60)
         assert row["state"] == "failed", row
-        assert "cat.png" in row["reason"] and "nothing uploaded" in row["reason"], row
+        assert row["reason"].startswith("not submitted: cannot read what it submits: "), row
+        assert "'cat.png'" in row["reason"] and "nothing uploaded" in row["reason"], row
         err = orjson.loads(outbox_paths(cfg.outbox_dir, "cats.jsonl")["error"].read_bytes())
         assert "cat.png" in orjson.dumps(err).decode()
         assert not emu.stats["calls"].get("files.upload")
