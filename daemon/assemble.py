@@ -93,7 +93,7 @@ def _open_prefix(prefix: Path, *, new: bool = False) -> IO[bytes] | None:
     with fsio.open_dir(prefix.parent) as dfd:
         if not new:
             return fsio.open_own(dfd, prefix.name)
-        fd = fsio.open_new(dfd, prefix.name, flags=os.O_RDWR, exact=True)
+        fd = fsio.open_new(dfd, prefix.name, flags=os.O_RDWR)
         return os.fdopen(fd, "w+b")
 
 

@@ -128,25 +128,15 @@ def _unlink_link(fd: int, name: str, where: Path) -> None:
         os.unlink(name, dir_fd=fd)
 
 
-def open_new(dir_fd: int, name: str, *, flags: int = os.O_WRONLY, exact: bool = False) -> int:
+def open_new(dir_fd: int, name: str, *, flags: int = os.O_WRONLY) -> int:
     """A new, empty file ``name`` in the folder ``dir_fd`` (mode 0600 until published). A
-    leftover of that name is removed first (a link: the link, not its target). If something
-    takes the name again in between, a random ``.<name>.<hex>.tmp`` is used instead (returned
-    as the file's ``name`` attribute through :func:`new_file`), unless ``exact``."""
+    leftover of that name is removed first (a link: the link, not its target); if something
+    takes the name again in between (or a folder holds it), FileExistsError."""
     if _is_link(dir_fd, name):
         _unlink_link(dir_fd, name, _where(dir_fd, name))
     with contextlib.suppress(FileNotFoundError, IsADirectoryError):
         os.unlink(name, dir_fd=dir_fd)
-    try:
-        return os.open(name, flags | _NEW, 0o600, dir_fd=dir_fd)
-    except FileExistsError:
-        if exact:
-            raise PlantedLink(errno.EEXIST, "name taken again while writing", name) from None
-    raise _Taken(name)
-
-
-class _Taken(Exception):
-    """The temporary name was taken: the caller picks a random one."""
+    return os.open(name, flags | _NEW, 0o600, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager
@@ -155,7 +145,7 @@ def new_file(dir_fd: int, name: str) -> Iterator[tuple[IO[bytes], str]]:
     (``.<name>.<hex>.tmp``) when ``name`` is taken. Removed again if the body raises."""
     try:
         fd = open_new(dir_fd, name)
-    except _Taken:
+    except FileExistsError:
         name = f"{name.removesuffix('.tmp')}.{secrets.token_hex(8)}.tmp"
         fd = os.open(name, os.O_WRONLY | _NEW, 0o600, dir_fd=dir_fd)
     f = os.fdopen(fd, "wb")
