@@ -1,6 +1,10 @@
 """Local media for submission: upload each distinct ``file:NAME`` once (cached by content hash in
 the ``media`` table) and write the job's ``.resolved.jsonl`` with the uploaded URIs.
 
+Each file is opened once, without following a final link, and must be the very file validation
+accepted (device, inode, size and mtime recorded in ``input_media``); that open file is hashed and
+uploaded, so a file swapped (say for a link to a secret) or rewritten after validation is never sent.
+
 A cached upload is reused only while at least :data:`MEDIA_MIN_REMAINING` of its 48 h life remains:
 the Batch API's target turnaround is 24 h, so a job admitted now can still read the file.
 """

@@ -4,10 +4,15 @@ spool's group (the daemon and the tests run as root)."""
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Callable
 from pathlib import Path
 
-NOBODY, NOGROUP = 65534, 65534
+import pytest
+
+NOBODY, NOGROUP = pwd.getpwnam("nobody")[2:4]  # uid, and its group (nogroup on Debian)
+# Planting as another user and sharing folders with its group needs root (as the tests run here).
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="plants as nobody: needs root")
 
 
 def as_producer(folder: Path, action: Callable[[int], object]) -> None:

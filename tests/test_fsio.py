@@ -13,7 +13,9 @@ import pytest
 from daemon import assemble, fsio
 from daemon.assemble import Ready
 from daemon.outbox import atomic_writer, link_or_copy, remove_quietly, write_json
-from tests.planting import as_producer, plant_link, shared, untouched, victim
+from tests.planting import as_producer, needs_root, plant_link, shared, untouched, victim
+
+pytestmark = needs_root
 
 
 @pytest.fixture

@@ -21,10 +21,21 @@ from daemon.outbox import outbox_paths
 from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import config_data, running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
-from tests.planting import NOBODY, NOGROUP, as_producer, plant_link, shared, untouched, victim
+from tests.planting import (
+    NOBODY,
+    NOGROUP,
+    as_producer,
+    needs_root,
+    plant_link,
+    shared,
+    untouched,
+    victim,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 IMAGE_MODEL = "gemini-2.5-flash-image"
+
+pytestmark = needs_root
 
 
 def _rewrite(fd: int) -> None:
