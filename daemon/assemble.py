@@ -20,6 +20,7 @@ from typing import IO, NamedTuple
 
 import orjson
 
+from daemon import fsio
 from daemon.outbox import append_file, publish_file
 
 _locks: dict[str, threading.Lock] = {}
@@ -70,11 +71,11 @@ def _open(prefix: Path, work: Path, parts: list[Ready]) -> tuple[IO[bytes], int]
     straight in are then no longer taken as held, see :func:`holds`)."""
     rows = _recorded(work, parts)
     size = sum(row[2] for row in rows)
-    try:
-        f = open(prefix, "r+b")
-    except FileNotFoundError:
-        f = open(prefix, "w+b")
+    f = _open_prefix(prefix)
+    if f is None:
         rows, size = [], 0
+        f = _open_prefix(prefix, new=True)
+        assert f is not None
     if os.fstat(f.fileno()).st_size < size:  # shorter than recorded: start again
         rows, size = [], 0
     if not rows:
@@ -85,6 +86,17 @@ def _open(prefix: Path, work: Path, parts: list[Ready]) -> tuple[IO[bytes], int]
     return f, len(rows)
 
 
+def _open_prefix(prefix: Path, *, new: bool = False) -> IO[bytes] | None:
+    """The prefix file in the shared outbox: the daemon's own regular file or a new one (a link
+    or a producer's file planted at its name is removed, never followed: :mod:`daemon.fsio`);
+    None when it is missing and ``new`` is False."""
+    with fsio.open_dir(prefix.parent) as dfd:
+        if not new:
+            return fsio.open_own(dfd, prefix.name)
+        fd = fsio.open_new(dfd, prefix.name, flags=os.O_RDWR)
+        return os.fdopen(fd, "w+b")
+
+
 def extend(results: Path, work: Path, ready: list[Ready]) -> int:
     """Append the consecutive ready parts (from part 1) that the prefix file lacks, flush them to
     disk and record them; returns how many parts it holds."""
@@ -92,7 +104,6 @@ def extend(results: Path, work: Path, ready: list[Ready]) -> int:
     with _lock(prefix):
         if not ready:
             return 0
-        prefix.parent.mkdir(parents=True, exist_ok=True)
         f, held = _open(prefix, work, ready)
         with f:
             if held >= len(ready):
@@ -118,7 +129,6 @@ def straight_in(
         if len(before) != part_no - 1 or [p.part_no for p in before] != list(range(1, part_no)):
             yield None
             return
-        prefix.parent.mkdir(parents=True, exist_ok=True)
         f, held = _open(prefix, work, before)
         with f:
             if held != len(before):
@@ -162,7 +172,6 @@ def publish(
     the first part appended here is flushed (or before the rename if nothing was left)."""
     prefix = prefix_path(results, work)
     with _lock(prefix):
-        prefix.parent.mkdir(parents=True, exist_ok=True)
         f, held = _open(prefix, work, parts)
         try:
             if held > len(parts):  # recorded parts the input does not have: not written out
@@ -188,8 +197,8 @@ def discard(results: Path, work: Path) -> None:
     """Remove the prefix file and its record (the input was written another way, or ended)."""
     prefix = prefix_path(results, work)
     with _lock(prefix):
-        for p in (prefix, _record_path(work)):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        fsio.remove(prefix)
+        with contextlib.suppress(FileNotFoundError):
+            _record_path(work).unlink()
     with _locks_guard:
         _locks.pop(str(prefix), None)

@@ -19,7 +19,7 @@ import anyio
 import orjson
 import structlog
 
-from daemon import assemble
+from daemon import assemble, fsio
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
@@ -169,16 +169,9 @@ def _media_from_file(src: Path, media_dir: Path) -> list[str]:
 
 
 def _prune_media(media_dir: Path, keep: list[str]) -> None:
-    """Drop media files left by an earlier drop of the same path."""
-    if not media_dir.is_dir():
-        return
-    wanted = set(keep)
-    for p in media_dir.iterdir():
-        if p.is_file() and not p.name.startswith(".") and p.name not in wanted:
-            p.unlink()
-    if not keep:
-        with contextlib.suppress(OSError):
-            media_dir.rmdir()
+    """Drop media files left by an earlier drop of the same path (a planted link in the
+    folder's place is removed, never followed: :func:`daemon.fsio.prune`)."""
+    fsio.prune(media_dir, set(keep))
 
 
 def _final_state(
@@ -200,6 +193,8 @@ def _final_state(
     refused = [j for j in jobs if j["error"]]
     if refused:
         err = orjson.loads(refused[-1]["error"])
+        if err.get("status") == "UNREADABLE":  # refused here, before the API saw anything
+            return InputState.FAILED, f"not submitted: {err.get('message', '')}"
         what = " ".join(str(err.get(k)) for k in ("code", "status") if err.get(k) is not None)
         return InputState.FAILED, f"the API failed the job: {what}: {err.get('message', '')}"
     return InputState.FAILED, f"no request succeeded ({failed} errors)"
@@ -389,7 +384,7 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
 
     def write() -> None:
         copy_atomic(src, paths["results"])
-        media = _media_from_file(paths["results"], media_dir) if media_dir else []
+        media = _media_from_file(src, media_dir) if media_dir else []  # not the shared copy
         if media_dir is not None:
             _prune_media(media_dir, media)
         doc["outbox"]["media"] = str(paths["media"]) if media else None

@@ -18,13 +18,14 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 import aiohttp
 import anyio
@@ -301,11 +302,21 @@ class GeminiClient:
         display_name: str,
         mime_type: str = "application/jsonl",
         span: tuple[int, int] | None = None,
+        stream: IO[bytes] | None = None,
     ) -> dict[str, Any]:
         """Resumable upload (streamed from disk by the SDK) of ``path``, or of its bytes
-        ``span[0]:span[1]``; returns the File as camelCase JSON."""
+        ``span[0]:span[1]``, or of the open file ``stream`` (read from its start on each try:
+        the very file the caller checked); returns the File as camelCase JSON."""
         config = types.UploadFileConfig(mime_type=mime_type, display_name=display_name)
-        if span is None:
+        if stream is not None:
+            opened = cast(io.IOBase, stream)
+
+            async def from_stream() -> Any:
+                opened.seek(0)
+                return await self._sdk.aio.files.upload(file=opened, config=config)
+
+            f = await self._call("files.upload", from_stream)
+        elif span is None:
             f = await self._call(
                 "files.upload", lambda: self._sdk.aio.files.upload(file=str(path), config=config)
             )

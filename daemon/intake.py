@@ -286,6 +286,9 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
         await conn.executemany(
             "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, ?)", history
         )
+        for o in good:
+            if o.v is not None and o.v.media_ids and o.row["id"] not in reused:
+                await ctx.store.add_input_media(conn, o.row["id"], o.v.media_ids)
     for o in good:
         assert o.v is not None
         if o.row["id"] in reused:

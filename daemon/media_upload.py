@@ -1,31 +1,41 @@
 """Local media for submission: upload each distinct ``file:NAME`` once (cached by content hash in
 the ``media`` table) and write the job's ``.resolved.jsonl`` with the uploaded URIs.
 
+Each file is opened once, without following a final link, and must be the very file validation
+accepted (device, inode, size and mtime recorded in ``input_media``); that open file is hashed and
+uploaded, so a file swapped (say for a link to a secret) or rewritten after validation is never sent.
+
 A cached upload is reused only while at least :data:`MEDIA_MIN_REMAINING` of its 48 h life remains:
 the Batch API's target turnaround is 24 h, so a job admitted now can still read the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mimetypes
+import os
+import stat
 import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import orjson
+import structlog
 
 from daemon.context import Context
 from daemon.outbox import atomic_writer
+from daemon.store import MediaId
 from daemon.validate_io import media_name, media_parts
 
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
+log = structlog.get_logger(__name__)
 _locks: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
 
 
@@ -55,11 +65,41 @@ def _scan_media(path: Path, media_dir: Path, kind: str) -> dict[str, tuple[Path,
     return found
 
 
-def _sha256(path: Path) -> str:
+class MediaChanged(OSError):
+    """A media file is no longer the one validated: the job fails naming it, nothing sent."""
+
+
+def _open_validated(media_dir: Path, name: str, ident: MediaId | None) -> IO[bytes]:
+    """``media_dir/NAME`` open for reading, checked to be the very file validation accepted
+    (device, inode, size and mtime as recorded): a link, a file outside ``media_dir`` or one
+    swapped in or rewritten since raises :class:`MediaChanged`. Never follows a final link."""
+    root = os.path.realpath(media_dir)
+    real = os.path.realpath(os.path.join(root, name))
+    if not real.startswith(root + os.sep):
+        raise MediaChanged(f"media file {name!r} now leads outside media_dir; nothing uploaded")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MediaChanged(f"media file {name!r} became a link; nothing uploaded") from None
+        raise MediaChanged(f"media file {name!r} cannot be read: {e.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    got = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if not stat.S_ISREG(st.st_mode) or (ident is not None and got != tuple(ident)):
+        f.close()
+        log.warning("media_changed_refused", file=name)
+        raise MediaChanged(
+            f"media file {name!r} was replaced or changed after validation; nothing uploaded"
+        )
+    return f
+
+
+def _sha256(f: IO[bytes]) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    f.seek(0)
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -80,14 +120,19 @@ def _rewrite(src: Path, dest: Path, uris: dict[str, str], kind: str) -> None:
 
 
 async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
-    """Upload (or reuse) every distinct local media file and write the resolved source file."""
+    """Upload (or reuse) every distinct local media file and write the resolved source file.
+    Each file is opened once and checked to be the one validated; that open file is what is
+    hashed and uploaded."""
     src = Path(job["source_path"])
     refs = await anyio.to_thread.run_sync(_scan_media, src, ctx.cfg.media_dir, job["kind"])
+    ids = await ctx.store.input_media(job["input_id"])
     uris: dict[str, str] = {}
     for name, (path, mime) in refs.items():
-        sha = await anyio.to_thread.run_sync(_sha256, path)
-        async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
-            uris[name] = await _upload_once(ctx, sha, path, mime)
+        f = await anyio.to_thread.run_sync(_open_validated, ctx.cfg.media_dir, name, ids.get(name))
+        with f:
+            sha = await anyio.to_thread.run_sync(_sha256, f)
+            async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
+                uris[name] = await _upload_once(ctx, sha, path, mime, f)
     dest = resolved_path(job)
     await anyio.to_thread.run_sync(_rewrite, src, dest, uris, job["kind"])
     return dest
@@ -107,7 +152,7 @@ async def _media_lock(ctx: Context, sha: str) -> AsyncIterator[None]:
             del locks[sha]
 
 
-async def _upload_once(ctx: Context, sha: str, path: Path, mime: str | None) -> str:
+async def _upload_once(ctx: Context, sha: str, path: Path, mime: str | None, f: IO[bytes]) -> str:
     """The URI of a usable upload of ``path``: from the cache, else uploaded now and cached."""
     gem = ctx.gemini
     assert gem is not None
@@ -115,14 +160,15 @@ async def _upload_once(ctx: Context, sha: str, path: Path, mime: str | None) -> 
     if cached and cached["expires_at"] >= time.time() + MEDIA_MIN_REMAINING:
         return str(cached["uri"])
     mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    up = await gem.upload_file(path, display_name=f"gemini-batchd-media:{sha[:16]}", mime_type=mime)
+    display = f"gemini-batchd-media:{sha[:16]}"
+    up = await gem.upload_file(path, display_name=display, mime_type=mime, stream=f)
     now = time.time()
     await ctx.store.put_media(
         sha256=sha,
         file_name=up["name"],
         uri=up["uri"],
         mime_type=mime,
-        size_bytes=path.stat().st_size,
+        size_bytes=os.fstat(f.fileno()).st_size,
         uploaded_at=now,
         expires_at=_expiry(up.get("expirationTime"), now),
     )

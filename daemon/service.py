@@ -25,7 +25,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon import __version__, systemd
+from daemon import __version__, fsio, systemd
 from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.context import Context
 from daemon.logs import set_level
@@ -63,6 +63,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 
 
 def _make_dirs(cfg: Config) -> None:
+    fsio.share(cfg.outbox_dir)  # producers can write there: no planted link is followed
     for d in (cfg.inbox_dir, cfg.outbox_dir, cfg.state_dir / "work", cfg.state_dir / "results"):
         d.mkdir(parents=True, exist_ok=True)
     cfg.socket_path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,7 @@ class Validation:
     est_tokens: int
     media_refs: int  # parts referring to file:NAME
     media_names: set[str] = field(default_factory=set)  # distinct names (bounded)
+    media_ids: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # name → file
     parts: list[PartPlan] = field(default_factory=list)
     tail_bytes: int = 0  # bytes checked by the child process (daemon.validate_tail)
 
@@ -184,6 +185,7 @@ def validate_file(
         est_tokens=run.est_tokens,
         media_refs=run.media_refs,
         media_names=run.media_names,
+        media_ids=run.media.ids if run.media is not None and ok else {},
         parts=run.parts.parts if ok else [],
         tail_bytes=run.tail_bytes,
     )

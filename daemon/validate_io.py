@@ -151,6 +151,9 @@ class MediaChecker:
     def __init__(self, media_dir: Path) -> None:
         self.root = os.path.realpath(media_dir)
         self.cache: dict[str, str | None] = {}
+        # name → (st_dev, st_ino, st_size, st_mtime_ns) of the file found valid: the upload
+        # sends that very file (daemon.media_upload), not one swapped in later
+        self.ids: dict[str, tuple[int, int, int, int]] = {}
 
     def check(self, name: str) -> str | None:
         verdict = self.cache.get(name, "")
@@ -183,6 +186,7 @@ class MediaChecker:
                 pass
         except OSError as e:
             return f"media file {name!r} cannot be read: {e.strerror}"
+        self.ids[name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         return None
 
 

@@ -27,6 +27,7 @@ from daemon.states import FINAL_INPUT_STATES, InputState, JobState
 from daemon.store.schema import MIGRATIONS
 
 Row = dict[str, Any]
+MediaId = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns of a media file
 
 
 class StoreError(Exception):
@@ -312,6 +313,24 @@ class Store:
                 f"INSERT OR REPLACE INTO media ({cols}) VALUES ({marks})",
                 tuple(_plain(v) for v in fields.values()),
             )
+
+    async def add_input_media(
+        self, conn: aiosqlite.Connection, input_id: str, ids: Mapping[str, MediaId]
+    ) -> None:
+        """Record (in the caller's transaction) the file each media name was at validation."""
+        await conn.executemany(
+            "INSERT OR REPLACE INTO input_media (input_id, name, dev, ino, size, mtime_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(input_id, name, *ident) for name, ident in ids.items()],
+        )
+
+    async def input_media(self, input_id: str) -> dict[str, MediaId]:
+        """Media name → (device, inode, size, mtime_ns) recorded at the input's validation."""
+        rows = await self.fetchall(
+            "SELECT name, dev, ino, size, mtime_ns FROM input_media WHERE input_id = ?",
+            (input_id,),
+        )
+        return {r["name"]: (r["dev"], r["ino"], r["size"], r["mtime_ns"]) for r in rows}
 
     # ---- helpers ----------------------------------------------------------------------------
     @staticmethod

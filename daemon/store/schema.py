@@ -116,4 +116,19 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN source_start INTEGER",  # NULL: the whole of source_path
         "ALTER TABLE jobs ADD COLUMN source_end INTEGER",
     ],
+    # 3: which file each local media name of an input was when it was validated, so that the
+    # upload sends that file and not one swapped in later (e.g. a link to a secret)
+    [
+        """
+        CREATE TABLE input_media (
+            input_id TEXT NOT NULL,
+            name     TEXT NOT NULL,                -- the NAME of file:NAME
+            dev      INTEGER NOT NULL,
+            ino      INTEGER NOT NULL,
+            size     INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            PRIMARY KEY (input_id, name)
+        ) STRICT
+        """,
+    ],
 ]
