@@ -409,13 +409,9 @@ class Api:
         return json_response(body, self.stats)
 
     async def batch_cancel(self, ctx: Ctx) -> web.StreamResponse:
-        rec = self._job(ctx.args[0])
-        if not self.store.cancel(rec):
-            raise ApiError(
-                400,
-                f"Batch {rec['id']} is already {rec['state']}; it cannot be cancelled.",
-                "FAILED_PRECONDITION",
-            )
+        # Best effort and 200 `{}` in every case: a finished job is left as it is, and a job
+        # with an `[[ignore_cancel]]` request runs on (see Store.cancel).
+        self.store.cancel(self._job(ctx.args[0]))
         return json_response({}, self.stats)
 
     async def batch_delete(self, ctx: Ctx) -> web.StreamResponse:

@@ -23,6 +23,7 @@ from daemon.emulator.faults import EmulatorSettings
 EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
+IGNORE_CANCEL = b"[[ignore_cancel]]"  # a prompt marker: cancels of the job are acknowledged, not done
 _ALNUM = string.ascii_lowercase + string.digits
 _STAT_NAMES = {
     "request": "requestCount",
@@ -340,9 +341,12 @@ class Store:
         output: dict[str, Any] | None = None
         if state == "SUCCEEDED":
             if not rec["inline"]:
-                output = {"responsesFile": f"files/batch-{jid}"}
+                if now >= rec["end"] + self.settings.results_file_delay:
+                    output = {"responsesFile": f"files/batch-{jid}"}
             elif with_inline:
                 items = self.inline_results(rec)
+                if self.settings.drop_inline_metadata:
+                    items = [{k: v for k, v in i.items() if k != "metadata"} for i in items]
                 # Embedding batches use the same field name (EmbedContentBatchOutput.inlinedResponses);
                 # the SDK renames it to inlined_embed_content_responses client-side.
                 output = {"inlinedResponses": {"inlinedResponses": items}}
@@ -359,7 +363,8 @@ class Store:
         if state == "SUCCEEDED":
             op["response"] = {"@type": _TYPE + kind + "Output", **(output or {})}
         elif state == "CANCELLED":
-            op["error"] = {"code": 1, "message": "The batch was cancelled by the user."}
+            code = rec.get("cancel_code", self.settings.cancel_error_code)
+            op["error"] = {"code": code, "message": f"Batch {jid} failed without error."}
         elif state == "FAILED":
             msg = rec.get("worker_error") or "The batch failed (forced by the emulator)."
             op["error"] = {"code": 13, "message": msg}
@@ -371,11 +376,33 @@ class Store:
         return op
 
     def cancel(self, rec: dict[str, Any]) -> bool:
-        """Cancel an active job; False if it is already terminal."""
+        """Cancel an active job (best effort): False if it is already terminal or one of its
+        requests carries `[[ignore_cancel]]` (the job then runs on to its normal end)."""
         if self.state_of(rec) in TERMINAL:
             return False
+        if self._ignores_cancel(rec):
+            rec["cancel_ignored"] = True
+            self.save_job(rec)
+            return False
+        rec["cancel_code"] = self.settings.cancel_error_code
         self.finish(rec, "CANCELLED", time.time())
         return True
+
+    def _ignores_cancel(self, rec: dict[str, Any]) -> bool:
+        if rec["inline"]:
+            path = self._jpath(rec["id"], ".in.jsonl")
+        else:
+            path = self.file_path(rec["input_file"].removeprefix("files/"))
+        marker, tail = IGNORE_CANCEL, b""
+        try:
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    if marker in tail + block:
+                        return True
+                    tail = block[-len(marker) :]
+        except OSError:
+            return False
+        return False
 
     def force(self, rec: dict[str, Any], state: str) -> None:
         if self.state_of(rec) in TERMINAL:
