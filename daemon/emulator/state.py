@@ -23,7 +23,9 @@ from daemon.emulator.faults import EmulatorSettings
 EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
-IGNORE_CANCEL = b"[[ignore_cancel]]"  # a prompt marker: cancels of the job are acknowledged, not done
+IGNORE_CANCEL = (
+    b"[[ignore_cancel]]"  # a prompt marker: cancels of the job are acknowledged, not done
+)
 _ALNUM = string.ascii_lowercase + string.digits
 _STAT_NAMES = {
     "request": "requestCount",
@@ -405,8 +407,13 @@ class Store:
         return False
 
     def force(self, rec: dict[str, Any], state: str) -> None:
+        """End an active job now; SUCCEEDED: as soon as its answers are written."""
         if self.state_of(rec) in TERMINAL:
             raise ValueError(f"job is already {rec['state']}")
+        if state == "SUCCEEDED":
+            rec.update(pending_s=0.0, running_s=0.0, forced=None)
+            self.save_job(rec)
+            return
         self.finish(rec, state, time.time())
 
     def active(self) -> list[dict[str, Any]]:

@@ -100,7 +100,9 @@ async def test_cancel_error_code_setting(emulator: Emulator, http: aiohttp.Clien
 async def test_cancel_of_a_succeeded_job_is_a_noop(
     emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    op = await until_done(http, emulator.url, (await create_inline(http, emulator.url, "a"))["name"])
+    op = await until_done(
+        http, emulator.url, (await create_inline(http, emulator.url, "a"))["name"]
+    )
     assert op["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
     await cancel(http, emulator.url, op["name"])
     after = await get(http, emulator.url, op["name"])
@@ -144,7 +146,9 @@ async def test_results_file_delay_leaves_inline_jobs_alone(
     emulator: Emulator, http: aiohttp.ClientSession
 ) -> None:
     emulator.settings.update({"results_file_delay": 3600.0})
-    op = await until_done(http, emulator.url, (await create_inline(http, emulator.url, "a"))["name"])
+    op = await until_done(
+        http, emulator.url, (await create_inline(http, emulator.url, "a"))["name"]
+    )
     assert len(op["response"]["inlinedResponses"]["inlinedResponses"]) == 1
 
 

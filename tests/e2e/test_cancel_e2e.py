@@ -1,0 +1,166 @@
+"""Cancels and late or bare results as the real API shows them (issue 13, evidence §1.6, §1.19):
+the real daemon against the real emulator, which plays the API's behaviour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from daemon.context import Context
+from daemon.outbox import outbox_paths
+from tests.e2e.conftest import running_daemon, wait_final
+from tests.helpers import drop, read_jsonl, request_lines, wait_until
+
+KEY = {"x-goog-api-key": "test-key-0123456789"}
+
+
+async def api_post(emulator: Any, path: str, body: dict[str, Any] | None = None) -> Any:
+    """A call straight to the emulator, as another tool (AI Studio, a script) would make it."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{emulator.url}/{path}", json=body or {}, headers=KEY) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def jobs_where(ctx: Context, ref: str, cond: Any) -> list[dict[str, Any]]:
+    row = await ctx.store.find_input(ref)
+    if row is None:
+        return []
+    jobs = await ctx.store.jobs_of(row["id"])
+    return jobs if jobs and all(cond(j) for j in jobs) else []
+
+
+def creates(emulator: Any) -> int:
+    return sum(emulator.stats["creates_by_display_name"].values())
+
+
+async def test_job_cancelled_outside_is_not_resubmitted(make_cfg, emulator) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    cfg = make_cfg()
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "out.jsonl", request_lines(4))
+        (job,) = await wait_until(
+            lambda: jobs_where(
+                ctx, "out.jsonl", lambda j: j["remote_state"] == "BATCH_STATE_RUNNING"
+            )
+        )
+        await api_post(emulator, f"v1beta/{job['remote_name']}:cancel")
+        row = await wait_final(ctx, "out.jsonl", timeout=30)
+        assert row["state"] == "cancelled", row
+        assert row["reason"].startswith("cancelled outside gemini-batchd"), row["reason"]
+        assert [j["attempt"] for j in await ctx.store.jobs_of(row["id"])] == [1]
+    assert creates(emulator) == 1  # never resubmitted
+    out = outbox_paths(cfg.outbox_dir, "out.jsonl")
+    err = orjson.loads(out["error"].read_bytes())
+    assert err["state"] == "cancelled" and err["reason"] == row["reason"]
+    assert not out["summary"].exists()
+
+
+async def test_part_cancelled_outside_keeps_finished_parts(make_cfg, emulator) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    cfg = make_cfg(submit={"max_requests_per_job": 2})
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "two.jsonl", request_lines(4))
+        jobs = await wait_until(
+            lambda: jobs_where(
+                ctx, "two.jsonl", lambda j: j["remote_state"] == "BATCH_STATE_RUNNING"
+            )
+        )
+        assert len(jobs) == 2
+        first, second = sorted(jobs, key=lambda j: j["part_no"])
+        await api_post(emulator, f"__emulator/{first['remote_name']}:force", {"state": "SUCCEEDED"})
+        await wait_until(
+            lambda: jobs_where(
+                ctx, "two.jsonl", lambda j: j["part_no"] == 2 or j["state"] == "collected"
+            )
+        )
+        await api_post(emulator, f"v1beta/{second['remote_name']}:cancel")
+        row = await wait_final(ctx, "two.jsonl", timeout=30)
+        assert row["state"] == "cancelled" and "outside gemini-batchd" in row["reason"], row
+    assert creates(emulator) == 2
+    results = read_jsonl(outbox_paths(cfg.outbox_dir, "two.jsonl")["results"])
+    assert [r["key"] for r in results] == ["k0", "k1", "k2", "k3"]
+    assert ["response" in r for r in results] == [True, True, False, False]
+
+
+async def test_own_cancel_ignored_by_the_api_keeps_the_paid_results(make_cfg, emulator) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    cfg = make_cfg()
+    lines = request_lines(3, text=lambda i: "stubborn [[ignore_cancel]]" if i == 1 else f"p{i}")
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "ign.jsonl", lines)
+        (job,) = await wait_until(
+            lambda: jobs_where(
+                ctx, "ign.jsonl", lambda j: j["remote_state"] == "BATCH_STATE_RUNNING"
+            )
+        )
+        from daemon.actions import cancel_input
+
+        await cancel_input(ctx, job["input_id"])
+        assert emulator.stats["calls"]["batches.cancel"] == 1
+        (job,) = await ctx.store.jobs_of(job["input_id"])
+        assert job["state"] == "active"  # acknowledged, not done: the daemon keeps polling
+        await api_post(emulator, f"__emulator/{job['remote_name']}:force", {"state": "SUCCEEDED"})
+        row = await wait_final(ctx, "ign.jsonl", timeout=30)
+    assert creates(emulator) == 1
+    out = outbox_paths(cfg.outbox_dir, "ign.jsonl")
+    results = read_jsonl(out["results"])
+    assert [r["key"] for r in results] == ["k0", "k1", "k2"] and all(
+        "response" in r for r in results
+    )
+    assert row["state"] == "succeeded", row
+    summary = orjson.loads(out["summary"].read_bytes())
+    assert summary["cancel_ignored_by_api"] == [job["remote_name"]]
+
+
+async def test_succeeded_before_its_results_file_waits_for_it(make_cfg, emulator) -> None:
+    emulator.settings.update({"results_file_delay": 3600.0})
+    cfg = make_cfg(submit={"inline_max_bytes": 1}, poll={"results_grace": 3600.0})
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "late.jsonl", request_lines(5))
+
+        async def waiting() -> Any:
+            row = await ctx.store.find_input("late.jsonl")
+            return row and "results file" in (row["reason"] or "")
+
+        await wait_until(waiting, timeout=30)
+        (job,) = await ctx.store.jobs_of((await ctx.store.find_input("late.jsonl"))["id"])
+        assert job["mode"] == "file" and job["remote_state"] == "BATCH_STATE_SUCCEEDED"
+        emulator.settings.update({"results_file_delay": 0.0})  # the file shows up
+        row = await wait_final(ctx, "late.jsonl", timeout=30)
+        assert row["state"] == "succeeded", row
+    assert creates(emulator) == 1
+    results = read_jsonl(outbox_paths(cfg.outbox_dir, "late.jsonl")["results"])
+    assert len(results) == 5 and all("response" in r for r in results)
+
+
+async def test_results_file_that_never_comes_is_not_paid_twice(make_cfg, emulator) -> None:
+    emulator.settings.update({"results_file_delay": 3600.0})
+    cfg = make_cfg(submit={"inline_max_bytes": 1}, poll={"results_grace": 0.5})
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "lost.jsonl", request_lines(5))
+        row = await wait_final(ctx, "lost.jsonl", timeout=30)
+        assert row["state"] == "failed", row
+        assert "results file" in row["reason"] and "retry" in row["reason"], row["reason"]
+        assert [j["attempt"] for j in await ctx.store.jobs_of(row["id"])] == [1]
+    assert creates(emulator) == 1
+    err = orjson.loads(outbox_paths(cfg.outbox_dir, "lost.jsonl")["error"].read_bytes())
+    assert err["state"] == "failed"
+
+
+async def test_inline_answers_without_metadata_are_not_paid_twice(make_cfg, emulator) -> None:
+    emulator.settings.update({"drop_inline_metadata": True})
+    cfg = make_cfg()
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "bare.jsonl", request_lines(3))
+        row = await wait_final(ctx, "bare.jsonl", timeout=30)
+        assert row["state"] == "failed", row
+        assert "3 answers without metadata.key" in row["reason"], row["reason"]
+        assert [j["attempt"] for j in await ctx.store.jobs_of(row["id"])] == [1]
+    assert creates(emulator) == 1
+    err = orjson.loads(outbox_paths(cfg.outbox_dir, "bare.jsonl")["error"].read_bytes())
+    assert err["requests"]["unknown_dropped"] == 3
