@@ -26,6 +26,17 @@ async def api_post(emulator: Any, path: str, body: dict[str, Any] | None = None)
         return await r.json()
 
 
+async def socket_call(ctx: Context, method: str, path: str, status: int = 200) -> Any:
+    """The daemon's control socket, as the CLI uses it."""
+    conn = aiohttp.UnixConnector(path=str(ctx.cfg.socket_path))
+    async with (
+        aiohttp.ClientSession(connector=conn) as s,
+        s.request(method, f"http://d{path}") as r,
+    ):
+        assert r.status == status, await r.text()
+        return await r.json()
+
+
 async def jobs_where(ctx: Context, ref: str, cond: Any) -> list[dict[str, Any]]:
     row = await ctx.store.find_input(ref)
     if row is None:
@@ -53,6 +64,8 @@ async def test_job_cancelled_outside_is_not_resubmitted(make_cfg, emulator) -> N
         assert row["state"] == "cancelled", row
         assert row["reason"].startswith("cancelled outside gemini-batchd"), row["reason"]
         assert [j["attempt"] for j in await ctx.store.jobs_of(row["id"])] == [1]
+        shown = await socket_call(ctx, "GET", f"/v1/inputs/{row['id']}")
+        assert shown["cancelled_outside"] is True and shown["cancel_requested"] is False
     assert creates(emulator) == 1  # never resubmitted
     out = outbox_paths(cfg.outbox_dir, "out.jsonl")
     err = orjson.loads(out["error"].read_bytes())
@@ -98,9 +111,8 @@ async def test_own_cancel_ignored_by_the_api_keeps_the_paid_results(make_cfg, em
                 ctx, "ign.jsonl", lambda j: j["remote_state"] == "BATCH_STATE_RUNNING"
             )
         )
-        from daemon.actions import cancel_input
-
-        await cancel_input(ctx, job["input_id"])
+        answer = await socket_call(ctx, "POST", f"/v1/inputs/{job['input_id']}/cancel", 202)
+        assert answer["cancel_requested"] is True
         assert emulator.stats["calls"]["batches.cancel"] == 1
         (job,) = await ctx.store.jobs_of(job["input_id"])
         assert job["state"] == "active"  # acknowledged, not done: the daemon keeps polling
