@@ -163,3 +163,18 @@ async def test_drop_inline_metadata(emulator: Emulator, http: aiohttp.ClientSess
         "inlinedResponses"
     ]
     assert len(items) == 2 and all("metadata" not in i and "response" in i for i in items)
+
+
+async def test_admin_force_succeeded_ends_a_long_job_now(
+    emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    op = await create_inline(http, emulator.url, "a", "b")
+    url = f"{emulator.url}/__emulator/{op['name']}:force"
+    async with http.post(url, json={"state": "SUCCEEDED"}) as r:
+        assert r.status == 200
+    done = await until_done(http, emulator.url, op["name"])
+    assert done["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
+    assert len(done["response"]["inlinedResponses"]["inlinedResponses"]) == 2
+    async with http.post(url, json={"state": "SUCCEEDED"}) as r:
+        assert r.status == 400  # already terminal
