@@ -377,12 +377,12 @@ class Store:
             }
         return op
 
-    def cancel(self, rec: dict[str, Any]) -> bool:
-        """Cancel an active job (best effort): False if it is already terminal or one of its
-        requests carries `[[ignore_cancel]]` (the job then runs on to its normal end)."""
+    def cancel(self, rec: dict[str, Any], *, ignored: bool = False) -> bool:
+        """Cancel an active job (best effort): False if it is already terminal or ``ignored``
+        (see :meth:`ignores_cancel`; the job then runs on to its normal end)."""
         if self.state_of(rec) in TERMINAL:
             return False
-        if self._ignores_cancel(rec):
+        if ignored:
             rec["cancel_ignored"] = True
             self.save_job(rec)
             return False
@@ -390,7 +390,8 @@ class Store:
         self.finish(rec, "CANCELLED", time.time())
         return True
 
-    def _ignores_cancel(self, rec: dict[str, Any]) -> bool:
+    def ignores_cancel(self, rec: dict[str, Any]) -> bool:
+        """One of the job's requests carries `[[ignore_cancel]]` (reads its input: run in a thread)."""
         if rec["inline"]:
             path = self._jpath(rec["id"], ".in.jsonl")
         else:
