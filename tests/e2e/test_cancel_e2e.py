@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from daemon.context import Context
 from daemon.outbox import outbox_paths
@@ -49,8 +50,11 @@ def creates(emulator: Any) -> int:
     return sum(emulator.stats["creates_by_display_name"].values())
 
 
-async def test_job_cancelled_outside_is_not_resubmitted(make_cfg, emulator) -> None:
-    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+@pytest.mark.parametrize("code", [13, 1])  # decided on metadata.state, whatever the code says
+async def test_job_cancelled_outside_is_not_resubmitted(make_cfg, emulator, code) -> None:
+    emulator.settings.update(
+        {"pending_seconds": 0.0, "running_seconds": 600.0, "cancel_error_code": code}
+    )
     cfg = make_cfg()
     async with running_daemon(cfg) as ctx:
         drop(cfg.inbox_dir, "out.jsonl", request_lines(4))
@@ -176,3 +180,17 @@ async def test_inline_answers_without_metadata_are_not_paid_twice(make_cfg, emul
     assert creates(emulator) == 1
     err = orjson.loads(outbox_paths(cfg.outbox_dir, "bare.jsonl")["error"].read_bytes())
     assert err["requests"]["unknown_dropped"] == 3
+
+
+async def test_failed_job_with_error_13_is_still_retried(make_cfg, emulator) -> None:
+    """Error 13 is also INTERNAL: a FAILED job (not CANCELLED) keeps its retry."""
+    emulator.force_next("FAILED")  # ends FAILED with {code: 13}
+    cfg = make_cfg()
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "f.jsonl", request_lines(2))
+        row = await wait_final(ctx, "f.jsonl", timeout=30)
+        assert row["state"] == "succeeded", row
+        jobs = await ctx.store.jobs_of(row["id"])
+        assert [j["remote_state"] for j in jobs] == ["BATCH_STATE_FAILED", "BATCH_STATE_SUCCEEDED"]
+        assert orjson.loads(jobs[0]["error"])["code"] == 13
+    assert creates(emulator) == 2
