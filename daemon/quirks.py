@@ -91,8 +91,8 @@ async def wait_for_results_file(ctx: Context, job: dict[str, Any]) -> bool:
         f"{WAITING}: job {job['remote_name']} SUCCEEDED {waited:.0f} s ago without one "
         f"(asked again for up to {grace:.0f} s)"
     )
-    async with ctx.store.tx() as conn:
-        await ctx.store.update_job(conn, job["id"], not_before=now + delay)
+    async with ctx.store.tx() as conn:  # finished_at kept: the grace counts from there
+        await ctx.store.update_job(conn, job["id"], not_before=now + delay, finished_at=ended)
         await ctx.store.update_input(conn, job["input_id"], reason=reason)
     log.info("results_file_not_yet", job=job["display_name"], waited=round(waited, 1))
     return True

@@ -23,9 +23,8 @@ from daemon.emulator.faults import EmulatorSettings
 EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
-IGNORE_CANCEL = (
-    b"[[ignore_cancel]]"  # a prompt marker: cancels of the job are acknowledged, not done
-)
+# A prompt marker: cancels of a job with it in any request are acknowledged, not done.
+IGNORE_CANCEL = b"[[ignore_cancel]]"
 _ALNUM = string.ascii_lowercase + string.digits
 _STAT_NAMES = {
     "request": "requestCount",
