@@ -250,6 +250,8 @@ async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) 
         crash_point("while_running")
     if any(it.terminal for it in items):
         ctx.wake.collect.set()
+    if any(it.state == RemoteState.CANCELLED.value for it in items):
+        ctx.wake.submit.set()  # it drops the unstarted parts of a cancelled input
 
 
 async def _next_due(ctx: Context) -> float:

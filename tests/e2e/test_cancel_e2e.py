@@ -194,3 +194,23 @@ async def test_failed_job_with_error_13_is_still_retried(make_cfg, emulator) -> 
         assert [j["remote_state"] for j in jobs] == ["BATCH_STATE_FAILED", "BATCH_STATE_SUCCEEDED"]
         assert orjson.loads(jobs[0]["error"])["code"] == 13
     assert creates(emulator) == 2
+
+
+async def test_cancelled_outside_drops_parts_not_yet_submitted(make_cfg, emulator) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    cfg = make_cfg(submit={"max_requests_per_job": 2, "max_active_jobs": 1})
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "wait.jsonl", request_lines(4))
+
+        async def first_running() -> Any:
+            jobs = await jobs_where(ctx, "wait.jsonl", lambda j: True)
+            running = [j for j in jobs if j["remote_state"] == "BATCH_STATE_RUNNING"]
+            return running if len(jobs) == 2 else None
+
+        (first,) = await wait_until(first_running)
+        await api_post(emulator, f"v1beta/{first['remote_name']}:cancel")
+        row = await wait_final(ctx, "wait.jsonl", timeout=30)
+        assert row["state"] == "cancelled" and "outside gemini-batchd" in row["reason"], row
+        states = [(j["part_no"], j["state"]) for j in await ctx.store.jobs_of(row["id"])]
+        assert states == [(1, "collected"), (2, "cancelled")]
+    assert creates(emulator) == 1  # the second part was never submitted
