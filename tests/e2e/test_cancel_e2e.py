@@ -214,3 +214,28 @@ async def test_cancelled_outside_drops_parts_not_yet_submitted(make_cfg, emulato
         states = [(j["part_no"], j["state"]) for j in await ctx.store.jobs_of(row["id"])]
         assert states == [(1, "collected"), (2, "cancelled")]
     assert creates(emulator) == 1  # the second part was never submitted
+
+
+async def test_own_cancel_ignored_for_one_part_of_two(make_cfg, emulator) -> None:
+    emulator.settings.update({"pending_seconds": 0.0, "running_seconds": 600.0})
+    cfg = make_cfg(submit={"max_requests_per_job": 2})
+    lines = request_lines(4, text=lambda i: "stubborn [[ignore_cancel]]" if i == 0 else f"p{i}")
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "half.jsonl", lines)
+        jobs = await wait_until(
+            lambda: jobs_where(
+                ctx, "half.jsonl", lambda j: j["remote_state"] == "BATCH_STATE_RUNNING"
+            )
+        )
+        assert len(jobs) == 2
+        first = min(jobs, key=lambda j: j["part_no"])
+        await socket_call(ctx, "POST", f"/v1/inputs/{first['input_id']}/cancel", 202)
+        await api_post(emulator, f"__emulator/{first['remote_name']}:force", {"state": "SUCCEEDED"})
+        row = await wait_final(ctx, "half.jsonl", timeout=30)
+    assert creates(emulator) == 2
+    assert row["state"] == "cancelled" and "anyway" in row["reason"], row
+    out = outbox_paths(cfg.outbox_dir, "half.jsonl")
+    err = orjson.loads(out["error"].read_bytes())
+    assert err["cancel_ignored_by_api"] == [first["remote_name"]]
+    results = read_jsonl(out["results"])
+    assert ["response" in r for r in results] == [True, True, False, False]
