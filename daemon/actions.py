@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon import quirks
 from daemon.claim import copy_in
 from daemon.context import Context
 from daemon.outbox import fsync_dir
@@ -66,13 +67,15 @@ async def cancel_input(ctx: Context, input_id: str) -> Row:
             raise ActionError(404, f"no input {input_id!r}")
         if InputState(state).final:
             raise ActionError(409, f"input {input_id} is already {state}")
-        await ctx.store.update_input(conn, input_id, cancel_requested=1, reason="cancel requested")
+        await ctx.store.update_input(
+            conn, input_id, cancel_requested=quirks.OWN_CANCEL, reason=quirks.CANCEL_NOTE
+        )
         await conn.execute(
             "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ? "
             "WHERE input_id = ? AND state = ?",
             (JobState.CANCELLED.value, time.time(), time.time(), input_id, JobState.PLANNED.value),
         )
-        await ctx.store.add_history(conn, input_id, state, "cancel requested")
+        await ctx.store.add_history(conn, input_id, state, quirks.CANCEL_NOTE)
 
     # Best effort: a failed cancel call leaves the job running; the poller still sees it end and
     # the collector honours cancel_requested. Jobs without a remote name yet (uploading, or

@@ -27,7 +27,7 @@ import anyio
 import orjson
 import structlog
 
-from daemon import collect_big
+from daemon import collect_big, quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.finish import finish_index, reuse_input, run_stoppable
@@ -276,17 +276,15 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
     try:
         if not job["remote_name"] or job["remote_state"] in _EMPTY_STATES:
             await anyio.to_thread.run_sync(_write_lines, dest, [])
+        elif job["mode"] == "file" and not result_file:
+            ready, result_file = await _file_job_without_file(ctx, job, dest)
+            if not ready:
+                return False  # asked again later
         elif job["mode"] == "file":
-            if not result_file:
-                op = await _gemini(ctx).get_batch(job["remote_name"])
-                result_file = _output(op).get("responsesFile")
-            if result_file:
-                await _download(ctx, result_file, dest)
-            else:
-                await anyio.to_thread.run_sync(_write_lines, dest, [])
+            await _download(ctx, result_file, dest)
         else:
             op = await _gemini(ctx).get_batch(job["remote_name"])
-            await anyio.to_thread.run_sync(_write_lines, dest, _inline_lines(op))
+            await _write_inline(ctx, job, op, dest)
     except Exception as exc:
         if getattr(exc, "kind", None) != "permanent":
             delay = ctx.cfg.api.backoff_initial
@@ -356,6 +354,36 @@ def _inline_lines(op: dict[str, Any]) -> list[bytes]:
         else:
             lines.append(orjson.dumps({"key": key, "error": item.get("error") or {}}))
     return lines
+
+
+async def _file_job_without_file(
+    ctx: Context, job: dict[str, Any], dest: Path
+) -> tuple[bool, str | None]:
+    """A finished file job the pollers saw without ``responsesFile``: asks again. Returns
+    whether its results are written, and the results file if one was downloaded. Not written:
+    SUCCEEDED without a file yet, within ``[poll] results_grace`` (asked again later)."""
+    op = await _gemini(ctx).get_batch(job["remote_name"])
+    out = _output(op)
+    result_file: str | None = out.get("responsesFile")
+    if result_file:
+        await _download(ctx, result_file, dest)
+    elif out.get("inlinedResponses"):  # a file job answered inline (bifrost #3951)
+        await _write_inline(ctx, job, op, dest)
+    elif job["remote_state"] == RemoteState.SUCCEEDED:
+        if await quirks.wait_for_results_file(ctx, job):
+            return False, None
+        await quirks.results_file_missing(ctx, job)
+        await anyio.to_thread.run_sync(_write_lines, dest, [])
+    else:
+        await anyio.to_thread.run_sync(_write_lines, dest, [])
+    await quirks.done_waiting(ctx, job["input_id"])
+    return True, result_file
+
+
+async def _write_inline(ctx: Context, job: dict[str, Any], op: dict[str, Any], dest: Path) -> None:
+    lines = _inline_lines(op)
+    await quirks.unkeyed_answers(ctx, job, lines, dest)
+    await anyio.to_thread.run_sync(_write_lines, dest, lines)
 
 
 def _write_lines(dest: Path, lines: list[bytes]) -> None:
@@ -462,6 +490,8 @@ async def _plan(
                 continue
             if last["error"] and not last["remote_name"]:
                 continue  # refused at create (e.g. unknown model): retrying cannot help
+            if quirks.is_held(last):
+                continue  # answered (paid) but the answers cannot be used: only `retry` pays again
         count = await anyio.to_thread.run_sync(
             functools.partial(index.retry_keys, part.part_no, force=force)
         )

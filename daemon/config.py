@@ -77,6 +77,9 @@ class PollConfig:
     min_interval: float = 5.0
     max_interval: float = 60.0
     stuck_after: float = 86_400.0
+    # A job SUCCEEDED without its results file yet is asked again for this long (the API can
+    # report SUCCEEDED before responsesFile is populated) before its results count as lost.
+    results_grace: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[poll] workers: must be at least 1")
     if cfg.poll.min_interval <= 0 or cfg.poll.max_interval < cfg.poll.min_interval:
         raise ConfigError("[poll] max_interval: must be >= min_interval > 0")
+    if cfg.poll.results_grace < 0:
+        raise ConfigError("[poll] results_grace: must be >= 0")
     if cfg.api.max_rps <= 0:
         raise ConfigError("[api] max_rps: must be > 0")
     if cfg.api.timeout <= 0:

@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 from anyio.abc import TaskStatus
 
-from daemon import __version__
+from daemon import __version__, quirks
 from daemon.actions import ActionError, cancel_input, retry_input
 from daemon.context import Context
 from daemon.metrics import Metrics, queue_depth, stuck_jobs
@@ -127,7 +127,8 @@ def input_view(row: Row, jobs: list[Row]) -> dict[str, Any]:
         "state": row["state"],
         "final": InputState(row["state"]).final,
         "reason": row["reason"],
-        "cancel_requested": bool(row["cancel_requested"]),
+        "cancel_requested": row["cancel_requested"] == quirks.OWN_CANCEL,
+        "cancelled_outside": row["cancel_requested"] == quirks.OUTSIDE_CANCEL,
         "fresh": bool(row["fresh"]),
         "reused_from": row["reused_from"],
         "requests": _requests(row),

@@ -19,7 +19,7 @@ import anyio
 import orjson
 import structlog
 
-from daemon import assemble, fsio
+from daemon import assemble, fsio, quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.media import extract_media
@@ -175,17 +175,30 @@ def _prune_media(media_dir: Path, keep: list[str]) -> None:
 
 
 def _final_state(
-    row: dict[str, Any], counts: dict[str, int], jobs: list[dict[str, Any]]
+    row: dict[str, Any], counts: dict[str, int], jobs: list[dict[str, Any]], ignored: list[str]
 ) -> tuple[InputState, str | None]:
+    """The input's final state and one-line reason; ``ignored``: jobs that SUCCEEDED although
+    the user cancelled them (:func:`daemon.quirks.ignored_cancels`)."""
+    done = counts["succeeded"] == counts["total"]
+    anyway = f"the API finished {', '.join(ignored)} anyway (a cancel is best effort)"
+    if row["cancel_requested"] == quirks.OUTSIDE_CANCEL:
+        return InputState.CANCELLED, quirks.outside_reason(jobs, counts)
+    if row["cancel_requested"] and ignored and done:
+        return InputState.SUCCEEDED, f"cancel requested, but {anyway}: results kept"
     if row["cancel_requested"]:
         return InputState.CANCELLED, (
             f"cancelled by request; {counts['succeeded']} of {counts['total']} requests succeeded"
+            + (f"; {anyway}" if ignored else "")
         )
-    if counts["succeeded"] == counts["total"]:
+    if done:
         return InputState.SUCCEEDED, None
     failed = counts["total"] - counts["succeeded"]
+    held = quirks.held_reason(jobs)
     if counts["succeeded"]:
-        return InputState.PARTIAL, f"{failed} of {counts['total']} requests failed"
+        why = f"{failed} of {counts['total']} requests failed"
+        return InputState.PARTIAL, f"{why}; {held}" if held else why
+    if held:
+        return InputState.FAILED, held
     expired = any(j["remote_state"] == RemoteState.EXPIRED for j in jobs)
     if counts["answered"] == 0 and expired:
         attempts = max((j["attempt"] for j in jobs), default=0)
@@ -221,7 +234,8 @@ async def finish_index(
     cfg = ctx.cfg
     paths = outbox_paths(cfg.outbox_dir, row["rel_path"])
     counts = await anyio.to_thread.run_sync(index.counts)
-    state, reason = _final_state(row, counts, jobs)
+    ignored = await quirks.ignored_cancels(ctx, row, jobs)
+    state, reason = _final_state(row, counts, jobs, ignored)
     last: dict[int, dict[str, Any]] = {}
     for j in jobs:  # the latest job of each part
         if j["part_no"] not in last or j["attempt"] > last[j["part_no"]]["attempt"]:
@@ -263,6 +277,8 @@ async def finish_index(
         "reused": False,
         "reused_from": None,
     }
+    if ignored:  # paid although cancelled: say so
+        doc["cancel_ignored_by_api"] = ignored
     error_doc = None
     if state in _ERROR_STATES:
         error_doc = {
@@ -277,6 +293,8 @@ async def finish_index(
             **{k: doc[k] for k in ("requests", "jobs", "attempts", "created_at", "finished_at")},
             "outbox": doc["outbox"],
         }
+        if ignored:
+            error_doc["cancel_ignored_by_api"] = ignored
     keep = ctx.results_dir / f"{row['id']}.jsonl"
 
     def seal() -> None:

@@ -8,6 +8,7 @@ walk did not find are read with ``get``, by ``[poll] workers`` concurrent worker
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from typing import Any
 import anyio
 import structlog
 
+from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
 from daemon.states import InputState, JobState, RemoteState
-from daemon.store import dumps
+from daemon.store import Store, dumps
 from daemon.submit import note_api_error, yield_to_submission
 from daemon.submit_writes import advance_inputs
 
@@ -41,7 +43,8 @@ def _count(stats: dict[str, Any], name: str) -> int:
 
 async def _due(ctx: Context, now: float) -> list[dict[str, Any]]:
     return await ctx.store.fetchall(
-        "SELECT j.*, i.reason AS input_reason FROM jobs j JOIN inputs i ON i.id = j.input_id "
+        "SELECT j.*, i.reason AS input_reason, i.cancel_requested AS input_cancel "
+        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
         "WHERE j.state = 'active' AND COALESCE(j.next_poll_at, 0) <= ? AND j.not_before <= ? "
         "ORDER BY j.next_poll_at, j.id",
         (now, now),
@@ -56,7 +59,7 @@ async def poll_once(ctx: Context) -> int:
         return 0
     pending = {j["remote_name"]: j for j in due}
     recorded = 0
-    writer: GroupCommit[_Seen] = GroupCommit(ctx.store, _write)
+    writer: GroupCommit[_Seen] = GroupCommit(ctx.store, functools.partial(_write, ctx.store))
     pages = 1
     if len(due) > 2:  # a list walk might pay off: count the pages it would take
         n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
@@ -200,8 +203,9 @@ def _seen(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> _Seen:
     return _Seen(job, state, fields, terminal, changed, stuck)
 
 
-async def _write(conn: Any, items: list[_Seen]) -> None:
-    """Write a batch of answers: one UPDATE per job, inputs advanced to running together."""
+async def _write(store: Store, conn: Any, items: list[_Seen]) -> None:
+    """Write a batch of answers: one UPDATE per job, inputs advanced to running together; an
+    input whose job the API cancelled without the daemon asking is marked so (never resubmitted)."""
     now = time.time()
     by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for it in items:
@@ -215,6 +219,9 @@ async def _write(conn: Any, items: list[_Seen]) -> None:
     running = [it.job["input_id"] for it in items if it.state == RemoteState.RUNNING.value]
     if running:
         await advance_inputs(conn, running, InputState.RUNNING, now)
+    cancelled = [it.job["input_id"] for it in items if it.state == RemoteState.CANCELLED.value]
+    if cancelled:
+        await store.mark_cancelled_outside(conn, cancelled, quirks.OUTSIDE_REASON)
     stuck = [(it.stuck_reason, now, it.job["input_id"]) for it in items if it.stuck_reason]
     if stuck:
         await conn.executemany("UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?", stuck)
@@ -237,10 +244,14 @@ async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) 
             log.warning("job_stuck", job=job["id"], remote=job["remote_name"], state=it.state)
         if it.changed:
             log.info("job_state", job=job["id"], remote=job["remote_name"], state=it.state)
+        if it.state == RemoteState.CANCELLED.value and not job.get("input_cancel"):
+            log.warning("job_cancelled_outside", job=job["id"], remote=job["remote_name"])
     if any(it.state == RemoteState.RUNNING.value for it in items):
         crash_point("while_running")
     if any(it.terminal for it in items):
         ctx.wake.collect.set()
+    if any(it.state == RemoteState.CANCELLED.value for it in items):
+        ctx.wake.submit.set()  # it drops the unstarted parts of a cancelled input
 
 
 async def _next_due(ctx: Context) -> float:

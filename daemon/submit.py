@@ -89,7 +89,7 @@ async def _cancel_planned(ctx: Context) -> int:
             "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE (state = 'planned' OR "
             "(state = 'creating' AND error IS NOT NULL "
             "AND NOT COALESCE(json_extract(error, '$.check_remote'), 0))) "
-            "AND input_id IN (SELECT id FROM inputs WHERE cancel_requested = 1)",
+            "AND input_id IN (SELECT id FROM inputs WHERE cancel_requested != 0)",
             (time.time(),),
         )
         n = cur.rowcount

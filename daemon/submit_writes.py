@@ -35,7 +35,7 @@ async def commit_intents(
             f"UPDATE jobs SET state = CASE WHEN id IN ({umarks}) THEN 'uploading' "
             f"ELSE 'creating' END, updated_at = ? WHERE id IN ({marks}) AND state = 'planned' "
             "AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.id = jobs.input_id "
-            "AND i.cancel_requested = 1) RETURNING id, state",
+            "AND i.cancel_requested != 0) RETURNING id, state",
             [*upload_ids, now, *(j["id"] for j in jobs)],
         ) as cur:
             started = {r[0]: r[1] for r in await cur.fetchall()}

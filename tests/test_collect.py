@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from daemon import assemble, collect, collect_big, merge_part
 from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
+from daemon.emulator import Emulator, EmulatorSettings
 from daemon.gemini import GeminiClient
 from daemon.media import media_ext, safe_key
 from daemon.outbox import outbox_paths
@@ -637,3 +639,45 @@ async def test_the_next_parts_keys_are_read_while_its_job_runs(ctx: Context) -> 
     assert not merge_part._PREPARED
     assert await collect_once(ctx) == 1
     assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c", "d", "e"]
+
+
+# ---- a file job the API answered inline (bifrost #3951), against the real emulator ----------
+_KEY_HEADER = {"x-goog-api-key": "k"}
+
+
+async def inline_job(url: str, keys: list[str]) -> str:
+    """A finished inline job at the emulator answering ``keys``; returns its name."""
+    reqs = [
+        {"request": {"contents": [{"parts": [{"text": k}]}]}, "metadata": {"key": k}} for k in keys
+    ]
+    body = {"batch": {"inputConfig": {"requests": {"requests": reqs}}}}
+    async with aiohttp.ClientSession() as s:
+        create = f"{url}/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+        async with s.post(create, json=body, headers=_KEY_HEADER) as r:
+            name = (await r.json())["name"]
+        with anyio.fail_after(20):
+            while True:
+                async with s.get(f"{url}/v1beta/{name}", headers=_KEY_HEADER) as r:
+                    if (await r.json()).get("done"):
+                        return str(name)
+                await anyio.sleep(0.02)
+
+
+async def test_file_job_answered_inline_is_read_from_inlined_responses(ctx: Context) -> None:
+    settings = EmulatorSettings(pending_seconds=0.0, running_seconds=0.0)
+    async with Emulator(settings=settings) as emu:
+        inp = await Input.make(ctx, [["a", "b"]])  # a file job, as the daemon submitted it
+        name = await inline_job(emu.url, ["a", "b"])  # ... that the API answered inline
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(conn, inp.jobs[1], remote_name=name)
+        await inp.done(inp.jobs[1], remote_state="BATCH_STATE_SUCCEEDED")
+        ctx.gemini = GeminiClient(ctx.cfg, "k", base_url=emu.url)
+        try:
+            assert await collect_once(ctx) >= 1
+        finally:
+            await ctx.gemini.aclose()
+        assert emu.stats["calls"].get("files.download", 0) == 0
+    row = await inp.row()
+    assert row["state"] == "succeeded", row
+    got = lines_of(inp.out()["results"])
+    assert [r["key"] for r in got] == ["a", "b"] and all("response" in r for r in got)

@@ -21,6 +21,7 @@ def test_defaults_follow_spec(tmp_path, monkeypatch):
     assert cfg.gemini.api_version == "v1beta"
     assert cfg.submit.inline_max_bytes == 8 * 1024 * 1024
     assert cfg.poll.workers == 4
+    assert cfg.poll.results_grace == 900.0
     assert cfg.inbox.settle_seconds == 1.0
 
 
@@ -55,6 +56,7 @@ def test_example_config_documents_every_key_with_its_default():
         ({"nosuch": {}}, "[nosuch]"),
         ({"poll": {"workers": "four"}}, "[poll] workers"),
         ({"poll": {"workers": 0}}, "[poll] workers"),
+        ({"poll": {"results_grace": -1}}, "[poll] results_grace"),
         ({"inbox": {"settle_seconds": -1}}, "[inbox] settle_seconds"),
         ({"gemini": {"default_model": "../x"}}, "[gemini] default_model"),
         ({"submit": {"inline_max_bytes": 30_000_000}}, "[submit] inline_max_bytes"),

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon.emulator import answers
 from daemon.emulator.faults import CREATE_ENDPOINTS, Faults, Stats
-from daemon.emulator.state import Store, new_id, sha256_b64
+from daemon.emulator.state import TERMINAL, Store, new_id, sha256_b64
 from daemon.emulator.wire import (
     API_PATH,
     FILE_ID,
@@ -409,13 +409,12 @@ class Api:
         return json_response(body, self.stats)
 
     async def batch_cancel(self, ctx: Ctx) -> web.StreamResponse:
+        # Best effort and 200 `{}` in every case: a finished job is left as it is, and a job
+        # with an `[[ignore_cancel]]` request runs on (see Store.cancel).
         rec = self._job(ctx.args[0])
-        if not self.store.cancel(rec):
-            raise ApiError(
-                400,
-                f"Batch {rec['id']} is already {rec['state']}; it cannot be cancelled.",
-                "FAILED_PRECONDITION",
-            )
+        if self.store.state_of(rec) not in TERMINAL:
+            ignored = await asyncio.to_thread(self.store.ignores_cancel, rec)
+            self.store.cancel(rec, ignored=ignored)
         return json_response({}, self.stats)
 
     async def batch_delete(self, ctx: Ctx) -> web.StreamResponse:

@@ -40,6 +40,13 @@ class EmulatorSettings:
     seed: int = 0
     # Reproduce python-genai#1759: files.get/delete refuse ids over 40 chars (`batch-<36>` is 42).
     file_id_limit: bool = False
+    # `error.code` of a cancelled job (13, as the real API answers; e.g. 1 to play an old guess).
+    cancel_error_code: int = 13
+    # Seconds a SUCCEEDED file job reports no `responsesFile` after it ended (ellmer: "The API can
+    # report BATCH_STATE_SUCCEEDED before responsesFile is populated"); read at each get.
+    results_file_delay: float = 0.0
+    # Inline responses without their `metadata` (python-genai#2008, SRCLIB #816).
+    drop_inline_metadata: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update; raises ValueError for unknown fields or bad values."""
@@ -73,6 +80,9 @@ _TYPES: dict[str, type] = {
     "fault_rates": dict,
     "seed": int,
     "file_id_limit": bool,
+    "cancel_error_code": int,
+    "results_file_delay": float,
+    "drop_inline_metadata": bool,
 }
 
 

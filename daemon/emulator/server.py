@@ -15,6 +15,7 @@ from daemon.emulator.faults import EmulatorSettings, Faults, Stats
 from daemon.emulator.state import Store
 
 FORCEABLE = ("FAILED", "EXPIRED")
+FORCEABLE_JOB = (*FORCEABLE, "SUCCEEDED")  # one job can also be made to end well now
 
 
 class Emulator:
@@ -150,8 +151,8 @@ class Emulator:
             rec = self.store.jobs.get(jid)
             if rec is None:
                 raise ApiError(404, f"Batch {jid} not found.")
-            if body.get("state") not in FORCEABLE:
-                raise ValueError(f"state must be one of {FORCEABLE}")
+            if body.get("state") not in FORCEABLE_JOB:
+                raise ValueError(f"state must be one of {FORCEABLE_JOB}")
             try:
                 self.store.force(rec, body["state"])
             except ValueError as e:

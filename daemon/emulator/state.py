@@ -23,6 +23,8 @@ from daemon.emulator.faults import EmulatorSettings
 EXPIRY_SECONDS = 48 * 3600
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 ACTIVE = ("PENDING", "RUNNING")
+# A prompt marker: cancels of a job with it in any request are acknowledged, not done.
+IGNORE_CANCEL = b"[[ignore_cancel]]"
 _ALNUM = string.ascii_lowercase + string.digits
 _STAT_NAMES = {
     "request": "requestCount",
@@ -340,9 +342,12 @@ class Store:
         output: dict[str, Any] | None = None
         if state == "SUCCEEDED":
             if not rec["inline"]:
-                output = {"responsesFile": f"files/batch-{jid}"}
+                if now >= rec["end"] + self.settings.results_file_delay:
+                    output = {"responsesFile": f"files/batch-{jid}"}
             elif with_inline:
                 items = self.inline_results(rec)
+                if self.settings.drop_inline_metadata:
+                    items = [{k: v for k, v in i.items() if k != "metadata"} for i in items]
                 # Embedding batches use the same field name (EmbedContentBatchOutput.inlinedResponses);
                 # the SDK renames it to inlined_embed_content_responses client-side.
                 output = {"inlinedResponses": {"inlinedResponses": items}}
@@ -359,7 +364,8 @@ class Store:
         if state == "SUCCEEDED":
             op["response"] = {"@type": _TYPE + kind + "Output", **(output or {})}
         elif state == "CANCELLED":
-            op["error"] = {"code": 1, "message": "The batch was cancelled by the user."}
+            code = rec.get("cancel_code", self.settings.cancel_error_code)
+            op["error"] = {"code": code, "message": f"Batch {jid} failed without error."}
         elif state == "FAILED":
             msg = rec.get("worker_error") or "The batch failed (forced by the emulator)."
             op["error"] = {"code": 13, "message": msg}
@@ -370,16 +376,44 @@ class Store:
             }
         return op
 
-    def cancel(self, rec: dict[str, Any]) -> bool:
-        """Cancel an active job; False if it is already terminal."""
+    def cancel(self, rec: dict[str, Any], *, ignored: bool = False) -> bool:
+        """Cancel an active job (best effort): False if it is already terminal or ``ignored``
+        (see :meth:`ignores_cancel`; the job then runs on to its normal end)."""
         if self.state_of(rec) in TERMINAL:
             return False
+        if ignored:
+            rec["cancel_ignored"] = True
+            self.save_job(rec)
+            return False
+        rec["cancel_code"] = self.settings.cancel_error_code
         self.finish(rec, "CANCELLED", time.time())
         return True
 
+    def ignores_cancel(self, rec: dict[str, Any]) -> bool:
+        """One of the job's requests carries `[[ignore_cancel]]` (reads its input: run in a thread)."""
+        if rec["inline"]:
+            path = self._jpath(rec["id"], ".in.jsonl")
+        else:
+            path = self.file_path(rec["input_file"].removeprefix("files/"))
+        marker, tail = IGNORE_CANCEL, b""
+        try:
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    if marker in tail + block:
+                        return True
+                    tail = block[-len(marker) :]
+        except OSError:
+            return False
+        return False
+
     def force(self, rec: dict[str, Any], state: str) -> None:
+        """End an active job now; SUCCEEDED: as soon as its answers are written."""
         if self.state_of(rec) in TERMINAL:
             raise ValueError(f"job is already {rec['state']}")
+        if state == "SUCCEEDED":
+            rec.update(pending_s=0.0, running_s=0.0, forced=None)
+            self.save_job(rec)
+            return
         self.finish(rec, state, time.time())
 
     def active(self) -> list[dict[str, Any]]:

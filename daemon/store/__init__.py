@@ -216,6 +216,38 @@ class Store:
         fields["updated_at"] = time.time()
         await self._update(conn, "inputs", "id", input_id, fields)
 
+    async def mark_cancelled_outside(
+        self, conn: aiosqlite.Connection, input_ids: Iterable[str], reason: str
+    ) -> list[str]:
+        """Inputs whose job the API reports CANCELLED without the daemon having asked:
+        ``cancel_requested = 2`` (no resubmission, unstarted parts dropped) and ``reason``.
+        Inputs already cancelled by request are left alone; returns the ids marked."""
+        marked = []
+        for input_id in dict.fromkeys(input_ids):
+            async with conn.execute(
+                "UPDATE inputs SET cancel_requested = 2, reason = ?, updated_at = ? "
+                "WHERE id = ? AND cancel_requested = 0 RETURNING state",
+                (reason, time.time(), input_id),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                await self.add_history(conn, input_id, row[0], reason)
+                marked.append(input_id)
+        return marked
+
+    async def cancel_requested_at(self, input_id: str, note: str) -> float | None:
+        """When the input's latest history entry with ``note`` (the cancel request) was made."""
+        return await self.scalar(
+            "SELECT MAX(at) FROM history WHERE input_id = ? AND note = ?", (input_id, note)
+        )
+
+    async def clear_reason(self, conn: aiosqlite.Connection, input_id: str, prefix: str) -> None:
+        """Forget the input's reason if it still starts with ``prefix`` (a wait that is over)."""
+        await conn.execute(
+            "UPDATE inputs SET reason = NULL, updated_at = ? WHERE id = ? AND substr(reason, 1, ?) = ?",
+            (time.time(), input_id, len(prefix), prefix),
+        )
+
     async def get_input(self, input_id: str) -> Row | None:
         return await self.fetchone("SELECT * FROM inputs WHERE id = ?", (input_id,))
 
