@@ -26,7 +26,7 @@ def _doctor_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check the API's wire shapes with a few tiny jobs (costs a fraction of a cent)",
     )
-    p.add_argument("--model", default="gemini-2.5-flash-lite", help="model for --live")
+    p.add_argument("--model", default="gemini-3.1-flash-lite", help="model for --live")
     p.add_argument(
         "--timeout", type=float, default=1800.0, help="--live: seconds to wait for the jobs"
     )
