@@ -145,3 +145,16 @@ async def test_cli_live_report_file_and_exit_code(tmp_path: Path) -> None:
     data = orjson.loads(report.read_bytes())
     assert data["model"] == MODEL and data["ok"] is False
     assert {c["name"]: c["status"] for c in data["checks"]}["files.get_long_id"] == "DIFF"
+
+
+async def test_rejected_key_gives_diffs_not_a_crash_and_no_key(tmp_path: Path) -> None:
+    wrong = "sk-wrong-0d9e8f7a6b5c"
+    async with Emulator(settings=EmulatorSettings(**FAST)) as emu:
+        cfg = make_cfg(tmp_path, gemini={"base_url": emu.url})
+        with anyio.fail_after(20):
+            report = await live_report(cfg, wrong, model=MODEL, timeout=5, poll_interval=0.02)
+    c = checks(report)
+    assert {x["status"] for x in c.values()} == {"DIFF"} and report["ok"] is False
+    assert c["upload.active"]["seen"].startswith(("400", "401", "403"))
+    assert c["result.lines"]["seen"] == "not reached: the file job did not succeed"
+    assert wrong not in orjson.dumps(report).decode()
