@@ -79,6 +79,7 @@ class LiveRun:
     ) -> None:
         self.gem, self.model = gem, model
         self.timeout, self.poll_interval = timeout, poll_interval
+        self.deadline = float("inf")  # set when the run starts: one --timeout for all the waits
         self.findings: list[Finding] = []
         self.made = Made()
         self.leftovers: list[str] = []
@@ -237,8 +238,8 @@ class LiveRun:
         self.add("cancel.shape", ok, exp, seen, "1.6", note="the daemon keys on metadata.state")
 
     async def wait_done(self, name: str, seen: list[dict[str, Any]] | None = None) -> dict:
-        """Poll ``batches.get`` until the job is terminal (or the timeout)."""
-        with anyio.move_on_after(self.timeout):
+        """Poll ``batches.get`` until the job is terminal (or the run's ``--timeout`` is up)."""
+        with anyio.CancelScope(deadline=self.deadline):
             while True:
                 op = await self.gem.get_batch(name)
                 if seen is not None:
@@ -413,6 +414,7 @@ class LiveRun:
         self.leftovers = left
 
     async def run(self) -> None:
+        self.deadline = anyio.current_time() + self.timeout
         input_file = await self.step_upload()
         file_job, inline_job = await self.step_creates(input_file)
         try:

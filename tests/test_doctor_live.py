@@ -158,3 +158,25 @@ async def test_rejected_key_gives_diffs_not_a_crash_and_no_key(tmp_path: Path) -
     assert c["upload.active"]["seen"].startswith(("400", "401", "403"))
     assert c["result.lines"]["seen"] == "not reached: the file job did not succeed"
     assert wrong not in orjson.dumps(report).decode()
+
+
+async def test_timeout_reports_jobs_not_terminal_and_still_cleans_up(tmp_path: Path) -> None:
+    async with Emulator(settings=EmulatorSettings(**(FAST | {"pending_seconds": 3600}))) as emu:
+        cfg = make_cfg(tmp_path, gemini={"base_url": emu.url})
+        with anyio.fail_after(20):
+            report = await live_report(cfg, KEY, model=MODEL, timeout=0.5, poll_interval=0.02)
+        assert emu.stats["jobs"] == 0  # the unfinished jobs are deleted too
+    c = checks(report)
+    for kind in ("file", "inline"):
+        assert c[f"terminal.{kind}"]["status"] == "DIFF"
+        assert "not terminal after 0.5s" in c[f"terminal.{kind}"]["seen"]
+    assert c["result.download"]["seen"] == "not reached: the file job did not succeed"
+    assert c["list.contains_created"]["status"] == "PASS"  # what did not need the jobs to end
+
+
+# passes after the emulator-fidelity branches merge
+async def test_dropped_inline_metadata_is_a_tolerated_diff(tmp_path: Path) -> None:
+    report = await run_live(tmp_path, drop_inline_metadata=True)
+    c = checks(report)["inline.metadata_key"]
+    assert c["status"] == "DIFF" and c["tolerated"] and "python-genai #2008" in c["note"]
+    assert report["ok"] is True  # the daemon copes: not a failure
