@@ -1,7 +1,8 @@
 """``gemini-batchd doctor``: an offline check of the setup (SPEC §14), and the table both modes print.
 
 Each check is ``ok``, ``warn`` (works, but worth knowing) or ``problem`` (exit 1; with ``--strict``
-a warning too). Nothing here contacts the API; ``--live`` is :mod:`daemon.doctor_live`.
+a warning too). The offline checks never contact the API. ``--live`` (its report, output and exit
+code here, its checks in :mod:`daemon.doctor_live`) does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import orjson
 from google.genai import version as genai_version
 from rich.console import Console
@@ -192,8 +195,6 @@ def doctor_main(args: Any) -> int:
     """``gemini-batchd doctor [--json] [--strict]`` (``--live``: :func:`doctor_live.live_main`)."""
     config_path = getattr(args, "config", None)
     if args.live:
-        from daemon.doctor_live import live_main
-
         return live_main(config_path, args)
     rows = [asdict(c) for c in offline_checks(config_path)]
     bad = failed(rows, strict=args.strict)
@@ -202,3 +203,70 @@ def doctor_main(args: Any) -> int:
     else:
         print_table("gemini-batchd doctor", rows, ["name", "status", "detail"])
     return 1 if bad else 0
+
+
+def scrub(report: dict[str, Any], key: str) -> dict[str, Any]:
+    """``report`` with every occurrence of ``key`` replaced (defence in depth: none is expected)."""
+    text = orjson.dumps(report).decode()
+    return orjson.loads(text.replace(key, "[redacted]")) if key else report  # type: ignore[no-any-return]
+
+
+async def live_report(
+    cfg: Config, key: str, *, model: str, timeout: float, poll_interval: float
+) -> dict[str, Any]:
+    """Run every live check; the report as a JSON-ready dict (the key scrubbed)."""
+    from daemon.doctor_live import LiveRun
+    from daemon.gemini import GeminiClient
+
+    gem = GeminiClient(cfg, key)
+    run = LiveRun(gem, model=model, timeout=timeout, poll_interval=poll_interval)
+    started = time.time()
+    try:
+        await run.run()
+    finally:
+        await gem.aclose()
+    rows = [asdict(f) for f in run.findings]
+    report = {
+        "base_url": gem.base_url,
+        "api_version": gem.api_version,
+        "model": model,
+        "sdk": genai_version.__version__,
+        "started": started,
+        "seconds": round(time.time() - started, 2),
+        "ok": not any(r["status"] == "DIFF" and not r["tolerated"] for r in rows),
+        "checks": rows,
+        "left_behind": run.leftovers,
+    }
+    return scrub(report, key)
+
+
+def live_main(config_path: str | None, args: Any) -> int:
+    """``gemini-batchd doctor --live``: table (or ``--json``), ``--report FILE``; exit 1 on a DIFF."""
+    try:
+        cfg = load_config(config_path)
+        key = read_api_key(cfg)
+    except ConfigError as e:
+        print(f"gemini-batchd doctor: bad config: {e}", file=sys.stderr)
+        return 1
+    if not key:
+        print("gemini-batchd doctor: no API key (see `gemini-batchd doctor`)", file=sys.stderr)
+        return 1
+    report = anyio.run(
+        lambda: live_report(
+            cfg, key, model=args.model, timeout=args.timeout, poll_interval=args.poll_interval
+        )
+    )
+    blob = orjson.dumps(report, option=orjson.OPT_INDENT_2)
+    if args.report:
+        Path(args.report).write_bytes(blob + b"\n")
+    if args.json:
+        sys.stdout.write(blob.decode() + "\n")
+    else:
+        print_table(
+            f"gemini-batchd doctor --live ({args.model})",
+            report["checks"],
+            ["name", "status", "expected", "seen", "note"],
+        )
+        if report["left_behind"]:
+            print("not deleted: " + "; ".join(report["left_behind"]))
+    return 1 if failed(report["checks"], strict=False) else 0

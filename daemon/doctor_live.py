@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
-from google.genai import version as genai_version
 
-from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.gemini import ApiError, GeminiClient
 
 KEYS = ("doctor-1", "doctor-2")
@@ -431,69 +428,3 @@ class LiveRun:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.cleanup()
-
-
-def scrub(report: dict[str, Any], key: str) -> dict[str, Any]:
-    """``report`` with every occurrence of ``key`` replaced (defence in depth: none is expected)."""
-    text = orjson.dumps(report).decode()
-    return orjson.loads(text.replace(key, "[redacted]")) if key else report  # type: ignore[no-any-return]
-
-
-async def live_report(
-    cfg: Config, key: str, *, model: str, timeout: float, poll_interval: float
-) -> dict[str, Any]:
-    """Run every live check; the report as a JSON-ready dict (the key scrubbed)."""
-    gem = GeminiClient(cfg, key)
-    run = LiveRun(gem, model=model, timeout=timeout, poll_interval=poll_interval)
-    started = time.time()
-    try:
-        await run.run()
-    finally:
-        await gem.aclose()
-    rows = [asdict(f) for f in run.findings]
-    report = {
-        "base_url": gem.base_url,
-        "api_version": gem.api_version,
-        "model": model,
-        "sdk": genai_version.__version__,
-        "started": started,
-        "seconds": round(time.time() - started, 2),
-        "ok": not any(r["status"] == "DIFF" and not r["tolerated"] for r in rows),
-        "checks": rows,
-        "left_behind": run.leftovers,
-    }
-    return scrub(report, key)
-
-
-def live_main(config_path: str | None, args: Any) -> int:
-    """``gemini-batchd doctor --live``: table (or ``--json``), ``--report FILE``; exit 1 on a DIFF."""
-    from daemon.doctor import failed, print_table
-
-    try:
-        cfg = load_config(config_path)
-        key = read_api_key(cfg)
-    except ConfigError as e:
-        print(f"gemini-batchd doctor: bad config: {e}", file=sys.stderr)
-        return 1
-    if not key:
-        print("gemini-batchd doctor: no API key (see `gemini-batchd doctor`)", file=sys.stderr)
-        return 1
-    report = anyio.run(
-        lambda: live_report(
-            cfg, key, model=args.model, timeout=args.timeout, poll_interval=args.poll_interval
-        )
-    )
-    blob = orjson.dumps(report, option=orjson.OPT_INDENT_2)
-    if args.report:
-        Path(args.report).write_bytes(blob + b"\n")
-    if args.json:
-        sys.stdout.write(blob.decode() + "\n")
-    else:
-        print_table(
-            f"gemini-batchd doctor --live ({args.model})",
-            report["checks"],
-            ["name", "status", "expected", "seen", "note"],
-        )
-        if report["left_behind"]:
-            print("not deleted: " + "; ".join(report["left_behind"]))
-    return 1 if failed(report["checks"], strict=False) else 0

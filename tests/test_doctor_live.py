@@ -12,7 +12,7 @@ import anyio
 import orjson
 import pytest
 
-from daemon.doctor_live import live_report
+from daemon.doctor import live_report
 from daemon.emulator import Emulator, EmulatorSettings
 from tests.remote_helpers import KEY, make_cfg
 
