@@ -18,6 +18,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--strict", action="store_true", help="a warning is a problem too (exit 1)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="check the API's wire shapes with a few tiny jobs (costs a fraction of a cent)",
+    )
+    p.add_argument("--model", default="gemini-3.1-flash-lite", help="model for --live")
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="--live: seconds to wait for the jobs"
+    )
+    p.add_argument(
+        "--poll-interval", type=float, default=10.0, help="--live: seconds between job polls"
+    )
+    p.add_argument("--report", help="--live: write the JSON report to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemini-batchd", description="Gemini Batch API inbox/outbox daemon"
@@ -45,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="model the file is for (default: the folder name or [gemini] default_model)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("doctor", help="check the setup offline (--live: against the API)")
+    _common(p)
+    _doctor_args(p)
 
     p = sub.add_parser("emulator", help="run the local Gemini API emulator")
     _common(p)
@@ -91,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.emulator.cli import main as emulator_main
 
         return emulator_main(args)
+
+    if cmd == "doctor":  # before loading the config: a bad one is one of its findings
+        from daemon.doctor import doctor_main
+
+        return doctor_main(args)
 
     from daemon.config import ConfigError, load_config
 

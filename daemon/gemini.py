@@ -337,6 +337,11 @@ class GeminiClient:
             if e.http_code != 404:
                 raise
 
+    async def get_file(self, name: str) -> dict[str, Any]:
+        """A Files API file (``files.get``) as camelCase JSON."""
+        f = await self._call("files.get", lambda: self._sdk.aio.files.get(name=name))
+        return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
+
     async def download_file(self, file_name: str, dest: Path) -> None:
         """Stream a (generated) file to ``dest`` via ``dest.part``; ``dest`` appears whole or not."""
         part = dest.with_name(dest.name + ".part")

@@ -47,7 +47,9 @@ async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path
     data = config_data(tmp_path / "root", emulator.url)
     cfg_path = write_config(tmp_path / "c.toml", data)
     root = tmp_path / "root"
-    emulator.settings.running_seconds = 3.0
+    # The job runs until the test ends it (issue 13: with 3 s, a slow second start found it done
+    # before READY): the resumed input must still be running when READY is sent.
+    emulator.settings.running_seconds = 3600.0
     # First life: take a file and die while its job runs, so the next start has work to resume.
     p = DaemonProcess(cfg_path, env={"GEMINI_BATCHD_CRASH_AT": "while_running"})
     try:
@@ -69,6 +71,8 @@ async def test_notify_ready_after_recovery_status_watchdog_and_stopping(tmp_path
         pings = [t for t, m in ns.messages if "WATCHDOG=1" in m]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < 0.4 and time.monotonic() - t0 < 5  # half of WATCHDOG_USEC, with slack
+        for rec in emulator.store.jobs.values():
+            rec["running_s"] = 0.0  # now the job may end
         await wait_until(outbox_paths(root / "outbox", "n.jsonl")["summary"].exists, timeout=30)
         assert p.terminate() == 0
         assert ns.has("STOPPING=1")
