@@ -69,6 +69,7 @@ class SubmitConfig:
     max_enqueued_tokens: int = 0  # per model; 0 = no local cap (the API's 429 still applies)
     retry_failed_requests: int = 1
     dedupe: bool = True
+    idle_seconds: float = 30.0  # safety-net timer of the submit loop (nudges do the work)
 
 
 @dataclass(frozen=True)
