@@ -65,7 +65,7 @@ async def rows(ctx: Context) -> list[dict[str, Any]]:
 
 
 def test_classify() -> None:
-    take = ["a.jsonl", "gemini-2.5-flash/a.jsonl", "gemini-embedding-001/x.y.jsonl"]
+    take = ["a.jsonl", "A.JSONL", "gemini-2.5-flash/a.jsonl", "gemini-embedding-001/x.y.jsonl"]
     ignore = [
         ".a.jsonl",
         ".hidden/a.jsonl",
@@ -75,10 +75,9 @@ def test_classify() -> None:
         "a.jsonl~",
         "a.json",
         "a.txt",
-        "m/deep/a.jsonl",
         "gemini-2.5-flash/.a.jsonl",
     ]
-    reject = ["Gemini Pro/a.jsonl", "UPPER/a.jsonl", "-x/a.jsonl", "a b/c.jsonl"]
+    reject = ["Gemini Pro/a.jsonl", "UPPER/a.jsonl", "-x/a.jsonl", "a b/c.jsonl", "m/deep/a.jsonl"]
     for rel in take:
         assert classify(PurePosixPath(rel)) == "take", rel
     for rel in ignore:
@@ -108,13 +107,14 @@ async def test_ignored_names_are_left_alone(ctx: Context) -> None:
         (inbox / n).write_bytes(GOOD)
     (inbox / ".hidden").mkdir()
     (inbox / ".hidden" / "g.jsonl").write_bytes(GOOD)
-    (inbox / "gemini-2.5-flash" / "deep").mkdir(parents=True)
-    (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").write_bytes(GOOD)
+    (inbox / "gemini-2.5-flash" / "deep" / ".dot").mkdir(parents=True)
+    (inbox / "gemini-2.5-flash" / "deep" / "h.txt").write_bytes(GOOD)
+    (inbox / "gemini-2.5-flash" / "deep" / ".dot" / "i.jsonl").write_bytes(GOOD)
     assert await settle_scan(ctx) == 0
     assert sorted(p.name for p in inbox.iterdir()) == sorted(
         [*names, ".hidden", "gemini-2.5-flash"]
     )
-    assert (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").exists()
+    assert (inbox / "gemini-2.5-flash" / "deep" / ".dot" / "i.jsonl").exists()
     assert await rows(ctx) == []
     assert not ctx.cfg.outbox_dir.exists() or list(ctx.cfg.outbox_dir.rglob("*")) == []
 
