@@ -150,8 +150,8 @@ class Emulator:
             rec = self.store.jobs.get(jid)
             if rec is None:
                 raise ApiError(404, f"Batch {jid} not found.")
-            if body.get("state") not in FORCEABLE:
-                raise ValueError(f"state must be one of {FORCEABLE}")
+            if body.get("state") not in (*FORCEABLE, "SUCCEEDED"):
+                raise ValueError(f"state must be one of {(*FORCEABLE, 'SUCCEEDED')}")
             try:
                 self.store.force(rec, body["state"])
             except ValueError as e:

@@ -380,6 +380,8 @@ class Store:
     def force(self, rec: dict[str, Any], state: str) -> None:
         if self.state_of(rec) in TERMINAL:
             raise ValueError(f"job is already {rec['state']}")
+        if state == "SUCCEEDED" and (rec["counts"] is None or rec.get("worker_error")):
+            raise ValueError("its answers are not written yet")
         self.finish(rec, state, time.time())
 
     def active(self) -> list[dict[str, Any]]:
