@@ -58,6 +58,10 @@ async def test_idle_and_half_sent_connections_are_closed_and_the_cli_answers(tmp
         half = await anyio.to_thread.run_sync(
             _open, path, HALF, b"GET /v1/status HTTP/1.1\r\nHost: d\r\n"
         )
+        # kept alive after one whole request: closed by the idle timeout
+        kept = await anyio.to_thread.run_sync(
+            _open, path, 5, b"GET /v1/status HTTP/1.1\r\nHost: d\r\n\r\n"
+        )
         env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": str(ROOT),
@@ -77,8 +81,9 @@ async def test_idle_and_half_sent_connections_are_closed_and_the_cli_answers(tmp
         assert status["control"]["max_connections"] == CAP
         deadline = time.monotonic() + 30.0  # a safety net: the timeouts are 2 s
         closed = [
-            await anyio.to_thread.run_sync(_closed_by_server, s, deadline) for s in idle + half
+            await anyio.to_thread.run_sync(_closed_by_server, s, deadline)
+            for s in idle + half + kept
         ]
-        for s in idle + half:
+        for s in idle + half + kept:
             s.close()
-    assert closed == [True] * (IDLE + HALF)
+    assert closed == [True] * (IDLE + HALF + 5)
