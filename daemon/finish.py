@@ -235,7 +235,7 @@ async def finish_index(
 
 
 def superseded_reason(reason: str | None, newer: str) -> str:
-    note = f"superseded by the later drop {newer} of the same name: its outbox files were kept"
+    note = f"superseded by the later drop {newer} of the same name: the outbox keeps its files"
     return f"{reason}; {note}" if reason else note
 
 

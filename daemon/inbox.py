@@ -1,8 +1,10 @@
 """Intake, first half: watch and scan the inbox, settle, then claim (SPEC §2).
 
 Settled drops are claimed in batches (``daemon.claim``); what cannot be claimed as a request file
-(symlinks, FIFOs and other non-regular files, files in a folder that is not a model id) is moved out
-of the inbox the same way and rejected. Validation of claimed files is ``daemon.intake``.
+(symlinks, FIFOs and other non-regular files, files in a folder that is not a model id, ``*.jsonl``
+nested deeper than a model folder, folders named ``*.jsonl``, names too long for their outbox files)
+is moved out of the inbox the same way and rejected. Validation of claimed files is
+``daemon.intake``.
 
 A new drop of a path that was rejected before writes a new ``foo.error.json``; other ``foo.*`` files
 of the earlier drop are left as they are until the new drop completes.
@@ -40,7 +42,7 @@ MAX_DEPTH = 8  # folders deeper than this under the inbox are not looked into
 
 
 def is_jsonl(name: str) -> bool:
-    """A request file's name: ``*.jsonl`` in any case, not a temp name or a dotfile."""
+    """A request file's name: ``*.jsonl`` in any case, not a dotfile."""
     lower = name.lower()
     return lower.endswith(".jsonl") and not name.startswith(".")
 
