@@ -522,3 +522,26 @@ async def test_a_digest_missing_after_a_crash_is_filled_in_when_the_validator_st
 
         await wait_for(filled)
         tg.cancel_scope.cancel()
+
+
+async def test_a_scan_rejects_nested_drops_and_folders_named_jsonl(ctx: Context) -> None:
+    inbox = inbox_of(ctx)
+    for rel in ("a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(GOOD)
+    (inbox / "f.jsonl").mkdir()
+    (inbox / "f.jsonl" / "g.jsonl").write_bytes(GOOD)
+    (inbox / "UP.JSONL").write_bytes(GOOD)
+    (inbox / "a" / "notes.txt").write_bytes(b"x")
+    assert await settle_scan(ctx) == 4
+    by_path = {r["rel_path"]: r for r in await rows(ctx)}
+    assert set(by_path) == {"a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl", "f.jsonl", "UP.JSONL"}
+    for rel in ("a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl"):
+        assert by_path[rel]["state"] == "rejected" and "nested too deep" in by_path[rel]["reason"]
+        assert "nested too deep" in error_file(ctx, rel)["reason"]
+    assert by_path["f.jsonl"]["state"] == "rejected" and "folder" in by_path["f.jsonl"]["reason"]
+    assert (Path(by_path["f.jsonl"]["work_path"]) / "g.jsonl").read_bytes() == GOOD
+    assert by_path["UP.JSONL"]["state"] == "seen" and by_path["UP.JSONL"]["reason"] is None
+    assert sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file()) == [
+        "a/notes.txt"
+    ]
