@@ -1,7 +1,7 @@
 """Many files: N small files (10 requests each) renamed into the inbox at once.
 
-    python -m bench.many_files --files 10000
-    python -m bench.many_files --files 2000 --max-active-jobs 100    # the real API's job limit
+    python -m bench.many_files --files 10000                          # the daemon's default cap (50)
+    python -m bench.many_files --files 10000 --max-active-jobs 20000  # the cap lifted
 
 Files are generated in a staging folder on the inbox's filesystem, then renamed in as fast as
 possible. Completion = every `outbox/*.summary.json` exists; "through submission" = every input
@@ -31,6 +31,9 @@ from bench.common import (
     target,
 )
 from bench.gen import small_files
+from daemon.config import SubmitConfig
+
+REAL_API_JOB_LIMIT = 100
 
 
 def count_done(outbox: Path) -> tuple[int, int]:
@@ -51,8 +54,9 @@ def main() -> int:
     ap.add_argument(
         "--max-active-jobs",
         type=int,
-        default=20_000,
-        help="emulator limit and daemon's [submit] max_active_jobs (real API: 100)",
+        default=SubmitConfig().max_active_jobs,
+        help="the daemon's [submit] max_active_jobs (default: the daemon's default); the "
+        "emulator's job limit is this or the real API's 100, whichever is higher",
     )
     ap.add_argument("--settle", type=float, default=0.2, help="[inbox] settle_seconds")
     ap.add_argument("--timeout", type=float, default=1500)
@@ -64,7 +68,8 @@ def main() -> int:
     n = args.files
 
     run_dir = new_run_dir(f"many-{n}")
-    emu = EmulatorProc(run_dir / "emulator", "--max-active-jobs", str(args.max_active_jobs))
+    emu_limit = max(REAL_API_JOB_LIMIT, args.max_active_jobs)
+    emu = EmulatorProc(run_dir / "emulator", "--max-active-jobs", str(emu_limit))
     emu.start()
     daemon = DaemonProc(
         run_dir,

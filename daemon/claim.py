@@ -267,18 +267,23 @@ async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[s
         "finished_at": _iso(now),
     }
     target = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["error"]
-    await anyio.to_thread.run_sync(write_json, target, doc)
-    with anyio.CancelScope(shield=True):
-        async with ctx.store.tx() as conn:
-            await ctx.store.set_input_state(
-                conn,
-                row["id"],
-                InputState.REJECTED,
-                note=reason,
-                reason=reason,
-                error=details,
-                finished_at=now,
-            )
+    async with ctx.outbox_lock(row["rel_path"]):
+        newer = await ctx.store.newer_final_drop(row)  # if so, the outbox is the newer drop's
+        if newer is None:
+            await anyio.to_thread.run_sync(write_json, target, doc)
+        else:
+            reason += f" (superseded by the later drop {newer}: no error file written)"
+        with anyio.CancelScope(shield=True):
+            async with ctx.store.tx() as conn:
+                await ctx.store.set_input_state(
+                    conn,
+                    row["id"],
+                    InputState.REJECTED,
+                    note=reason,
+                    reason=reason,
+                    error=details,
+                    finished_at=now,
+                )
     log.warning("input_rejected", input_id=row["id"], file=row["rel_path"], reason=reason)
 
 

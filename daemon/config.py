@@ -69,6 +69,7 @@ class SubmitConfig:
     max_enqueued_tokens: int = 0  # per model; 0 = no local cap (the API's 429 still applies)
     retry_failed_requests: int = 1
     dedupe: bool = True
+    idle_seconds: float = 30.0  # safety-net timer of the submit loop (nudges do the work)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    header_timeout: float = 10.0  # a connection's first request header must arrive within this
+    idle_timeout: float = 10.0  # a connection idle (or half-sent) this long is closed
+    max_connections: int = 256  # beyond it a new connection gets 503 and is closed at once
+
+
+@dataclass(frozen=True)
 class Price:
     """Interactive list prices in USD per million tokens; the batch discount (50%) is applied."""
 
@@ -118,6 +126,7 @@ class Config:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     prices: dict[str, Price] = field(default_factory=dict)
     source: str | None = None  # the file it came from, if any
 
@@ -164,6 +173,7 @@ _SECTIONS: dict[str, type] = {
     "outbox": OutboxConfig,
     "cleanup": CleanupConfig,
     "daemon": DaemonConfig,
+    "control": ControlConfig,
 }
 
 
@@ -240,6 +250,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[poll] results_grace: must be >= 0")
     if cfg.api.max_rps <= 0:
         raise ConfigError("[api] max_rps: must be > 0")
+    if min(cfg.control.header_timeout, cfg.control.idle_timeout) <= 0:
+        raise ConfigError("[control] header_timeout, idle_timeout: must be > 0")
+    if cfg.control.max_connections < 1:
+        raise ConfigError("[control] max_connections: must be >= 1")
     if cfg.api.timeout <= 0:
         raise ConfigError("[api] timeout: must be > 0")
     if cfg.inbox.settle_seconds <= 0 or cfg.inbox.rescan_seconds <= 0:

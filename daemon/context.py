@@ -7,13 +7,16 @@ the timer is only the safety net.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from daemon.config import Config
+from daemon.outbox import jsonl_stem
 from daemon.store import Store
 
 if TYPE_CHECKING:
@@ -60,6 +63,24 @@ class Context:
     # Set by the submitter while admitted jobs wait for a worker: polling and collecting then
     # yield to submission (a job submitted earlier finishes earlier at the API).
     submit_backlog: bool = False
+    # One writer at a time per outbox path (drops of the same name finishing together):
+    # path → [lock, holders and waiters]; an entry goes when nobody holds or waits.
+    _outbox_locks: dict[str, list[Any]] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def outbox_lock(self, rel_path: str) -> AsyncIterator[None]:
+        """Held while an input of ``rel_path`` decides on and writes its outbox files."""
+        rel = PurePosixPath(rel_path)
+        key = str(rel.parent / jsonl_stem(rel.name))  # x.jsonl and x.JSONL share their files
+        entry = self._outbox_locks.setdefault(key, [anyio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._outbox_locks[key]
 
     @property
     def work_dir(self) -> Path:

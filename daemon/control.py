@@ -12,6 +12,7 @@ or ``%2F``); ``/cancel`` and ``/retry`` are recognised as suffixes. Every error 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -31,6 +32,7 @@ from anyio.abc import TaskStatus
 from daemon import __version__, quirks
 from daemon.actions import ActionError, cancel_input, retry_input
 from daemon.context import Context
+from daemon.control_guard import ConnectionGuard
 from daemon.metrics import Metrics, queue_depth, stuck_jobs
 from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 from daemon.store import Row, loads
@@ -42,6 +44,7 @@ MAX_LIMIT = 1000
 CTX = web.AppKey("ctx", Context)
 STARTED = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
+GUARD = web.AppKey("guard", ConnectionGuard)
 ACTIONS = ("cancel", "retry")
 
 
@@ -56,6 +59,26 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(code: int, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status=code)
+
+
+@web.middleware
+async def _track(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A connection with a request in progress is neither timed out nor evicted."""
+    guard = request.app.get(GUARD)
+    if guard is None:
+        return await handler(request)
+    conn = guard.request_started(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        guard.request_ended(conn)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body, which must arrive within ``[control] header_timeout`` (else 408)."""
+    with anyio.move_on_after(request.app[CTX].cfg.control.header_timeout):
+        return await request.read()
+    raise web.HTTPRequestTimeout(text="the request body did not arrive in time")
 
 
 @web.middleware
@@ -186,6 +209,15 @@ async def input_detail(ctx: Context, row: Row) -> dict[str, Any]:
 
 
 # ---- handlers ---------------------------------------------------------------------------------
+def _connections(app: web.Application) -> dict[str, Any]:
+    guard = app.get(GUARD)
+    return {
+        "connections": None if guard is None else len(guard.open),
+        "max_connections": app[CTX].cfg.control.max_connections,
+        "refused": None if guard is None else guard.refused,
+    }
+
+
 async def get_status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     cfg = ctx.cfg
@@ -211,6 +243,7 @@ async def get_status(request: web.Request) -> web.Response:
             "queued_requests": await queue_depth(ctx.store),
             "active_jobs": active,
             "max_active_jobs": cfg.submit.max_active_jobs,
+            "control": _connections(request.app),
             "last_api_error": ctx.last_api_error,
             "stuck_jobs": [
                 {
@@ -267,7 +300,7 @@ async def input_route(request: web.Request) -> web.Response:
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         row = await _find(ctx, head)
         if last == "cancel":
-            await request.read()  # a body is allowed but ignored; still bounded by client_max_size
+            await _read_body(request)  # allowed but ignored; still bounded by client_max_size
             row = await cancel_input(ctx, row["id"])
         else:
             row = await retry_input(ctx, row["id"], fresh=await _fresh_flag(request))
@@ -279,7 +312,7 @@ async def input_route(request: web.Request) -> web.Response:
 
 async def _fresh_flag(request: web.Request) -> bool:
     fresh = request.query.get("fresh")
-    body = await request.read()
+    body = await _read_body(request)
     if body.strip():
         try:
             data = orjson.loads(body)
@@ -307,7 +340,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 def make_app(ctx: Context, *, started_at: float) -> web.Application:
     """The aiohttp application (also used directly by tests)."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_track, _errors], client_max_size=MAX_BODY)
     app[CTX] = ctx
     app[STARTED] = started_at
     if ctx.metrics is None:
@@ -364,20 +397,31 @@ async def run_control(
     path = ctx.cfg.socket_path
     started_at = time.time()
     app = make_app(ctx, started_at=started_at)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    limits = ctx.cfg.control
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout
+    )
+
+    def protocol() -> Any:
+        assert runner.server is not None  # set up below, before the first connection
+        return runner.server()
+
+    guard = app[GUARD] = ConnectionGuard(limits, protocol)
     await runner.setup()
     sock: socket.socket | None = None
+    server: asyncio.Server | None = None
     inode = -1
     try:
         sock = bind_socket(path, ctx.cfg.paths.socket_group)
         inode = path.lstat().st_ino
-        site = web.SockSite(runner, sock)
-        await site.start()
+        server = await asyncio.get_running_loop().create_server(guard, sock=sock)
         log.info("control_listening", socket=str(path))
         task_status.started()
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):
+            if server is not None:
+                server.close()
             await runner.cleanup()
             if sock is not None:
                 sock.close()

@@ -230,12 +230,37 @@ async def finish_index(
     jobs: list[dict[str, Any]],
     index: MergeIndex | OrderedParts,
 ) -> None:
-    """Write the outbox from a built index and commit the final state."""
+    """Write the outbox from a built index and commit the final state. When a later drop of the
+    same path has already ended, the outbox is its: this one only commits its final state."""
+    async with ctx.outbox_lock(row["rel_path"]):
+        newer = await ctx.store.newer_final_drop(row)
+        await _finish_index(ctx, row, jobs, index, newer)
+    work = ctx.input_dir(row["id"])
+    results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
+    await anyio.to_thread.run_sync(assemble.discard, results, work)
+    await anyio.to_thread.run_sync(_cleanup_work, work, index.path)
+    await _cleanup_remote(ctx, jobs)
+
+
+def superseded_reason(reason: str | None, newer: str) -> str:
+    note = f"superseded by the later drop {newer} of the same name: the outbox keeps its files"
+    return f"{reason}; {note}" if reason else note
+
+
+async def _finish_index(
+    ctx: Context,
+    row: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    index: MergeIndex | OrderedParts,
+    newer: str | None,
+) -> None:
     cfg = ctx.cfg
     paths = outbox_paths(cfg.outbox_dir, row["rel_path"])
     counts = await anyio.to_thread.run_sync(index.counts)
     ignored = await quirks.ignored_cancels(ctx, row, jobs)
     state, reason = _final_state(row, counts, jobs, ignored)
+    if newer is not None:
+        reason = superseded_reason(reason, newer)
     last: dict[int, dict[str, Any]] = {}
     for j in jobs:  # the latest job of each part
         if j["part_no"] not in last or j["attempt"] > last[j["part_no"]]["attempt"]:
@@ -246,7 +271,7 @@ async def finish_index(
         {p: _unanswered(state, j["attempt"], j) for p, j in last.items()},
         _unanswered(state, attempts, None),
     )
-    with_results = counts["answered"] > 0 or state not in _ERROR_STATES
+    with_results = (counts["answered"] > 0 or state not in _ERROR_STATES) and newer is None
 
     def write_outbox() -> tuple[list[str], dict[str, int], list[dict[str, Any]]]:
         media: list[str] = []
@@ -271,7 +296,7 @@ async def finish_index(
         "finished_at": iso(now),
         "outbox": {
             "results": str(paths["results"]) if with_results else None,
-            "summary": None if state in _ERROR_STATES else str(paths["summary"]),
+            "summary": None if state in _ERROR_STATES or newer else str(paths["summary"]),
             "media": str(paths["media"]) if media else None,
         },
         "reused": False,
@@ -279,6 +304,8 @@ async def finish_index(
     }
     if ignored:  # paid although cancelled: say so
         doc["cancel_ignored_by_api"] = ignored
+    if newer is not None:
+        doc["superseded_by"] = newer
     error_doc = None
     if state in _ERROR_STATES:
         error_doc = {
@@ -298,6 +325,8 @@ async def finish_index(
     keep = ctx.results_dir / f"{row['id']}.jsonl"
 
     def seal() -> None:
+        if newer is not None:
+            return
         if media_dir is not None:
             _prune_media(media_dir, media)
         if not with_results:
@@ -322,14 +351,12 @@ async def finish_index(
                 reason=reason,
                 summary=doc,
                 error=error_doc,
-                results_path=str(keep) if state == InputState.SUCCEEDED else None,
+                results_path=str(keep) if state == InputState.SUCCEEDED and not newer else None,
                 finished_at=now,
             )
     log.info("input_finished", input_id=row["id"], state=state.value, **counts)
-    work = ctx.input_dir(row["id"])
-    await anyio.to_thread.run_sync(assemble.discard, paths["results"], work)
-    await anyio.to_thread.run_sync(_cleanup_work, work, index.path)
-    await _cleanup_remote(ctx, jobs)
+    if newer is not None:
+        log.warning("input_superseded", input_id=row["id"], file=row["rel_path"], by=newer)
 
 
 class _Default(dict[int, bytes]):
@@ -410,17 +437,24 @@ async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
         remove_quietly(paths["error"])
         link_or_copy(paths["results"], keep)
 
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(write)
-        async with ctx.store.tx() as conn:
-            await ctx.store.set_input_state(
-                conn,
-                row["id"],
-                InputState.SUCCEEDED,
-                note=f"reused results of {origin}",
-                summary=doc,
-                results_path=str(keep),
-                finished_at=now,
-            )
+    async with ctx.outbox_lock(row["rel_path"]):
+        newer = await ctx.store.newer_final_drop(row)
+        if newer is not None:
+            doc["superseded_by"] = newer
+            doc["outbox"] = {"results": None, "summary": None, "media": None}
+        with anyio.CancelScope(shield=True):
+            if newer is None:
+                await anyio.to_thread.run_sync(write)
+            async with ctx.store.tx() as conn:
+                await ctx.store.set_input_state(
+                    conn,
+                    row["id"],
+                    InputState.SUCCEEDED,
+                    note=f"reused results of {origin}",
+                    reason=None if newer is None else superseded_reason(None, newer),
+                    summary=doc,
+                    results_path=None if newer else str(keep),
+                    finished_at=now,
+                )
     log.info("input_reused", input_id=row["id"], reused_from=origin)
     return True

@@ -1,8 +1,10 @@
 """Intake, first half: watch and scan the inbox, settle, then claim (SPEC §2).
 
 Settled drops are claimed in batches (``daemon.claim``); what cannot be claimed as a request file
-(symlinks, FIFOs and other non-regular files, files in a folder that is not a model id) is moved out
-of the inbox the same way and rejected. Validation of claimed files is ``daemon.intake``.
+(symlinks, FIFOs and other non-regular files, files in a folder that is not a model id, ``*.jsonl``
+nested deeper than a model folder, folders named ``*.jsonl``, names too long for their outbox files)
+is moved out of the inbox the same way and rejected. Validation of claimed files is
+``daemon.intake``.
 
 A new drop of a path that was rejected before writes a new ``foo.error.json``; other ``foo.*`` files
 of the earlier drop are left as they are until the new drop completes.
@@ -24,6 +26,7 @@ from watchfiles import awatch
 from daemon.claim import Drop, claim_many
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
+from daemon.outbox import OUTBOX_NAME_EXTRA, name_too_long
 
 log = structlog.get_logger(__name__)
 
@@ -32,15 +35,27 @@ PROBE_NAME = ".gemini-batchd-watch-probe"
 CLAIM_BATCH = 200  # drops claimed per transaction
 
 
+NESTED = "nested too deep: a drop goes directly in inbox/ or in inbox/<model-id>/"
+A_FOLDER = "a folder, not a regular file"
+A_SYMLINK = "a symbolic link (never followed)"
+MAX_DEPTH = 8  # folders deeper than this under the inbox are not looked into
+
+
+def is_jsonl(name: str) -> bool:
+    """A request file's name: ``*.jsonl`` in any case, not a dotfile."""
+    lower = name.lower()
+    return lower.endswith(".jsonl") and not name.startswith(".")
+
+
 def classify(rel: PurePosixPath) -> Literal["take", "ignore", "reject"]:
     """What to do with a path relative to the inbox, by name alone (SPEC §2)."""
     parts = rel.parts
-    if not parts or len(parts) > 2 or any(p.startswith(".") for p in parts):
+    if not parts or any(p.startswith(".") for p in parts):
         return "ignore"
     name = parts[-1]
-    if name.endswith(IGNORED_SUFFIXES) or not name.endswith(".jsonl"):
+    if name.endswith(IGNORED_SUFFIXES) or not is_jsonl(name):
         return "ignore"
-    if len(parts) == 2 and not MODEL_ID_RE.match(parts[0]):
+    if len(parts) > 2 or (len(parts) == 2 and not MODEL_ID_RE.match(parts[0])):
         return "reject"
     return "take"
 
@@ -87,8 +102,10 @@ class _Candidate:
     reject: str | None  # why it cannot be claimed as a request file
 
 
-def _list_inbox(inbox: Path, default_model: str) -> list[_Candidate]:
-    """Everything in the inbox (and one level of folders) that is ours to take or reject."""
+def _list_inbox(inbox: Path, default_model: str, outbox: Path) -> list[_Candidate]:
+    """Everything under the inbox that is ours to take or reject: drops, and what only looks like
+    one (symlinks, special files, folders named ``*.jsonl``, drops nested too deep, names too
+    long for their outbox files)."""
     found: list[_Candidate] = []
 
     def add(entry: os.DirEntry[str], rel: str, model: str, reject: str | None) -> None:
@@ -96,6 +113,12 @@ def _list_inbox(inbox: Path, default_model: str) -> list[_Candidate]:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             return
+        if reject is None and (limit := name_too_long((outbox / rel).parent, entry.name)):
+            reject = (
+                f"file name too long: its outbox files would exceed the file system's "
+                f"{limit}-byte limit (keep the name under {limit - OUTBOX_NAME_EXTRA} bytes "
+                "before .jsonl)"
+            )
         found.append(_Candidate(Path(entry.path), rel, (st.st_size, st.st_mtime_ns), model, reject))
 
     try:
@@ -104,52 +127,62 @@ def _list_inbox(inbox: Path, default_model: str) -> list[_Candidate]:
         return found
     for entry in top:
         name = entry.name
-        verdict = classify(PurePosixPath(name))
         if name.startswith("."):
             continue
         if entry.is_symlink():
-            if verdict != "ignore" or (
+            if classify(PurePosixPath(name)) != "ignore" or (
                 not name.endswith(IGNORED_SUFFIXES) and os.path.isdir(entry.path)
             ):
-                add(entry, name, default_model, "a symbolic link (never followed)")
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            _list_folder(entry, add)
-            continue
-        if verdict == "ignore":
-            continue
-        reject = None if entry.is_file(follow_symlinks=False) else "not a regular file"
-        add(entry, name, default_model, reject)
+                add(entry, name, default_model, A_SYMLINK)
+        elif entry.is_dir(follow_symlinks=False):
+            if is_jsonl(name) and not name.endswith(IGNORED_SUFFIXES):
+                add(entry, name, default_model, A_FOLDER)
+            else:
+                _list_folder(entry, name, add, default_model, 1)
+        elif classify(PurePosixPath(name)) == "take":
+            reject = None if entry.is_file(follow_symlinks=False) else "not a regular file"
+            add(entry, name, default_model, reject)
     return found
 
 
-def _list_folder(folder: os.DirEntry[str], add: Any) -> None:
+def _list_folder(folder: os.DirEntry[str], rel: str, add: Any, default: str, depth: int) -> None:
+    """A model folder (depth 1) or a folder below one (whose drops are all rejected)."""
     try:
         entries = list(os.scandir(folder.path))
     except OSError:
         return
+    model = folder.name if depth == 1 else default
     for entry in entries:
-        rel = f"{folder.name}/{entry.name}"
-        verdict = classify(PurePosixPath(rel))
-        if verdict == "ignore":
+        sub = f"{rel}/{entry.name}"
+        if entry.name.startswith(".") or entry.name.endswith(IGNORED_SUFFIXES):
+            continue
+        if entry.is_dir(follow_symlinks=False) and not is_jsonl(entry.name):
+            if depth < MAX_DEPTH:
+                _list_folder(entry, sub, add, default, depth + 1)
+            continue
+        if not is_jsonl(entry.name):
             continue
         if entry.is_symlink():
-            add(entry, rel, folder.name, "a symbolic link (never followed)")
+            add(entry, sub, model, A_SYMLINK)
+        elif depth > 1:
+            add(entry, sub, default, NESTED)
         elif entry.is_dir(follow_symlinks=False):
-            continue  # deeper nesting is ignored
+            add(entry, sub, model, A_FOLDER)
         elif not entry.is_file(follow_symlinks=False):
-            add(entry, rel, folder.name, "not a regular file")
-        elif verdict == "reject":
-            add(entry, rel, folder.name, f"folder name {folder.name!r} is not a model id")
+            add(entry, sub, model, "not a regular file")
+        elif not MODEL_ID_RE.match(folder.name):
+            add(entry, sub, model, f"folder name {folder.name!r} is not a model id")
         else:
-            add(entry, rel, folder.name, None)
+            add(entry, sub, model, None)
 
 
 async def scan_once(ctx: Context, settle: SettleTracker) -> int:
     """One pass over the inbox: claim (or reject) every settled drop, ``CLAIM_BATCH`` per
     transaction; returns how many."""
     cfg = ctx.cfg
-    found = await anyio.to_thread.run_sync(_list_inbox, cfg.inbox_dir, cfg.gemini.default_model)
+    found = await anyio.to_thread.run_sync(
+        _list_inbox, cfg.inbox_dir, cfg.gemini.default_model, cfg.outbox_dir
+    )
     settle.retain({c.rel for c in found})
     ready: list[Drop] = []
     for c in found:

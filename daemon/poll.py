@@ -149,6 +149,7 @@ async def _lost(ctx: Context, job: dict[str, Any]) -> None:
             conn, job["id"], state=JobState.DONE, error=LOST, finished_at=time.time()
         )
     ctx.wake.collect.set()
+    ctx.wake.submit.set()
 
 
 def _grow(ctx: Context, job: dict[str, Any]) -> float:
@@ -250,8 +251,7 @@ async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) 
         crash_point("while_running")
     if any(it.terminal for it in items):
         ctx.wake.collect.set()
-    if any(it.state == RemoteState.CANCELLED.value for it in items):
-        ctx.wake.submit.set()  # it drops the unstarted parts of a cancelled input
+        ctx.wake.submit.set()  # a slot under max_active_jobs is free; a cancelled input drops its unstarted parts
 
 
 async def _next_due(ctx: Context) -> float:

@@ -35,7 +35,6 @@ from daemon.submit_writes import Activation, commit_intents, write_activations
 
 log = structlog.get_logger(__name__)
 
-_IDLE_WAIT = 30.0
 SUBMIT_WORKERS = 8  # jobs submitted concurrently (creates and uploads in flight)
 # Uploads at once. Measured at 1 GB (10 parts): 2 at once peaked at 155 MB RSS (1 at once: 134 MB)
 # for the same wall time, since parts 2-10 upload while earlier jobs run anyway. Creates of other
@@ -494,16 +493,17 @@ async def recover_submissions(ctx: Context) -> None:
 
 
 async def _next_due(ctx: Context) -> float:
+    idle = ctx.cfg.submit.idle_seconds
     nb = await ctx.store.scalar(
         "SELECT MIN(not_before) FROM jobs WHERE state IN ('planned', 'creating') AND not_before > ?",
         (time.time(),),
     )
-    return _IDLE_WAIT if nb is None else max(0.05, min(_IDLE_WAIT, nb - time.time()))
+    return idle if nb is None else max(0.05, min(idle, nb - time.time()))
 
 
 async def run_submitter(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     """Submit forever: on a nudge from validate/collect/a worker, when a backoff ends, or every
-    30 s. Workers of one round keep running while the next round starts new jobs."""
+    ``[submit] idle_seconds``. Workers of one round keep running while the next round starts new jobs."""
     async with anyio.create_task_group() as tg:
         sub = Submitter(ctx, tg)
         task_status.started()
@@ -511,4 +511,6 @@ async def run_submitter(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
             await sub.round()
             # With a backlog, finishing workers start the next round: no need to look ahead.
             busy = sub._more and sub.busy
-            await ctx.wake.submit.wait(_IDLE_WAIT if busy else await _next_due(ctx))
+            await ctx.wake.submit.wait(
+                ctx.cfg.submit.idle_seconds if busy else await _next_due(ctx)
+            )

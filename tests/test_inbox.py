@@ -65,7 +65,7 @@ async def rows(ctx: Context) -> list[dict[str, Any]]:
 
 
 def test_classify() -> None:
-    take = ["a.jsonl", "gemini-2.5-flash/a.jsonl", "gemini-embedding-001/x.y.jsonl"]
+    take = ["a.jsonl", "A.JSONL", "gemini-2.5-flash/a.jsonl", "gemini-embedding-001/x.y.jsonl"]
     ignore = [
         ".a.jsonl",
         ".hidden/a.jsonl",
@@ -75,10 +75,9 @@ def test_classify() -> None:
         "a.jsonl~",
         "a.json",
         "a.txt",
-        "m/deep/a.jsonl",
         "gemini-2.5-flash/.a.jsonl",
     ]
-    reject = ["Gemini Pro/a.jsonl", "UPPER/a.jsonl", "-x/a.jsonl", "a b/c.jsonl"]
+    reject = ["Gemini Pro/a.jsonl", "UPPER/a.jsonl", "-x/a.jsonl", "a b/c.jsonl", "m/deep/a.jsonl"]
     for rel in take:
         assert classify(PurePosixPath(rel)) == "take", rel
     for rel in ignore:
@@ -108,13 +107,14 @@ async def test_ignored_names_are_left_alone(ctx: Context) -> None:
         (inbox / n).write_bytes(GOOD)
     (inbox / ".hidden").mkdir()
     (inbox / ".hidden" / "g.jsonl").write_bytes(GOOD)
-    (inbox / "gemini-2.5-flash" / "deep").mkdir(parents=True)
-    (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").write_bytes(GOOD)
+    (inbox / "gemini-2.5-flash" / "deep" / ".dot").mkdir(parents=True)
+    (inbox / "gemini-2.5-flash" / "deep" / "h.txt").write_bytes(GOOD)
+    (inbox / "gemini-2.5-flash" / "deep" / ".dot" / "i.jsonl").write_bytes(GOOD)
     assert await settle_scan(ctx) == 0
     assert sorted(p.name for p in inbox.iterdir()) == sorted(
         [*names, ".hidden", "gemini-2.5-flash"]
     )
-    assert (inbox / "gemini-2.5-flash" / "deep" / "h.jsonl").exists()
+    assert (inbox / "gemini-2.5-flash" / "deep" / ".dot" / "i.jsonl").exists()
     assert await rows(ctx) == []
     assert not ctx.cfg.outbox_dir.exists() or list(ctx.cfg.outbox_dir.rglob("*")) == []
 
@@ -522,3 +522,26 @@ async def test_a_digest_missing_after_a_crash_is_filled_in_when_the_validator_st
 
         await wait_for(filled)
         tg.cancel_scope.cancel()
+
+
+async def test_a_scan_rejects_nested_drops_and_folders_named_jsonl(ctx: Context) -> None:
+    inbox = inbox_of(ctx)
+    for rel in ("a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(GOOD)
+    (inbox / "f.jsonl").mkdir()
+    (inbox / "f.jsonl" / "g.jsonl").write_bytes(GOOD)
+    (inbox / "UP.JSONL").write_bytes(GOOD)
+    (inbox / "a" / "notes.txt").write_bytes(b"x")
+    assert await settle_scan(ctx) == 4
+    by_path = {r["rel_path"]: r for r in await rows(ctx)}
+    assert set(by_path) == {"a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl", "f.jsonl", "UP.JSONL"}
+    for rel in ("a/b/x.jsonl", "gemini-2.5-flash/deeper/y.jsonl"):
+        assert by_path[rel]["state"] == "rejected" and "nested too deep" in by_path[rel]["reason"]
+        assert "nested too deep" in error_file(ctx, rel)["reason"]
+    assert by_path["f.jsonl"]["state"] == "rejected" and "folder" in by_path["f.jsonl"]["reason"]
+    assert (Path(by_path["f.jsonl"]["work_path"]) / "g.jsonl").read_bytes() == GOOD
+    assert by_path["UP.JSONL"]["state"] == "seen" and by_path["UP.JSONL"]["reason"] is None
+    assert sorted(str(p.relative_to(inbox)) for p in inbox.rglob("*") if p.is_file()) == [
+        "a/notes.txt"
+    ]

@@ -8,7 +8,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.outbox import atomic_writer, link_or_copy, outbox_paths, remove_quietly, write_json
+from daemon.outbox import (
+    OUTBOX_NAME_EXTRA,
+    atomic_writer,
+    link_or_copy,
+    name_too_long,
+    outbox_paths,
+    remove_quietly,
+    write_json,
+)
 
 
 class Boom(Exception):
@@ -56,3 +64,22 @@ def test_link_or_copy_replaces_atomically(tmp_path: Path) -> None:
     assert os.path.samefile(src, dest) and dest.read_bytes() == b"x\n"
     assert [p.name for p in dest.parent.iterdir()] == ["a.jsonl"]
     assert remove_quietly(dest) and not remove_quietly(dest)
+
+
+def test_an_over_long_name_gets_a_short_unique_error_file(tmp_path: Path) -> None:
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    fits = "a" * (limit - OUTBOX_NAME_EXTRA) + ".jsonl"
+    assert name_too_long(tmp_path, fits) is None
+    assert outbox_paths(tmp_path, fits)["error"].name == fits[: -len(".jsonl")] + ".error.json"
+    long_a = "é" * 120 + "a.jsonl"  # 241 bytes before .jsonl: multi-byte characters
+    long_b = "é" * 120 + "b.JSONL"
+    assert name_too_long(tmp_path, long_a) == limit
+    err_a = outbox_paths(tmp_path, long_a)["error"]
+    err_b = outbox_paths(tmp_path, long_b)["error"]
+    assert err_a != err_b  # the same first 200 bytes, told apart by the digest
+    for err in (err_a, err_b):
+        assert len(os.fsencode(f".{err.name}.tmp")) <= limit
+        assert err.name.startswith("é" * 100) and err.name.endswith(".error.json")
+        err.name.encode("utf-8")  # no character cut in two
+    write_json(err_a, {"ok": True})  # really writable, temporary name included
+    assert err_a.exists()

@@ -261,6 +261,18 @@ class Store:
             )
         return row
 
+    async def newer_final_drop(self, row: Row) -> str | None:
+        """The id of a later drop of the same path that has already ended (published), if any."""
+        finals = sorted(s.value for s in FINAL_INPUT_STATES)
+        marks = ", ".join("?" for _ in finals)
+        value = await self.scalar(
+            "SELECT id FROM inputs WHERE rel_path = ? AND id != ? "
+            "AND (created_at > ? OR (created_at = ? AND id > ?)) "
+            f"AND state IN ({marks}) ORDER BY created_at DESC, id DESC LIMIT 1",
+            (row["rel_path"], row["id"], row["created_at"], row["created_at"], row["id"], *finals),
+        )
+        return None if value is None else str(value)
+
     async def inputs_in(self, *states: InputState) -> list[Row]:
         marks = ", ".join("?" for _ in states)
         return await self.fetchall(
