@@ -140,6 +140,12 @@ def _redact(value: Any, secret: str) -> Any:
     return value
 
 
+def _gone_or_undeletable(e: ApiError) -> bool:
+    if e.http_code in (403, 404):
+        return True
+    return e.http_code == 400 and "cannot be more than 40 characters" in e.message
+
+
 def sdk_state_to_wire(state: Any) -> str | None:
     """``JobState.JOB_STATE_RUNNING`` (SDK) → ``BATCH_STATE_RUNNING`` (wire)."""
     if state is None:
@@ -319,11 +325,13 @@ class GeminiClient:
         return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
     async def delete_file(self, name: str) -> None:
-        """Delete a Files API file; one that is already gone is fine."""
+        """Delete a Files API file; one that is gone or cannot be deleted is fine: 404, 403
+        ("...or it may not exist", the real answer for a missing file) and the 400 for ids over
+        40 characters (every result file ``files/batch-<36>``: they expire on their own)."""
         try:
             await self._call("files.delete", lambda: self._sdk.aio.files.delete(name=name))
         except ApiError as e:
-            if e.http_code != 404:
+            if not _gone_or_undeletable(e):
                 raise
 
     async def download_file(self, file_name: str, dest: Path) -> None:

@@ -412,11 +412,14 @@ def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:
 
 
 def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The request lines of a job's source; blank lines (kept in a canonical input's byte
+    range, SPEC §2) are skipped."""
     with path.open("rb") as f:
         if span is None:
             return [orjson.loads(line) for line in f if line.strip()]
         f.seek(span[0])
-        return [orjson.loads(line) for line in f.read(span[1] - span[0]).splitlines()]
+        lines = f.read(span[1] - span[0]).splitlines()
+        return [orjson.loads(line) for line in lines if line.strip()]
 
 
 def note_api_error(ctx: Context, e: ApiError) -> None:
