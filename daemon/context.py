@@ -60,6 +60,8 @@ class Context:
     # Set by the submitter while admitted jobs wait for a worker: polling and collecting then
     # yield to submission (a job submitted earlier finishes earlier at the API).
     submit_backlog: bool = False
+    # The fingerprint of the API key in use (GeminiClient.key_fingerprint), recorded per job.
+    key_fp: str | None = None
 
     @property
     def work_dir(self) -> Path:

@@ -18,6 +18,8 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import sys
@@ -194,6 +196,14 @@ class GeminiClient:
                 retry_options=types.HttpRetryOptions(attempts=1),
             ),
         )
+
+    def key_fingerprint(self, salt: bytes) -> str:
+        """Which API key this client uses, as ``HMAC-SHA256(salt, key)`` cut to 16 hex digits.
+
+        Safe to store: an HMAC cannot be inverted, the random per-state-folder salt defeats
+        precomputed tables, and guessing a key (39 characters, ~200 bits) to match 64 bits is
+        out of reach; 64 bits still tell two keys apart with certainty in practice."""
+        return hmac.new(salt, self._key.encode(), hashlib.sha256).hexdigest()[:16]
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()
