@@ -22,6 +22,7 @@ import structlog
 from daemon import assemble
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.create_errors import refused_jobs, rejection
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
 from daemon.merge_part import OrderedParts, fast_path, ready_part
@@ -44,7 +45,7 @@ TOKEN_NAMES = {
     "cachedContentTokenCount": "cached",
     "totalTokenCount": "total",
 }
-_ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED}
+_ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED, InputState.REJECTED}
 _T = TypeVar("_T")
 
 
@@ -188,6 +189,8 @@ def _final_state(
         return InputState.CANCELLED, (
             f"cancelled by request; {counts['succeeded']} of {counts['total']} requests succeeded"
         )
+    if refused_jobs(jobs):  # the API refused lines at create: bad input (the reason: later)
+        return InputState.REJECTED, None
     if counts["succeeded"] == counts["total"]:
         return InputState.SUCCEEDED, None
     failed = counts["total"] - counts["succeeded"]
@@ -227,6 +230,10 @@ async def finish_index(
     paths = outbox_paths(cfg.outbox_dir, row["rel_path"])
     counts = await anyio.to_thread.run_sync(index.counts)
     state, reason = _final_state(row, counts, jobs)
+    problems: dict[str, Any] = {}
+    if state == InputState.REJECTED:
+        parts = [dict(p) for p in await ctx.store.parts_of(row["id"])]
+        reason, problems = await anyio.to_thread.run_sync(rejection, row, jobs, parts)
     last: dict[int, dict[str, Any]] = {}
     for j in jobs:  # the latest job of each part
         if j["part_no"] not in last or j["attempt"] > last[j["part_no"]]["attempt"]:
@@ -274,6 +281,7 @@ async def finish_index(
             **{k: doc[k] for k in ("input_id", "file", "model", "state")},
             "reason": reason,
             "details": {
+                **problems,
                 "jobs": [
                     _job_entry(j) | {"error": orjson.loads(j["error"])} for j in jobs if j["error"]
                 ],

@@ -44,28 +44,30 @@ async def test_blank_lines_between_requests(make_cfg, emulator, mode):
 
 
 async def test_error_on_line_n_rejects_with_the_input_line(make_cfg, emulator):
-    # 7 lines, 3 parts of 2 requests (+1): the bad line is the input's line 6 (a blank line at
-    # 3), the 2nd line of part 3's byte range; file mode so the API checks the file at create.
+    # 8 lines, parts of 2 requests: the bad line is the input's line 7 and line 3 of part 3's
+    # byte range (k4, a blank line, the bad one); file mode: the API checks the file at create.
     cfg = make_cfg(submit={"inline_max_bytes": 0, "max_requests_per_job": 2})
-    good = request_lines(6)
-    bad = orjson.loads(good[4])
+    good = request_lines(7)
+    bad = orjson.loads(good[5])
     bad["request"]["thinking_config"] = {"thinking_budget": 0}  # belongs in generation_config
-    lines = [good[0], good[1], b"", good[2], good[3], orjson.dumps(bad), good[5]]
+    lines = [*good[:5], b"", orjson.dumps(bad), good[6]]
     async with running_daemon(cfg) as ctx:
         drop(cfg.inbox_dir, "think.jsonl", lines)
         row = await wait_final(ctx, "think.jsonl")
         jobs = await ctx.store.jobs_of(row["id"])
     assert row["state"] == "rejected", row
-    assert len(jobs) == 3  # one job per part, nothing retried
+    assert len(jobs) == 4  # one job per part, nothing retried
     err = orjson.loads(outbox_paths(cfg.outbox_dir, "think.jsonl")["error"].read_bytes())
     assert err["state"] == "rejected"
     problems = err["details"]["problems"]
-    assert [p["line"] for p in problems] == [6]
+    assert [p["line"] for p in problems] == [7]
     assert "no such field: 'thinking_config'" in problems[0]["reason"]
-    assert "line 6" in err["reason"] and "thinking_config" in err["reason"]
+    assert "line 7" in err["reason"] and "thinking_config" in err["reason"]
     api = [j["error"] for j in err["details"]["jobs"]]
-    assert any(e["message"].startswith("Error on line 2: ") for e in api)  # the API's own text
-    assert emulator.stats["calls"]["batches.create"] == 3
+    assert [e["message"].split(":")[0] for e in api] == ["Error on line 3"]  # the API's text
+    assert emulator.stats["calls"]["batches.create"] == 4
+    results = read_jsonl(outbox_paths(cfg.outbox_dir, "think.jsonl")["results"])
+    assert [("response" in r) for r in results] == [True] * 4 + [False] * 2 + [True]
 
 
 async def test_cleanup_tolerates_403_and_the_40_character_limit(make_cfg, emulator):
@@ -188,3 +190,23 @@ async def _all_jobs(cfg):
 
     async with Store.open(cfg.db_path) as store:
         return await store.fetchall("SELECT * FROM jobs")
+
+
+async def test_error_on_line_n_maps_part_file_lines_by_key(make_cfg, emulator):
+    """Bare requests are submitted from part files (canonical lines, no blank lines): the API's
+    line N is found again in the input by its key."""
+    cfg = make_cfg(submit={"inline_max_bytes": 0, "max_requests_per_job": 2})
+    bare = [orjson.dumps({"contents": [{"parts": [{"text": f"p{i}"}]}]}) for i in range(4)]
+    bad = orjson.dumps({"contents": "x", "thinking_config": {}})
+    lines = [bare[0], bare[1], b"", bare[2], b"", bad, bare[3]]  # bad: input line 6
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "bare.jsonl", lines)
+        row = await wait_final(ctx, "bare.jsonl")
+        jobs = await ctx.store.jobs_of(row["id"])
+    assert row["state"] == "rejected", row["reason"]
+    assert all(j["source_path"] != row["work_path"] for j in jobs)  # part files
+    err = orjson.loads(outbox_paths(cfg.outbox_dir, "bare.jsonl")["error"].read_bytes())
+    assert [p["line"] for p in err["details"]["problems"]] == [6]
+    assert [j["error"]["message"].split(":")[0] for j in err["details"]["jobs"]] == [
+        "Error on line 2"
+    ]
