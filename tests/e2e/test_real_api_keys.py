@@ -3,6 +3,9 @@ rotation, create-time "Error on line N", cleanup of result files, blank lines be
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+
 import orjson
 import pytest
 from structlog.testing import capture_logs
@@ -10,7 +13,13 @@ from structlog.testing import capture_logs
 from daemon.actions import retry_input
 from daemon.outbox import outbox_paths
 from daemon.store import loads
-from tests.e2e.conftest import running_daemon, wait_final
+from tests.e2e.conftest import (
+    DaemonProcess,
+    config_data,
+    running_daemon,
+    wait_final,
+    write_config,
+)
 from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
 
 NOT_VISIBLE = "not visible with the current API key"
@@ -209,4 +218,49 @@ async def test_error_on_line_n_maps_part_file_lines_by_key(make_cfg, emulator):
     assert [p["line"] for p in err["details"]["problems"]] == [6]
     assert [j["error"]["message"].split(":")[0] for j in err["details"]["jobs"]] == [
         "Error on line 2"
+    ]
+
+
+async def test_create_cut_short_is_not_repeated_under_another_key(tmp_path, emulator):
+    """kill -9 right after a create with key A (its name never stored); restarted with key B,
+    whose list cannot show A's job: the create is not repeated. Key A back: adopted."""
+    emulator.settings.scope_by_key = True
+    emulator.settings.running_seconds = 0.3
+    root = tmp_path / "root"
+    data = config_data(root, emulator.url)
+    cfg_path = write_config(tmp_path / "config.toml", data)
+    db = root / "state" / "gemini-batchd.sqlite"
+    key_a = {"GEMINI_API_KEY": "key-A-0123456789"}
+    p = DaemonProcess(cfg_path, env=key_a | {"GEMINI_BATCHD_CRASH_AT": "after_create"})
+    try:
+        await wait_until(db.exists, timeout=30)
+        drop(root / "inbox", "cut.jsonl", request_lines(2))
+        assert await p.wait_exit(timeout=90) == -signal.SIGKILL, p.output()
+    finally:
+        p.close()
+    assert creates(emulator) == 1
+
+    def reason() -> str:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return str(con.execute("SELECT reason FROM inputs").fetchone()[0])
+
+    p = DaemonProcess(cfg_path, env={"GEMINI_API_KEY": "key-B-9876543210"})
+    try:
+        await wait_until(lambda: NOT_VISIBLE in reason(), timeout=60)
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
+    assert creates(emulator) == 1  # not created again with key B
+    p = DaemonProcess(cfg_path, env=key_a)
+    try:
+        await p.wait_for_file(outbox_paths(root / "outbox", "cut.jsonl")["summary"])
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
+    assert creates(emulator) == 1
+    assert [
+        g["key"] for g in read_jsonl(outbox_paths(root / "outbox", "cut.jsonl")["results"])
+    ] == [
+        "k0",
+        "k1",
     ]
