@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from daemon.media_upload import resolved_path
+
 _LINE = re.compile(r"^Error on line (\d+): (.*)$")
 MAX_PROBLEMS = 100  # as validation reports (SPEC §2)
 
@@ -135,9 +137,7 @@ def rejection(
     for job in refused_jobs(jobs):
         errors = line_errors(_json(job))
         total += len(errors)
-        source = Path(job["source_path"])
-        if row["media_count"]:
-            source = source.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")
+        source = resolved_path(job) if row["media_count"] else Path(job["source_path"])
         job = dict(job) | {"work_path": row["work_path"]}
         found += problems(job, by_part.get(job["part_no"]), source, errors)
     found.sort(key=lambda p: (p["line"] is None, p["line"] or 0))
