@@ -80,10 +80,14 @@ async def _key_sees_its_jobs(ctx: Context, key_fp: str | None, missing: list[Job
 
 async def _hold(ctx: Context, job: Job, why: str) -> None:
     message = f"{why}; not resubmitted (the creator's key finishes it; `retry` resubmits it)"
-    if not is_held(job):
+    first = not is_held(job)
+    if first:
         log.warning("job_not_visible", job=job["id"], remote=job["remote_name"], reason=why)
+    row = await ctx.store.get_input(job["input_id"])
     interval = ctx.cfg.poll.max_interval
     async with ctx.store.tx() as conn:
+        if first and row is not None:  # a note in the input's history (`show`), once
+            await ctx.store.add_history(conn, job["input_id"], row["state"], message)
         await ctx.store.update_job(
             conn,
             job["id"],

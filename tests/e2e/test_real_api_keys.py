@@ -124,6 +124,8 @@ async def test_key_rotation_never_resubmits(make_cfg, emulator):
         job = (await ctx.store.jobs_of(ref))[0]
         assert job["state"] == "active" and NOT_VISIBLE in loads(job["error"])["message"]
         assert "key-B" not in (row["reason"] or "") and "key-A" not in job["error"]
+        notes = [h["note"] or "" for h in await ctx.store.history(ref)]
+        assert sum(NOT_VISIBLE in n for n in notes) == 1  # noted once in `show`'s history
         assert creates(emulator) == 2  # nothing resubmitted
     async with running_daemon(cfg, api_key="key-A-0123456789") as ctx:
         row = await wait_final(ctx, ref)
