@@ -220,3 +220,21 @@ async def test_429_carries_the_help_detail(emu: Emulator, http: aiohttp.ClientSe
     name = await upload(http, emu.url, orjson.dumps(LINE) + b"\n")
     status, body = await create(http, emu.url, name)
     assert status == 429 and body["error"]["details"] == [QUOTA_HELP]
+
+
+def test_cli_flags_for_the_deviations() -> None:
+    import argparse
+
+    from daemon.emulator.cli import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = settings_from_args(parser.parse_args([]))
+    assert isinstance(default, EmulatorSettings)
+    assert (default.file_id_limit, default.missing_file_status) == (True, 403)
+    assert (default.validate_input_at_create, default.scope_by_key) == (True, False)
+    args = "--no-file-id-limit --missing-file-status 404 --no-validate-at-create --scope-by-key"
+    s = settings_from_args(parser.parse_args(args.split()))
+    assert isinstance(s, EmulatorSettings)
+    assert (s.file_id_limit, s.missing_file_status) == (False, 404)
+    assert (s.validate_input_at_create, s.scope_by_key) == (False, True)
