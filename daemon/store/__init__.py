@@ -297,6 +297,13 @@ class Store:
             (key_fp, *not_in),
         )
 
+    async def not_visible_jobs(self) -> list[Row]:
+        """Active jobs held after a 404 (:mod:`daemon.poll_missing`)."""
+        return await self.fetchall(
+            "SELECT input_id, display_name, remote_name, error FROM jobs WHERE state = 'active' "
+            "AND error LIKE '%\"not_visible\":true%' ORDER BY id"
+        )
+
     @staticmethod
     async def clear_input_reasons(
         conn: aiosqlite.Connection, input_ids: list[str], prefix: str

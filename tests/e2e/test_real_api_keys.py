@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 
+import aiohttp
 import orjson
 import pytest
 from structlog.testing import capture_logs
@@ -126,6 +127,8 @@ async def test_key_rotation_never_resubmits(make_cfg, emulator):
         assert "key-B" not in (row["reason"] or "") and "key-A" not in job["error"]
         notes = [h["note"] or "" for h in await ctx.store.history(ref)]
         assert sum(NOT_VISIBLE in n for n in notes) == 1  # noted once in `show`'s history
+        status = await _socket_get(ctx, "/v1/status")
+        assert job["remote_name"] in [j["remote_name"] for j in status["not_visible_jobs"]]
         assert creates(emulator) == 2  # nothing resubmitted
     async with running_daemon(cfg, api_key="key-A-0123456789") as ctx:
         row = await wait_final(ctx, ref)
@@ -184,6 +187,12 @@ async def test_many_lost_jobs_at_once_are_held_not_resubmitted(make_cfg, emulato
         jobs = [j for r in await ctx.store.list_inputs() for j in await ctx.store.jobs_of(r["id"])]
         assert {j["state"] for j in jobs} == {"active"}
     assert creates(emulator) == 6
+
+
+async def _socket_get(ctx, url: str):
+    conn = aiohttp.UnixConnector(path=str(ctx.cfg.socket_path))
+    async with aiohttp.ClientSession(connector=conn) as s, s.get(f"http://d{url}") as r:
+        return orjson.loads(await r.read())
 
 
 async def _state_in(ctx, ref: str, states: tuple[str, ...]):
