@@ -42,7 +42,8 @@ def _count(stats: dict[str, Any], name: str) -> int:
 
 async def _due(ctx: Context, now: float) -> list[dict[str, Any]]:
     return await ctx.store.fetchall(
-        "SELECT j.*, i.reason AS input_reason FROM jobs j JOIN inputs i ON i.id = j.input_id "
+        "SELECT j.*, i.reason AS input_reason, i.cancel_requested AS cancel_requested "
+        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
         "WHERE j.state = 'active' AND COALESCE(j.next_poll_at, 0) <= ? AND j.not_before <= ? "
         "ORDER BY j.next_poll_at, j.id",
         (now, now),

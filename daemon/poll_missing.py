@@ -41,6 +41,9 @@ async def not_found(
     later: Callable[[Context, Job], Awaitable[None]],
 ) -> None:
     """Decide for the jobs whose ``get`` answered 404 in this poll pass."""
+    for job in [j for j in jobs if j.get("cancel_requested")]:
+        await lost(ctx, job)  # cancelled meanwhile: nothing to wait for, nothing is retried
+    jobs = [j for j in jobs if not j.get("cancel_requested")]
     foreign = [j for j in jobs if j.get("key_fp") and ctx.key_fp and j["key_fp"] != ctx.key_fp]
     for job in foreign:
         await _hold(

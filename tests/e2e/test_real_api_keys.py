@@ -11,7 +11,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.actions import retry_input
+from daemon.actions import cancel_input, retry_input
 from daemon.outbox import outbox_paths
 from daemon.store import loads
 from tests.e2e.conftest import (
@@ -275,3 +275,18 @@ async def test_create_cut_short_is_not_repeated_under_another_key(tmp_path, emul
         "k0",
         "k1",
     ]
+
+
+async def test_cancel_ends_an_input_whose_job_is_not_visible(make_cfg, emulator):
+    emulator.settings.scope_by_key = True
+    emulator.settings.running_seconds = 60.0
+    cfg = make_cfg()
+    async with running_daemon(cfg, api_key="key-A-0123456789") as ctx:
+        drop(cfg.inbox_dir, "c.jsonl", request_lines(2))
+        row = await wait_until(lambda: _state_in(ctx, "c.jsonl", ("submitted", "running")))
+    async with running_daemon(cfg, api_key="key-B-9876543210") as ctx:
+        await wait_until(lambda: _reason_has(ctx, row["id"], NOT_VISIBLE))
+        await cancel_input(ctx, row["id"])  # the API cannot cancel it for key B (404)
+        done = await wait_final(ctx, row["id"])
+    assert done["state"] == "cancelled"
+    assert creates(emulator) == 1
