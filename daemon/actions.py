@@ -22,6 +22,7 @@ from daemon import quirks
 from daemon.claim import copy_in
 from daemon.context import Context
 from daemon.outbox import fsync_dir
+from daemon.poll_missing import release_held
 from daemon.states import (
     ACTIVE_JOB_STATES,
     RETRYABLE_INPUT_STATES,
@@ -110,13 +111,20 @@ async def cancel_input(ctx: Context, input_id: str) -> Row:
 
 
 async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Row:
-    """Resubmit the unanswered requests of a failed/expired/partial/cancelled input.
+    """Resubmit the unanswered requests of a failed/expired/partial/cancelled input, or of an
+    unfinished one whose jobs are held as not visible with the current API key.
 
     With ``fresh`` any final input is run again as a new input (new id, new paid work, no reuse);
     the new input is returned. Raises :class:`ActionError` 404 or 409.
     """
     row = await _require(ctx, input_id)
     state = InputState(row["state"])
+    if not state.final and not fresh:
+        from daemon.poll import LOST  # imported lazily, as the planner below
+
+        # Jobs held after a 404 (another API key): resubmitted now, deliberately.
+        if await release_held(ctx, input_id, LOST):
+            return await _require(ctx, input_id)
     if not state.final:
         raise ActionError(409, f"input {input_id} is {state.value}, not finished")
     if fresh:

@@ -213,6 +213,11 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Console) -> int:
         for j in data["stuck_jobs"]:
             st.add_row(j["input_id"], j["remote_name"], j["remote_state"], _when(j["submitted"]))
         out.print(st)
+    if data.get("not_visible_jobs"):
+        nv = Table("input", "job", title="jobs not visible with the current API key")
+        for j in data["not_visible_jobs"]:
+            nv.add_row(j["input_id"], j["remote_name"])
+        out.print(nv)
     return 0
 
 

@@ -63,6 +63,9 @@ class Context:
     # Set by the submitter while admitted jobs wait for a worker: polling and collecting then
     # yield to submission (a job submitted earlier finishes earlier at the API).
     submit_backlog: bool = False
+    # The fingerprint of the API key in use (GeminiClient.key_fingerprint), recorded per job.
+    key_fp: str | None = None
+
     # One writer at a time per outbox path (drops of the same name finishing together):
     # path → [lock, holders and waiters]; an entry goes when nobody holds or waits.
     _outbox_locks: dict[str, list[Any]] = field(default_factory=dict)

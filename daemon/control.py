@@ -255,6 +255,14 @@ async def get_status(request: web.Request) -> web.Response:
                 }
                 for j in stuck
             ],
+            "not_visible_jobs": [
+                {
+                    "input_id": j["input_id"],
+                    "remote_name": j["remote_name"],
+                    "message": loads(j["error"])["message"],
+                }
+                for j in await ctx.store.not_visible_jobs()
+            ],
         }
     )
 

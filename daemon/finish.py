@@ -22,6 +22,7 @@ import structlog
 from daemon import assemble, fsio, quirks
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.create_errors import refused_jobs, rejection
 from daemon.media import extract_media
 from daemon.merge import MergeIndex, iter_lines, remove_index
 from daemon.merge_part import OrderedParts, fast_path, ready_part
@@ -44,7 +45,7 @@ TOKEN_NAMES = {
     "cachedContentTokenCount": "cached",
     "totalTokenCount": "total",
 }
-_ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED}
+_ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED, InputState.REJECTED}
 _T = TypeVar("_T")
 
 
@@ -190,6 +191,8 @@ def _final_state(
             f"cancelled by request; {counts['succeeded']} of {counts['total']} requests succeeded"
             + (f"; {anyway}" if ignored else "")
         )
+    if refused_jobs(jobs):  # the API refused lines at create: bad input (the reason: later)
+        return InputState.REJECTED, None
     if done:
         return InputState.SUCCEEDED, None
     failed = counts["total"] - counts["succeeded"]
@@ -259,6 +262,10 @@ async def _finish_index(
     counts = await anyio.to_thread.run_sync(index.counts)
     ignored = await quirks.ignored_cancels(ctx, row, jobs)
     state, reason = _final_state(row, counts, jobs, ignored)
+    problems: dict[str, Any] = {}
+    if state == InputState.REJECTED:
+        parts = [dict(p) for p in await ctx.store.parts_of(row["id"])]
+        reason, problems = await anyio.to_thread.run_sync(rejection, row, jobs, parts)
     if newer is not None:
         reason = superseded_reason(reason, newer)
     last: dict[int, dict[str, Any]] = {}
@@ -312,6 +319,7 @@ async def _finish_index(
             **{k: doc[k] for k in ("input_id", "file", "model", "state")},
             "reason": reason,
             "details": {
+                **problems,
                 "jobs": [
                     _job_entry(j) | {"error": orjson.loads(j["error"])} for j in jobs if j["error"]
                 ],

@@ -18,6 +18,8 @@ know; posting the REST body ourselves keeps every field of the user's request li
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -141,6 +143,12 @@ def _redact(value: Any, secret: str) -> Any:
     return value
 
 
+def _gone_or_undeletable(e: ApiError) -> bool:
+    if e.http_code in (403, 404):
+        return True
+    return e.http_code == 400 and "cannot be more than 40 characters" in e.message
+
+
 def sdk_state_to_wire(state: Any) -> str | None:
     """``JobState.JOB_STATE_RUNNING`` (SDK) → ``BATCH_STATE_RUNNING`` (wire)."""
     if state is None:
@@ -189,6 +197,14 @@ class GeminiClient:
                 retry_options=types.HttpRetryOptions(attempts=1),
             ),
         )
+
+    def key_fingerprint(self, salt: bytes) -> str:
+        """Which API key this client uses, as ``HMAC-SHA256(salt, key)`` cut to 16 hex digits.
+
+        Safe to store: an HMAC cannot be inverted, the random per-state-folder salt defeats
+        precomputed tables, and guessing a key (39 characters, ~200 bits) to match 64 bits is
+        out of reach; 64 bits still tell two keys apart with certainty in practice."""
+        return hmac.new(salt, self._key.encode(), hashlib.sha256).hexdigest()[:16]
 
     async def aclose(self) -> None:
         await self._sdk.aio.aclose()
@@ -330,11 +346,13 @@ class GeminiClient:
         return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
     async def delete_file(self, name: str) -> None:
-        """Delete a Files API file; one that is already gone is fine."""
+        """Delete a Files API file; one that is gone or cannot be deleted is fine: 404, 403
+        ("...or it may not exist", the real answer for a missing file) and the 400 for ids over
+        40 characters (every result file ``files/batch-<36>``: they expire on their own)."""
         try:
             await self._call("files.delete", lambda: self._sdk.aio.files.delete(name=name))
         except ApiError as e:
-            if e.http_code != 404:
+            if not _gone_or_undeletable(e):
                 raise
 
     async def get_file(self, name: str) -> dict[str, Any]:

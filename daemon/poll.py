@@ -22,6 +22,7 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
+from daemon.poll_missing import NOT_VISIBLE, is_held, not_found
 from daemon.states import InputState, JobState, RemoteState
 from daemon.store import Store, dumps
 from daemon.submit import note_api_error, yield_to_submission
@@ -111,6 +112,7 @@ async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]], writer: GroupCo
     assert gem is not None
     recorded = 0
     limiter = anyio.CapacityLimiter(ctx.cfg.poll.workers)
+    missing: list[dict[str, Any]] = []
 
     async def one(job: dict[str, Any]) -> None:
         nonlocal recorded
@@ -118,8 +120,8 @@ async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]], writer: GroupCo
             try:
                 op = await gem.get_batch(job["remote_name"])
             except ApiError as e:
-                if e.http_code == 404:
-                    await _lost(ctx, job)
+                if e.http_code == 404:  # lost, or out of sight: decided below, all together
+                    missing.append(job)
                     recorded += 1
                     return
                 note_api_error(ctx, e)
@@ -131,6 +133,8 @@ async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]], writer: GroupCo
     async with anyio.create_task_group() as tg:
         for job in jobs:
             tg.start_soon(one, job)
+    if missing:
+        await not_found(ctx, missing, lost=_lost, later=_retry_later)
     return recorded
 
 
@@ -167,6 +171,7 @@ class _Seen:
     terminal: bool
     changed: bool
     stuck_reason: str | None
+    was_held: bool = False  # seen again after a 404 (the creator's key is back)
 
 
 def _seen(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> _Seen:
@@ -187,6 +192,9 @@ def _seen(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> _Seen:
         "next_poll_at": now + interval,
     }
     terminal = state in _KNOWN and RemoteState(state).terminal
+    held = is_held(job)
+    if held:
+        fields["error"] = None
     if terminal:
         output = meta.get("output") or op.get("response") or {}
         fields |= {"state": JobState.DONE, "finished_at": now, "error": op.get("error")}
@@ -201,7 +209,7 @@ def _seen(ctx: Context, job: dict[str, Any], op: dict[str, Any]) -> _Seen:
     ):
         hours = (now - job["submitted_at"]) / 3600
         stuck = f"stuck: job {job['remote_name']} {state} for {hours:.1f} h"
-    return _Seen(job, state, fields, terminal, changed, stuck)
+    return _Seen(job, state, fields, terminal, changed, stuck, held)
 
 
 async def _write(store: Store, conn: Any, items: list[_Seen]) -> None:
@@ -223,6 +231,9 @@ async def _write(store: Store, conn: Any, items: list[_Seen]) -> None:
     cancelled = [it.job["input_id"] for it in items if it.state == RemoteState.CANCELLED.value]
     if cancelled:
         await store.mark_cancelled_outside(conn, cancelled, quirks.OUTSIDE_REASON)
+    back = [it.job["input_id"] for it in items if it.was_held]
+    if back:
+        await Store.clear_input_reasons(conn, back, NOT_VISIBLE)
     stuck = [(it.stuck_reason, now, it.job["input_id"]) for it in items if it.stuck_reason]
     if stuck:
         await conn.executemany("UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?", stuck)

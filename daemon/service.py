@@ -195,7 +195,8 @@ async def open_context(
     async with Store.open(cfg.db_path) as store:
         gemini = GeminiClient(cfg, api_key, base_url=base_url)
         try:
-            yield Context(cfg=cfg, store=store, gemini=gemini)
+            fp = gemini.key_fingerprint(await store.key_salt())
+            yield Context(cfg=cfg, store=store, gemini=gemini, key_fp=fp)
         finally:
             with anyio.CancelScope(shield=True):
                 await gemini.aclose()

@@ -29,6 +29,7 @@ from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.group_commit import GroupCommit
 from daemon.media_upload import resolve_media, resolved_path
+from daemon.poll_missing import NOT_VISIBLE
 from daemon.states import InputState, JobState
 from daemon.store import dumps, loads
 from daemon.submit_writes import Activation, commit_intents, write_activations
@@ -358,6 +359,9 @@ async def _create(
             )
             await sub.activated_job(job, op)
             return 1
+        if job.get("key_fp") and ctx.key_fp and job["key_fp"] != ctx.key_fp:
+            await _hold_create(ctx, job)  # created with another key, maybe: never create blind
+            return 0
     if job["cancel_requested"]:  # its input was cancelled and no remote job exists: never create
         async with ctx.store.tx() as conn:
             await ctx.store.update_job(conn, job["id"], state=JobState.CANCELLED)
@@ -396,6 +400,19 @@ async def _create(
     return 1
 
 
+async def _hold_create(ctx: Context, job: dict[str, Any]) -> None:
+    """A create that may have happened with another API key (its list shows only its own
+    jobs): looked up again at the next start, when the creator's key may be back."""
+    reason = (
+        f"{NOT_VISIBLE}: the create of {job['display_name']} may have happened with another "
+        "key; not resubmitted (restart with that key to adopt it)"
+    )
+    log.warning("create_not_visible", job=job["id"], display=job["display_name"])
+    async with ctx.store.tx() as conn:
+        await ctx.store.update_job(conn, job["id"], not_before=time.time() + 10 * 365 * 86400)
+        await ctx.store.update_input(conn, job["input_id"], reason=reason)
+
+
 def _unreadable(e: Exception) -> ApiError:
     """The job's source (or a media file) changed or vanished after validation: nothing to
     retry, the job fails with the reason."""
@@ -411,11 +428,14 @@ def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:
 
 
 def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The request lines of a job's source; blank lines (kept in a canonical input's byte
+    range, SPEC §2) are skipped."""
     with path.open("rb") as f:
         if span is None:
             return [orjson.loads(line) for line in f if line.strip()]
         f.seek(span[0])
-        return [orjson.loads(line) for line in f.read(span[1] - span[0]).splitlines()]
+        lines = f.read(span[1] - span[0]).splitlines()
+        return [orjson.loads(line) for line in lines if line.strip()]
 
 
 def note_api_error(ctx: Context, e: ApiError) -> None:

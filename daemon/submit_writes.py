@@ -42,6 +42,9 @@ async def commit_intents(
         jobs = [j for j in jobs if j["id"] in started]
         for job in jobs:
             job["state"] = started[job["id"]]
+            job["key_fp"] = ctx.key_fp
+        if ctx.key_fp is not None:
+            await ctx.store.mark_key(conn, list(started), ctx.key_fp)
         uploading = {j["input_id"] for j in jobs if j["state"] == JobState.UPLOADING.value}
         if uploading:
             await advance_inputs(conn, uploading, InputState.UPLOADING, now)

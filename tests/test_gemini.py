@@ -144,8 +144,12 @@ async def test_error_mapping(env: Env, tmp_path: Path) -> None:
         await env.gem.get_batch(op["name"])
     assert ei.value.kind == "transient"
     with pytest.raises(ApiError) as ei:
-        await env.gem.get_batch("batches/nope")
+        await env.gem.get_batch("batches/" + "0" * 36)
     assert ei.value.kind == "permanent" and ei.value.http_code == 404
+    with pytest.raises(ApiError) as ei:  # not of the id form (evidence §1.8)
+        await env.gem.get_batch("batches/nope")
+    assert ei.value.kind == "permanent" and ei.value.http_code == 400
+    assert ei.value.message == "Could not parse the batch name"
     assert env.gem.calls[("batches.get", "429")] == 1
     assert env.gem.calls[("batches.get", "dropped")] == 1
 

@@ -55,6 +55,17 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path):
         (job,) = await store.jobs_of("i1")
         assert job["source_path"] == "p" and job["source_start"] is None
         assert job["source_end"] is None
+        assert job["key_fp"] is None  # made before key fingerprints: unknown key
+
+
+async def test_key_salt_is_made_once_per_store(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        salt = await store.key_salt()
+        assert len(salt) == 32 and await store.key_salt() == salt
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        assert await store.key_salt() == salt
+    async with Store.open(tmp_path / "other.sqlite") as store:
+        assert await store.key_salt() != salt
 
 
 async def test_states_are_checked_by_the_schema(tmp_path):

@@ -128,8 +128,10 @@ def generate_response(mid: str, request: dict[str, Any], texts: list[str]) -> di
     """A GenerateContentResponse whose text echoes the prompt text."""
     prompt = " ".join(texts)
     answer = "echo: " + prompt
-    parts: list[dict[str, Any]] = [{"text": answer}]
     h = request_hash(request)
+    # Real text parts carry an opaque `thoughtSignature` (ELL-FIX, 2026-07): bytes, base64.
+    signature = base64.b64encode(hashlib.sha256(f"{mid}:{h}".encode()).digest()).decode()
+    parts: list[dict[str, Any]] = [{"text": answer, "thoughtSignature": signature}]
     if "image" in mid:
         png = tiny_png(prompt.encode())
         parts.append(
@@ -142,6 +144,7 @@ def generate_response(mid: str, request: dict[str, Any], texts: list[str]) -> di
         "candidatesTokenCount": cand_tokens,
         "totalTokenCount": prompt_tokens + cand_tokens,
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+        "serviceTier": "SERVICE_TIER_STANDARD",  # as in real batch results (ELL-FIX)
     }
     if _wants_thinking(request):
         usage["thoughtsTokenCount"] = 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -11,12 +12,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from daemon.emulator import answers
+from daemon.emulator import answers, input_check
 from daemon.emulator.faults import CREATE_ENDPOINTS, Faults, Stats
 from daemon.emulator.state import TERMINAL, Store, new_id, sha256_b64
 from daemon.emulator.wire import (
     API_PATH,
+    BATCH_ID,
     FILE_ID,
+    QUOTA_HELP,
+    QUOTA_MESSAGE,
     UPLOAD_GRANULARITY,
     ApiError,
     Ctx,
@@ -81,11 +85,13 @@ class Api:
                 raise ApiError(404, f"Method not found: {request.method} {request.path}")
             endpoint, args = found
             self.stats.calls[endpoint] += 1
-            if endpoint != "files.upload_chunk":
-                self._check_key(request)
             ctx = Ctx(request, m, endpoint, args)
+            if endpoint != "files.upload_chunk":
+                ctx.owner = owner_of(self._check_key(request))
             fault = self.faults.pick(endpoint)
-            if fault in ("429", "500", "503"):
+            if fault == "429":
+                raise ApiError(429, QUOTA_MESSAGE, details=[QUOTA_HELP])
+            if fault in ("500", "503"):
                 code = int(fault)
                 raise ApiError(code, f"Emulated fault {fault} on {endpoint}.")
             if fault == "drop":
@@ -110,7 +116,7 @@ class Api:
             err = {"code": 500, "message": f"Internal error: {e!r}", "status": "INTERNAL"}
             return json_response({"error": err}, self.stats, 500, upload_headers)
 
-    def _check_key(self, request: web.Request) -> None:
+    def _check_key(self, request: web.Request) -> str:
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key:
             raise ApiError(
@@ -131,6 +137,11 @@ class Api:
                     }
                 ],
             )
+        return key
+
+    def _visible(self, rec: dict[str, Any], ctx: Ctx) -> bool:
+        """With ``scope_by_key``, a job or file is seen only by the key that created it."""
+        return not self.settings.scope_by_key or rec.get("owner", "") == ctx.owner
 
     async def _json_body(self, request: web.Request, limit: int | None = None) -> dict[str, Any]:
         raw = await request.read()
@@ -148,10 +159,14 @@ class Api:
         return body
 
     # ---- files ---------------------------------------------------------------------------
-    def _file(self, fid: str) -> dict[str, Any]:
+    def _file(self, fid: str, ctx: Ctx) -> dict[str, Any]:
         rec = self.store.files.get(fid)
-        if rec is None:
-            raise ApiError(404, f"File files/{fid} not found.")
+        if rec is None or not self._visible(rec, ctx):
+            if self.settings.missing_file_status == 404:
+                raise ApiError(404, f"File files/{fid} not found.")
+            raise ApiError(
+                403, f"You do not have permission to access the File {fid} or it may not exist."
+            )
         return rec
 
     async def upload_start(self, ctx: Ctx) -> web.StreamResponse:
@@ -179,6 +194,7 @@ class Api:
                 "size": int(size) if size is not None else None,
                 "received": 0,
                 "done": False,
+                "owner": ctx.owner,
             }
         )
         url = f"{ctx.base}/upload/{ctx.version}/files?upload_id={uid}&upload_protocol=resumable"
@@ -197,7 +213,8 @@ class Api:
         if sess is None:
             raise ApiError(404, "No such upload session.")
         if sess["done"]:  # a repeated finalize: answer the same file again
-            body = {"file": self.store.file_json(self._file(sess["file_id"]), ctx.base)}
+            ctx.owner = sess.get("owner", "")
+            body = {"file": self.store.file_json(self._file(sess["file_id"], ctx), ctx.base)}
             return json_response(body, self.stats, headers=final)
         command = [c.strip() for c in req.headers.get("X-Goog-Upload-Command", "").split(",")]
         part = self.store.root / "uploads" / f"{sess['upload_id']}.part"
@@ -239,6 +256,7 @@ class Api:
             "create": time.time(),
             "sha256": sha,
             "source": "UPLOADED",
+            "owner": sess.get("owner", ""),
         }
         self.store.save_file(rec)
         sess["done"] = True
@@ -257,10 +275,12 @@ class Api:
 
     async def file_get(self, ctx: Ctx) -> web.StreamResponse:
         self._check_id_length(ctx.args[0], "GetFileRequest")
-        return json_response(self.store.file_json(self._file(ctx.args[0]), ctx.base), self.stats)
+        rec = self._file(ctx.args[0], ctx)
+        return json_response(self.store.file_json(rec, ctx.base), self.stats)
 
     async def file_list(self, ctx: Ctx) -> web.StreamResponse:
-        recs = sorted(self.store.files.values(), key=lambda r: r["create"], reverse=True)
+        recs = [r for r in self.store.files.values() if self._visible(r, ctx)]
+        recs.sort(key=lambda r: r["create"], reverse=True)
         items, token = page(ctx.request.query, recs)
         body: dict[str, Any] = {}
         if items:  # proto3 JSON omits an empty repeated field: no files → `{}`
@@ -271,12 +291,12 @@ class Api:
 
     async def file_delete(self, ctx: Ctx) -> web.StreamResponse:
         self._check_id_length(ctx.args[0], "DeleteFileRequest")
-        self._file(ctx.args[0])
+        self._file(ctx.args[0], ctx)
         self.store.delete_file(ctx.args[0])
         return json_response({}, self.stats)
 
     async def file_download(self, ctx: Ctx) -> web.StreamResponse:
-        rec = self._file(ctx.args[0])
+        rec = self._file(ctx.args[0], ctx)
         self.stats.bytes_out += rec["size"]
         headers = {
             "Content-Type": rec["mime_type"]
@@ -286,9 +306,11 @@ class Api:
         return web.FileResponse(self.store.file_path(rec["id"]), headers=headers)
 
     # ---- batches ---------------------------------------------------------------------------
-    def _job(self, jid: str) -> dict[str, Any]:
+    def _job(self, jid: str, ctx: Ctx) -> dict[str, Any]:
+        if not BATCH_ID.match(jid):  # L4J-IT: `batches/test-batch`
+            raise ApiError(400, "Could not parse the batch name")
         rec = self.store.jobs.get(jid)
-        if rec is None:
+        if rec is None or not self._visible(rec, ctx):  # another key's job: 404 (SRCLIB #289)
             raise ApiError(404, f"Batch {jid} not found.")
         return rec
 
@@ -325,10 +347,17 @@ class Api:
             )
         if file_name:
             fid = str(file_name).removeprefix("files/")
-            rec = self._file(fid)
+            rec = self.store.files.get(fid)
+            if rec is None or not self._visible(rec, ctx):  # L4J-IT: not 403 here
+                raise ApiError(404, "Requested entity was not found.")
             tokens = max(1, rec["size"] // 4)
+            path = self.store.file_path(fid)
+            if self.settings.validate_input_at_create:
+                problem = await asyncio.to_thread(input_check.check_input_file, path, embed=embed)
+                if problem:
+                    raise ApiError(400, problem)
             if rec["size"] <= SMALL_INPUT:  # count now so the PENDING job shows requestCount
-                count = await asyncio.to_thread(count_lines, self.store.file_path(fid))
+                count = await asyncio.to_thread(count_lines, path)
         else:
             if isinstance(requests, dict):
                 check_fields(requests, ("requests",), "batch.input_config.requests")
@@ -360,6 +389,7 @@ class Api:
             tokens=tokens,
             request_count=count,
             priority=priority,
+            owner=ctx.owner,
         )
         self.stats.creates_by_display_name[display or ""] += 1
         return json_response(self.store.operation(job), self.stats)
@@ -383,7 +413,9 @@ class Api:
         active = self.store.active()
         if len(active) >= self.settings.max_active_jobs:
             raise ApiError(
-                429, f"Too many concurrent batch jobs (limit {self.settings.max_active_jobs})."
+                429,
+                f"Too many concurrent batch jobs (limit {self.settings.max_active_jobs}).",
+                details=[QUOTA_HELP],
             )
         limit = self.settings.max_enqueued_tokens.get(mid)
         if limit is not None:
@@ -393,13 +425,15 @@ class Api:
                     429,
                     f"Enqueued token limit exceeded for models/{mid}: {queued} enqueued + {tokens} "
                     f"requested > {limit}.",
+                    details=[QUOTA_HELP],
                 )
 
     async def batch_get(self, ctx: Ctx) -> web.StreamResponse:
-        return json_response(self.store.operation(self._job(ctx.args[0])), self.stats)
+        return json_response(self.store.operation(self._job(ctx.args[0], ctx)), self.stats)
 
     async def batch_list(self, ctx: Ctx) -> web.StreamResponse:
-        recs = sorted(self.store.jobs.values(), key=lambda r: r["create"], reverse=True)
+        recs = [r for r in self.store.jobs.values() if self._visible(r, ctx)]
+        recs.sort(key=lambda r: r["create"], reverse=True)
         items, token = page(ctx.request.query, recs)
         body: dict[str, Any] = {}
         if items:  # proto3 JSON omits an empty repeated field: no batches → `{}`
@@ -411,16 +445,21 @@ class Api:
     async def batch_cancel(self, ctx: Ctx) -> web.StreamResponse:
         # Best effort and 200 `{}` in every case: a finished job is left as it is, and a job
         # with an `[[ignore_cancel]]` request runs on (see Store.cancel).
-        rec = self._job(ctx.args[0])
+        rec = self._job(ctx.args[0], ctx)
         if self.store.state_of(rec) not in TERMINAL:
             ignored = await asyncio.to_thread(self.store.ignores_cancel, rec)
             self.store.cancel(rec, ignored=ignored)
         return json_response({}, self.stats)
 
     async def batch_delete(self, ctx: Ctx) -> web.StreamResponse:
-        self._job(ctx.args[0])
+        self._job(ctx.args[0], ctx)
         self.store.delete_job(ctx.args[0])
         return json_response({}, self.stats)
+
+
+def owner_of(key: str) -> str:
+    """What a job or file records of the key that created it (a hash, not the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def build_app(

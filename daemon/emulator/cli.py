@@ -45,9 +45,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and fault draws")
     parser.add_argument(
-        "--file-id-limit",
+        "--no-file-id-limit",
         action="store_true",
-        help="refuse files.get/delete of ids over 40 chars, like the API bug python-genai#1759",
+        help="allow files.get/delete of ids over 40 chars (the real API refuses them: "
+        "python-genai#1759)",
+    )
+    parser.add_argument(
+        "--missing-file-status",
+        type=int,
+        choices=(403, 404),
+        default=403,
+        help="status of a missing file (default 403, as the real API)",
+    )
+    parser.add_argument(
+        "--no-validate-at-create",
+        action="store_true",
+        help="accept bad input lines at create (answer them with error lines instead)",
+    )
+    parser.add_argument(
+        "--scope-by-key",
+        action="store_true",
+        help="jobs and files visible only to the API key that created them",
     )
 
 
@@ -72,7 +90,10 @@ def settings_from_args(args: argparse.Namespace) -> object:
         max_enqueued_tokens=tokens,
         fault_rates=rates,
         seed=args.seed,
-        file_id_limit=args.file_id_limit,
+        file_id_limit=not args.no_file_id_limit,
+        missing_file_status=args.missing_file_status,
+        validate_input_at_create=not args.no_validate_at_create,
+        scope_by_key=args.scope_by_key,
     )
 
 

@@ -38,8 +38,6 @@ class EmulatorSettings:
     max_enqueued_tokens: dict[str, int] = field(default_factory=dict)
     fault_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
-    # Reproduce python-genai#1759: files.get/delete refuse ids over 40 chars (`batch-<36>` is 42).
-    file_id_limit: bool = False
     # `error.code` of a cancelled job (13, as the real API answers; e.g. 1 to play an old guess).
     cancel_error_code: int = 13
     # Seconds a SUCCEEDED file job reports no `responsesFile` after it ended (ellmer: "The API can
@@ -47,6 +45,16 @@ class EmulatorSettings:
     results_file_delay: float = 0.0
     # Inline responses without their `metadata` (python-genai#2008, SRCLIB #816).
     drop_inline_metadata: bool = False
+    # python-genai#1613/#1759: files.get/delete refuse ids over 40 chars (`batch-<36>` is 42).
+    file_id_limit: bool = True
+    # A missing (or another key's) file: 403 PERMISSION_DENIED as the real Files API (dify #192,
+    # python-genai #1218); 404 NOT_FOUND for deviation tests.
+    missing_file_status: int = 403
+    # Refuse a create whose input file has bad lines ("Error on line N: ...", INSPECT #3257);
+    # False: answer bad lines with per-line error output instead.
+    validate_input_at_create: bool = True
+    # Jobs and files visible only to the API key that created them (SRCLIB #289, #2446).
+    scope_by_key: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update; raises ValueError for unknown fields or bad values."""
@@ -64,6 +72,8 @@ class EmulatorSettings:
                 v = float(v)
             elif not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
                 raise ValueError(f"setting {k} must be {expected.__name__}, got {v!r}")
+            if k == "missing_file_status" and v not in (403, 404):
+                raise ValueError(f"setting {k} must be 403 or 404, got {v!r}")
             setattr(self, k, v)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +93,9 @@ _TYPES: dict[str, type] = {
     "cancel_error_code": int,
     "results_file_delay": float,
     "drop_inline_metadata": bool,
+    "missing_file_status": int,
+    "validate_input_at_create": bool,
+    "scope_by_key": bool,
 }
 
 

@@ -145,6 +145,7 @@ class Store:
         tokens: int,
         request_count: int | None = None,
         priority: int = 0,
+        owner: str = "",
     ) -> dict[str, Any]:
         """Record a new job and start its result worker."""
         jid = new_id(36)
@@ -157,6 +158,7 @@ class Store:
             "inline": inline is not None,
             "tokens": tokens,
             "priority": priority,
+            "owner": owner,
             "create": time.time(),
             "pending_s": self.settings.pending_seconds,
             "running_s": self.settings.running_seconds,
@@ -299,6 +301,7 @@ class Store:
                     "create": end,
                     "sha256": sha256_b64(self.file_path(fid)),
                     "source": "GENERATED",
+                    "owner": rec.get("owner", ""),
                 }
             )
         elif state != "SUCCEEDED":

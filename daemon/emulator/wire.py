@@ -28,6 +28,22 @@ HTTP_STATUS = {
     504: "DEADLINE_EXCEEDED",
 }
 UPLOAD_GRANULARITY = 8 * 1024 * 1024
+BATCH_ID = re.compile(r"^[a-z0-9]{36}$")  # the emulator's (and the real API's) batch id form
+# The real 429 (langchain4j PR #3942 CI log, 2026-01-12; same text on create: python-genai #1901).
+QUOTA_MESSAGE = (
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. "
+    "To monitor your current usage, head to: https://ai.dev/rate-limit. "
+)
+QUOTA_HELP = {
+    "@type": "type.googleapis.com/google.rpc.Help",
+    "links": [
+        {
+            "description": "Learn more about Gemini API quotas",
+            "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+        }
+    ],
+}
 
 
 class ApiError(Exception):
@@ -52,6 +68,7 @@ class Ctx:
         self, request: web.Request, m: re.Match[str], endpoint: str, args: tuple[str, ...]
     ):
         self.request = request
+        self.owner = ""  # a hash of the caller's API key (see Api._check_key)
         self.endpoint = endpoint
         self.args = args
         self.version = m["v"]

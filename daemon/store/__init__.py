@@ -345,6 +345,52 @@ class Store:
             f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", [s.value for s in states]
         )
 
+    # ---- API key fingerprints ---------------------------------------------------------------
+    async def key_salt(self) -> bytes:
+        """This state folder's random salt for API key fingerprints (made on first use)."""
+        async with self.tx() as conn:
+            async with conn.execute("SELECT salt FROM key_salt WHERE id = 1") as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                return bytes(row[0])
+            salt = secrets.token_bytes(32)
+            await conn.execute("INSERT INTO key_salt (id, salt) VALUES (1, ?)", (salt,))
+            return salt
+
+    async def mark_key(self, conn: aiosqlite.Connection, job_ids: list[int], fp: str) -> None:
+        """Record that these jobs are (about to be) created with the key whose fingerprint is
+        ``fp``."""
+        await conn.executemany(
+            "UPDATE jobs SET key_fp = ? WHERE id = ?", [(fp, i) for i in job_ids]
+        )
+
+    async def other_active_job(self, key_fp: str | None, not_in: list[str]) -> str | None:
+        """The remote name of the newest active job created with ``key_fp`` (NULL matches NULL)
+        that is not among ``not_in``, or None."""
+        marks = ", ".join("?" for _ in not_in) or "NULL"
+        return await self.scalar(
+            "SELECT remote_name FROM jobs WHERE state = 'active' AND key_fp IS ? AND remote_name "
+            f"IS NOT NULL AND remote_name NOT IN ({marks}) ORDER BY submitted_at DESC LIMIT 1",
+            (key_fp, *not_in),
+        )
+
+    async def not_visible_jobs(self) -> list[Row]:
+        """Active jobs held after a 404 (:mod:`daemon.poll_missing`)."""
+        return await self.fetchall(
+            "SELECT input_id, display_name, remote_name, error FROM jobs WHERE state = 'active' "
+            "AND error LIKE '%\"not_visible\":true%' ORDER BY id"
+        )
+
+    @staticmethod
+    async def clear_input_reasons(
+        conn: aiosqlite.Connection, input_ids: list[str], prefix: str
+    ) -> None:
+        """Clear the reason of these inputs if it starts with ``prefix``."""
+        await conn.executemany(
+            "UPDATE inputs SET reason = NULL, updated_at = ? WHERE id = ? AND substr(reason, 1, ?) = ?",
+            [(time.time(), i, len(prefix), prefix) for i in input_ids],
+        )
+
     # ---- media cache ------------------------------------------------------------------------
     async def get_media(self, sha256: str) -> Row | None:
         return await self.fetchone("SELECT * FROM media WHERE sha256 = ?", (sha256,))

@@ -131,4 +131,14 @@ MIGRATIONS: list[list[str]] = [
         ) STRICT
         """,
     ],
+    # 4: which API key created a job (a salted fingerprint, never the key), and the salt
+    [
+        "ALTER TABLE jobs ADD COLUMN key_fp TEXT",  # NULL: before this column existed
+        """
+        CREATE TABLE key_salt (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            salt  BLOB NOT NULL                     -- random, per state folder
+        ) STRICT
+        """,
+    ],
 ]

@@ -83,6 +83,7 @@ async def test_operation_shapes_and_bare_lines(
 ) -> None:
     url = emulator.url
     emulator.settings.shuffle_results = False
+    emulator.settings.file_id_limit = False  # to read the generated file's record
     lines = [
         {"key": "a", "request": {"contents": [{"parts": [{"text": "one"}]}]}},
         {"contents": [{"parts": [{"text": "bare"}]}]},
@@ -136,7 +137,7 @@ async def test_operation_shapes_and_bare_lines(
     # a google.rpc.Status: code + message, no `status` string (that is only in HTTP envelopes)
     assert got[2] == {"key": "c", "error": {"code": 13, "message": got[2]["error"]["message"]}}
 
-    async with http.get(f"{url}/v1beta/batches/nope", headers=H) as r:
+    async with http.get(f"{url}/v1beta/batches/{'0' * 36}", headers=H) as r:
         assert r.status == 404
         assert set((await r.json())["error"]) == {"code", "message", "status"}
     async with http.post(f"{url}/v1beta/batches/{jid}:cancel", headers=H) as r:

@@ -193,7 +193,7 @@ async def test_create_body_over_20_mib_is_refused(
     assert emulator.stats["jobs"] == 0
 
 
-def test_file_id_limit_reproduces_issue_1759(
+def test_file_id_limit_is_on_by_default_as_issue_1759(
     sync_emulator: Emulator, client: genai.Client, tmp_path: Path
 ) -> None:
     src = tmp_path / "in.jsonl"
@@ -203,8 +203,6 @@ def test_file_id_limit_reproduces_issue_1759(
     job = wait_until(lambda: (j := client.batches.get(name=job.name or "")).done and j)
     out = job.dest.file_name if job.dest else None
     assert out and len(out.removeprefix("files/")) == 42
-    assert client.files.get(name=out).source == types.FileSource.GENERATED  # off by default
-    sync_emulator.settings.file_id_limit = True
     with pytest.raises(errors.ClientError) as e:
         client.files.get(name=out)
     assert e.value.code == 400 and "cannot be more than 40 characters" in (e.value.message or "")
@@ -212,3 +210,5 @@ def test_file_id_limit_reproduces_issue_1759(
         client.files.delete(name=out)
     assert b'"key":"a"' in client.files.download(file=out)  # the SDK's download path still works
     assert client.files.get(name=up.name or "").name == up.name  # 12-char ids are fine
+    sync_emulator.settings.file_id_limit = False  # the deviation: production without the limit
+    assert client.files.get(name=out).source == types.FileSource.GENERATED
