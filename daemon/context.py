@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from daemon.config import Config
+from daemon.io_faults import IOFaults
 from daemon.store import Store
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class Context:
     # Set by the submitter while admitted jobs wait for a worker: polling and collecting then
     # yield to submission (a job submitted earlier finishes earlier at the API).
     submit_backlog: bool = False
+    # Work paused on a full, read-only or failing local disk (see daemon.io_faults).
+    io_faults: IOFaults = field(default_factory=IOFaults)
 
     @property
     def work_dir(self) -> Path:

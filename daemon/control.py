@@ -211,6 +211,8 @@ async def get_status(request: web.Request) -> web.Response:
             "active_jobs": active,
             "max_active_jobs": cfg.submit.max_active_jobs,
             "last_api_error": ctx.last_api_error,
+            "paused": ctx.io_faults.summary(),  # a full / read-only disk or EIO, or None
+            "io_faults": ctx.io_faults.active(),
             "stuck_jobs": [
                 {
                     "input_id": j["input_id"],

@@ -11,6 +11,7 @@ of the earlier drop are left as they are until the new drop completes.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,7 +22,7 @@ import structlog
 from anyio.abc import TaskStatus
 from watchfiles import awatch
 
-from daemon.claim import Drop, claim_many
+from daemon.claim import Drop, adopt_orphans, claim_many
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
 
@@ -161,9 +162,23 @@ async def scan_once(ctx: Context, settle: SettleTracker) -> int:
         batch = ready[i : i + CLAIM_BATCH]
         try:
             done += len(await claim_many(ctx, batch))
-        except OSError as e:
+        except (OSError, sqlite3.Error) as e:
             log.warning("claim_failed", files=[d.rel for d in batch][:10], error=str(e))
+            ctx.io_faults.fail("stage:claim", "cannot claim files from the inbox", e)
+            await _adopt_after_failure(ctx)
     return done
+
+
+async def _adopt_after_failure(ctx: Context) -> None:
+    """A batch failed after some of its files moved (its commit lost: EIO, a full disk): adopt
+    them from its note now rather than at the next start. Only this stage claims, so no other
+    batch is half-way meanwhile."""
+    try:
+        await adopt_orphans(ctx)
+    except (OSError, sqlite3.Error) as e:  # tried again after the next failed batch, or at start
+        log.warning("claim_adoption_failed", error=str(e))
+    else:
+        ctx.wake.validate.set()
 
 
 # ---- the watcher loop ------------------------------------------------------------------------
@@ -189,6 +204,8 @@ async def run_inbox(
             await scan_once(ctx, settle)
             due = settle.next_due()
             delay = cfg.inbox.rescan_seconds if due is None else min(due, cfg.inbox.rescan_seconds)
+            if "stage:claim" in ctx.io_faults.active():  # files left behind by a failed move
+                delay = min(delay, ctx.io_faults.retry_in("stage:claim") + cfg.inbox.settle_seconds)
             await ctx.wake.scan.wait(max(delay, 0.05))
 
 

@@ -93,7 +93,11 @@ async def validate_once(ctx: Context) -> int:
     todo: list[dict[str, Any]] = []
     for row in await ctx.store.inputs_in(InputState.SEEN):
         if row["error"] is not None:  # claimed as unusable: only the rejection is left to do
-            await reject(ctx, row, row["reason"] or "rejected", loads(row["error"]))
+            if not ctx.io_faults.due(f"input:{row['id']}"):
+                continue  # its error file could not be written: waits for its backoff
+            details = loads(row["error"])
+            reason = details.pop("pending_reason", None) or row["reason"] or "rejected"
+            await reject(ctx, row, reason, details)
             done += 1
         else:
             todo.append(row)
@@ -334,4 +338,7 @@ async def run_validator(
     await fill_digests(ctx, todo)
     while True:
         await validate_once(ctx)
-        await ctx.wake.validate.wait(VALIDATE_INTERVAL)
+        retry = ctx.io_faults.next_due()
+        await ctx.wake.validate.wait(
+            VALIDATE_INTERVAL if retry is None else min(retry, VALIDATE_INTERVAL) + 0.01
+        )

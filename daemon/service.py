@@ -28,6 +28,7 @@ from anyio.abc import TaskStatus
 from daemon import __version__, systemd
 from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.context import Context
+from daemon.io_faults import IOFaults
 from daemon.logs import set_level
 from daemon.store import Store, StoreError
 
@@ -74,7 +75,9 @@ async def _status_line(ctx: Context) -> str:
     running = sum(counts.get(s, 0) for s in ("uploading", "submitted", "running", "downloading"))
     done = sum(counts.get(s, 0) for s in ("succeeded", "partial"))
     bad = sum(counts.get(s, 0) for s in ("failed", "expired", "cancelled", "rejected"))
-    return f"queued {waiting}, running {running}, done {done}, failed {bad}"
+    line = f"queued {waiting}, running {running}, done {done}, failed {bad}"
+    paused = ctx.io_faults.summary()
+    return f"{paused}; {line}" if paused else line
 
 
 async def _run_status(ctx: Context, health: dict[str, float]) -> None:
@@ -156,6 +159,7 @@ async def run_service(
     _make_dirs(cfg)
     stopping = stopping or threading.Event()
     async with ctx_factory(cfg) as ctx, anyio.create_task_group() as tg:
+        ctx.io_faults = IOFaults(cfg.daemon.io_retry_initial, cfg.daemon.io_retry_max)
         if handle_signals:  # first: a SIGTERM during recovery or start-up is a clean stop too
             await tg.start(_run_signals, ctx, tg.cancel_scope, stopping, adjust)
         await recover_claims(ctx)
