@@ -319,6 +319,16 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
     )
 
 
+async def reset_validating(ctx: Context) -> None:
+    """Inputs a stopped round left ``validating`` are validated again (before a restart of the
+    stage; at start, claim recovery does the same)."""
+    rows = await ctx.store.inputs_in(InputState.VALIDATING)
+    if rows:
+        async with ctx.store.tx() as conn:
+            for row in rows:
+                await ctx.store.set_input_state(conn, row["id"], InputState.SEEN, note="retried")
+
+
 async def run_validator(
     ctx: Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:

@@ -16,8 +16,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from daemon.context import Context
 
 log = structlog.get_logger(__name__)
 
@@ -147,3 +151,16 @@ class IOFaults:
         first = next(iter(self._faults.values())).message
         more = f" (+{len(self._faults) - 1} more)" if len(self._faults) > 1 else ""
         return f"paused on a local I/O fault: {first}{more}"
+
+
+async def input_paused(ctx: Context, input_id: str, doing: str, e: BaseException) -> None:
+    """One input's step failed on the disk: its reason says so (when the store takes the write;
+    else ``status`` has it from memory) and it waits for its backoff."""
+    key = f"input:{input_id}"
+    delay = ctx.io_faults.fail(key, doing, e)
+    reason = f"{ctx.io_faults.active()[key]}; retrying in {delay:g} s"
+    try:
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_input(conn, input_id, reason=reason)
+    except sqlite3.Error as db_error:
+        log.warning("io_fault_reason_not_stored", input_id=input_id, error=str(db_error))

@@ -31,6 +31,7 @@ from daemon.context import Context
 from daemon.io_faults import IOFaults
 from daemon.logs import set_level
 from daemon.store import Store, StoreError
+from daemon.supervise import supervised, with_retry
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +153,7 @@ async def run_service(
     from daemon.collect import run_collector
     from daemon.control import run_control
     from daemon.inbox import run_inbox
-    from daemon.intake import run_validator
+    from daemon.intake import reset_validating, run_validator
     from daemon.poll import run_pollers
     from daemon.submit import recover_submissions, run_submitter
 
@@ -162,17 +163,18 @@ async def run_service(
         ctx.io_faults = IOFaults(cfg.daemon.io_retry_initial, cfg.daemon.io_retry_max)
         if handle_signals:  # first: a SIGTERM during recovery or start-up is a clean stop too
             await tg.start(_run_signals, ctx, tg.cancel_scope, stopping, adjust)
-        await recover_claims(ctx)
-        await recover_submissions(ctx)
+        await with_retry(ctx, "recovery", recover_claims)
+        await with_retry(ctx, "recovery", recover_submissions)
         log.info("recovery_done", **await ctx.store.counts_by_state())
         health = {"store_ok_at": time.monotonic()}
         await tg.start(run_control, ctx)
-        await tg.start(run_validator, ctx)
-        await tg.start(run_submitter, ctx)
-        await tg.start(run_pollers, ctx)
-        await tg.start(run_collector, ctx)
+        # A stage stopped by a full / read-only disk is started again once it takes writes.
+        await tg.start(supervised, ctx, "validate", run_validator, reset_validating)
+        await tg.start(supervised, ctx, "submit", run_submitter, recover_submissions)
+        await tg.start(supervised, ctx, "poll", run_pollers)
+        await tg.start(supervised, ctx, "collect", run_collector)
         # run_inbox reports started once the watcher is live and the first scan ran.
-        await tg.start(run_inbox, ctx)
+        await tg.start(supervised, ctx, "inbox", run_inbox)
         tg.start_soon(_run_status, ctx, health)
         interval = systemd.watchdog_interval()
         if interval:

@@ -102,11 +102,24 @@ class Store:
                 yield self.conn
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.conn.execute("ROLLBACK")
+                    await self._rollback()
                 raise
             else:
                 with anyio.CancelScope(shield=True):
-                    await self.conn.execute("COMMIT")
+                    try:
+                        await self.conn.execute("COMMIT")
+                    except sqlite3.Error:  # e.g. a full disk: the transaction may still be open
+                        await self._rollback()
+                        raise
+
+    async def _rollback(self) -> None:
+        """Roll back if a transaction is open; SQLite may have done it itself (a full disk),
+        and a failing ROLLBACK must not hide the error that caused it."""
+        if self.conn.in_transaction:
+            try:
+                await self.conn.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass
 
     # ---- generic reads ----------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:

@@ -13,9 +13,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
+from daemon.client import Api
+from daemon.config import parse_config
 from daemon.outbox import outbox_paths
 from tests.e2e.conftest import API_KEY, config_data, running_daemon, wait_final, write_config
 from tests.helpers import ROOT, drop, read_jsonl, request_lines, wait_until
@@ -50,17 +54,20 @@ async def test_read_only_outbox_pauses_the_rejection_and_finishes_it_when_writab
             drop(cfg.inbox_dir, "bad.jsonl", [b"{not json"])
             drop(cfg.inbox_dir, "good.jsonl", request_lines(3))
 
-            async def paused() -> bool:
-                row = await ctx.store.find_input("bad.jsonl")
+            async def paused(name: str) -> bool:
+                row = await ctx.store.find_input(name)
                 return bool(row and row["reason"] and "Read-only" in row["reason"])
 
-            await wait_until(paused)
-            row = await ctx.store.find_input("bad.jsonl")
-            assert row is not None and row["state"] == "seen"
-            assert "error file" in row["reason"]
-            assert ctx.io_faults.active(), "the daemon-wide fault is shown too"
-            good = await ctx.store.find_input("good.jsonl")
-            assert good is not None
+            await wait_until(lambda: paused("bad.jsonl"))
+            await wait_until(lambda: paused("good.jsonl"))
+            status = await anyio.to_thread.run_sync(_status, cfg.socket_path)
+            assert "Read-only file system" in status["paused"]
+            shown = await anyio.to_thread.run_sync(_show, cfg.socket_path, "bad.jsonl")
+            assert shown["state"] == "seen"
+            assert shown["reason"].startswith("cannot write the error file: Read-only")
+            shown = await anyio.to_thread.run_sync(_show, cfg.socket_path, "good.jsonl")
+            assert shown["state"] == "downloading"
+            assert shown["reason"].startswith("cannot write the results: Read-only")
             mount_cm.__exit__(None, None, None)
             mounted = False
             done = await wait_final(ctx, "bad.jsonl")
@@ -68,6 +75,7 @@ async def test_read_only_outbox_pauses_the_rejection_and_finishes_it_when_writab
             assert done["reason"].startswith("invalid input")
             good_row = await wait_final(ctx, "good.jsonl")
             assert good_row["state"] == "succeeded"
+            assert good_row["reason"] is None
             await wait_until(lambda: not ctx.io_faults.active())
         err = outbox_paths(cfg.outbox_dir, "bad.jsonl")["error"]
         assert err.exists()
@@ -139,3 +147,110 @@ async def test_eio_on_rename_during_claims_loses_no_file_without_a_restart(tmp_p
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+# ---- a full state disk (a small tmpfs) -----------------------------------------------------------
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    _sh("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder))
+    try:
+        yield
+    finally:
+        _sh("umount", "-l", str(folder))
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; returns the filler to delete."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+    n = 0
+    with contextlib.suppress(OSError):  # and the inodes' last blocks
+        while True:
+            (folder / f"filler-{n}").write_bytes(b"\0" * 512)
+            n += 1
+    return filler
+
+
+def unfill(folder: Path) -> None:
+    for p in folder.glob("filler*"):
+        p.unlink()
+
+
+@pytest.fixture
+async def slow_emulator():
+    """Jobs stay RUNNING until the test releases them (``release``)."""
+    from daemon.emulator import Emulator, EmulatorSettings
+
+    emu = Emulator(settings=EmulatorSettings(pending_seconds=0.05, running_seconds=3600.0))
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+def _status(socket_path: Path) -> dict[str, Any]:
+    api = Api(socket_path)
+    try:
+        return api.call("GET", "/v1/status")
+    finally:
+        api.close()
+
+
+def _show(socket_path: Path, ref: str) -> dict[str, Any]:
+    api = Api(socket_path)
+    try:
+        return api.input(ref)
+    finally:
+        api.close()
+
+
+def release(emu) -> None:
+    emu.settings.running_seconds = 0.1
+    for rec in emu.store.jobs.values():
+        rec["running_s"] = 0.0
+
+
+async def test_full_state_disk_pauses_and_resumes_with_each_key_answered_once(
+    tmp_path, slow_emulator
+):
+    root = tmp_path / "root"
+    cfg = parse_config(
+        config_data(root, slow_emulator.url, daemon={"io_retry_initial": 0.05, "io_retry_max": 0.2})
+    )
+    with small_tmpfs(cfg.state_dir, "16m"):
+        async with running_daemon(cfg) as ctx:
+            drop(cfg.inbox_dir, "a.jsonl", request_lines(5, prefix="a"))
+
+            async def running() -> bool:
+                row = await ctx.store.find_input("a.jsonl")
+                return bool(row and row["state"] == "running")
+
+            await wait_until(running)
+            fill(cfg.state_dir)
+            drop(cfg.inbox_dir, "b.jsonl", request_lines(5, prefix="b"))
+            release(slow_emulator)
+            # The poller cannot record the job's end, the claim of b cannot copy it in.
+            await wait_until(lambda: {"stage:poll", "stage:claim"} <= set(ctx.io_faults.active()))
+            status = await anyio.to_thread.run_sync(_status, cfg.socket_path)
+            assert "database or disk is full" in status["paused"]
+            assert "No space left on device" in status["io_faults"]["stage:claim"]
+            assert (await ctx.store.find_input("a.jsonl") or {})["state"] == "running"
+            assert os.listdir(cfg.inbox_dir) == ["b.jsonl"], "b waits in the inbox"
+            unfill(cfg.state_dir)
+            a = await wait_final(ctx, "a.jsonl")
+            b = await wait_final(ctx, "b.jsonl")
+            assert (a["state"], b["state"]) == ("succeeded", "succeeded")
+            await wait_until(lambda: not ctx.io_faults.active(), timeout=30)
+        for name, prefix in (("a.jsonl", "a"), ("b.jsonl", "b")):
+            keys = [r["key"] for r in read_jsonl(outbox_paths(cfg.outbox_dir, name)["results"])]
+            assert sorted(keys) == [f"{prefix}{i}" for i in range(5)]
+        creates = slow_emulator.stats["creates_by_display_name"]
+        assert len(creates) == 2 and all(v == 1 for v in creates.values()), creates
