@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 
 CLAIM_FILE = "claim.json"  # per-folder note (older claims; still honoured by recovery)
 BATCH_NOTE_PREFIX = ".claims-"
+META_FILE = ".meta.json"  # per input folder, for `gemini-batchd recover` (daemon.recover)
 _NO_PROBLEMS = {"problems": [], "problem_count": 0}
 
 
@@ -82,6 +83,12 @@ class _Item:
         return note
 
 
+def write_meta(folder: Path, note: dict[str, Any]) -> None:
+    """What recovery needs to rebuild an input's row, kept beside its claimed file."""
+    meta = {k: note[k] for k in ("id", "rel_path", "model", "kind")} | {"created_at": time.time()}
+    (folder / META_FILE).write_bytes(orjson.dumps(meta))
+
+
 def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
@@ -116,6 +123,8 @@ def _prepare(ctx: Context, drops: list[Drop]) -> tuple[list[_Item], Path | None]
     fsync_dir(work)
     for item in list(items):
         item.dest.parent.mkdir(parents=True, exist_ok=True)
+        if not item.special:  # for `gemini-batchd recover`, should the store be lost
+            write_meta(item.dest.parent, item.note)
         if item.cross:  # copy outside the transaction; the swap in _move is quick
             try:
                 copy_in(item.drop.path, _tmp_of(item))

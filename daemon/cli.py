@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser(
+        "recover",
+        help="rebuild a lost or corrupt state database from state/work/ and the remote jobs",
+    )
+    _common(p)
+
     p = sub.add_parser("emulator", help="run the local Gemini API emulator")
     _common(p)
     from daemon.emulator.cli import add_arguments
@@ -107,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.service import main_run
 
         return main_run(cfg, emulator=args.emulator)
+    if cmd == "recover":
+        from daemon.recover import main_recover
+
+        return main_recover(cfg)
     if cmd == "check":
         from daemon.check import check_main
 

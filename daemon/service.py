@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.context import Context
 from daemon.io_faults import IOFaults
 from daemon.logs import set_level
-from daemon.store import Store, StoreError
+from daemon.store import Store, StoreError, guard
 from daemon.supervise import supervised, with_retry
 
 log = structlog.get_logger(__name__)
@@ -197,13 +198,21 @@ async def open_context(
     """The production context: the store and the API client."""
     from daemon.gemini import GeminiClient
 
-    async with Store.open(cfg.db_path) as store:
-        gemini = GeminiClient(cfg, api_key, base_url=base_url)
-        try:
-            yield Context(cfg=cfg, store=store, gemini=gemini)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await gemini.aclose()
+    try:
+        async with Store.open(cfg.db_path) as store:
+            try:
+                guard.mark_open(cfg.state_dir)
+            except OSError as e:  # a read-only state folder: only the -wal check is lost
+                log.warning("store_marker_not_written", error=str(e))
+            gemini = GeminiClient(cfg, api_key, base_url=base_url)
+            try:
+                yield Context(cfg=cfg, store=store, gemini=gemini)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await gemini.aclose()
+    finally:
+        with contextlib.suppress(OSError):
+            guard.mark_closed(cfg.state_dir)
 
 
 def _shutdown_deadline(
@@ -242,6 +251,7 @@ def main_run(cfg: Config, *, emulator: bool = False) -> int:
     )
     try:
         with state_lock(cfg.state_dir):
+            guard.check_store(cfg.db_path, cfg.state_dir / "work")
             return anyio.run(_main_async, cfg, api_key, emulator, backend="asyncio")
     except AlreadyRunning as e:
         print(f"gemini-batchd: {e}", file=sys.stderr)
@@ -249,6 +259,21 @@ def main_run(cfg: Config, *, emulator: bool = False) -> int:
     except StoreError as e:
         print(f"gemini-batchd: {e}", file=sys.stderr)
         return EX_CONFIG
+    except Exception as e:
+        corrupt = _corruption(e)
+        if corrupt is None:
+            raise
+        print(f"gemini-batchd: {guard.corrupt_message(cfg.db_path, corrupt)}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def _corruption(e: BaseException) -> sqlite3.DatabaseError | None:
+    """The SQLite corruption error in ``e`` (or its group), if that is what ended the daemon."""
+    if isinstance(e, BaseExceptionGroup):
+        return next(filter(None, map(_corruption, e.exceptions)), None)
+    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+        return e
+    return None
 
 
 def _for_emulator(cfg: Config) -> Config:

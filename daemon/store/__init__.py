@@ -270,6 +270,25 @@ class Store:
             "SELECT * FROM parts WHERE input_id = ? ORDER BY part_no", (input_id,)
         )
 
+    async def add_job_attempt(
+        self, conn: aiosqlite.Connection, first: Row, attempt: int, display_name: str
+    ) -> int:
+        """A ``planned`` row for a later ``attempt`` of ``first``'s part (recovery: one that
+        exists remotely and is adopted at once); returns its id."""
+        now = time.time()
+        cur = await conn.execute(
+            "INSERT INTO jobs (input_id, part_no, attempt, display_name, state, mode, source_path, "
+            "source_start, source_end, request_count, est_tokens, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *(first["input_id"], first["part_no"], attempt, display_name, first["mode"]),
+                *(first["source_path"], first["source_start"], first["source_end"]),
+                *(first["request_count"], first["est_tokens"], now, now),
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
     async def jobs_of(self, input_id: str) -> list[Row]:
         return await self.fetchall(
             "SELECT * FROM jobs WHERE input_id = ? ORDER BY part_no, attempt", (input_id,)

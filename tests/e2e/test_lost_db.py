@@ -1,0 +1,150 @@
+"""A state database lost after a kill -9 (deleted, truncated to nothing, its -wal removed) or
+corrupt: the daemon refuses to start (exit 78, one line naming the way out), and
+``gemini-batchd recover`` rebuilds the store from ``state/work/`` and the remote jobs, so that a
+normal start finishes the in-flight inputs without creating any job a second time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from daemon.outbox import outbox_paths
+from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
+from tests.helpers import ROOT, drop, read_jsonl, request_lines, wait_until
+
+
+@pytest.fixture
+async def slow_emulator():
+    """Jobs stay RUNNING until the test releases them."""
+    from daemon.emulator import Emulator, EmulatorSettings
+
+    emu = Emulator(settings=EmulatorSettings(pending_seconds=0.05, running_seconds=3600.0))
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+def release(emu) -> None:
+    emu.settings.running_seconds = 0.1
+    for rec in emu.store.jobs.values():
+        rec["running_s"] = 0.0
+
+
+def _cli(cfg_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT),
+        "GEMINI_API_KEY": API_KEY,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args, "-c", str(cfg_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _setup(tmp_path: Path, emu) -> tuple[Path, Path]:
+    data = config_data(tmp_path / "root", emu.url, submit={"inline_max_bytes": 0})
+    data["daemon"]["log_format"] = "json"
+    return write_config(tmp_path / "config.toml", data), tmp_path / "root"
+
+
+async def _in_flight_then_kill9(cfg_path: Path, root: Path, emu) -> None:
+    """Two inputs whose jobs were created remotely (still running), then kill -9."""
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "a.jsonl", request_lines(4, prefix="a"))
+        drop(root / "inbox", "gemini-2.5-pro/b.jsonl", request_lines(3, prefix="b"))
+        await wait_until(lambda: len(emu.stats["creates_by_display_name"]) == 2, timeout=60)
+        p.kill9()
+    finally:
+        p.close()
+
+
+def _lose(db: Path, how: str) -> None:
+    wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+    if how == "deleted":
+        for f in (db, wal, shm):
+            f.unlink(missing_ok=True)
+    elif how == "truncated":
+        os.truncate(db, 0)
+        wal.unlink(missing_ok=True)
+        shm.unlink(missing_ok=True)
+    elif how == "wal_removed":
+        assert wal.exists()
+        wal.unlink()
+        shm.unlink(missing_ok=True)
+
+
+async def _refused(cfg_path: Path, needle: str) -> None:
+    p = DaemonProcess(cfg_path)
+    try:
+        code = await p.wait_exit(timeout=60)
+        out = p.output()
+    finally:
+        p.close()
+    assert code == 78, out
+    assert needle in out and "gemini-batchd recover" in out, out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "wal_removed"])
+async def test_lost_database_is_refused_then_recovered_without_a_second_create(
+    tmp_path, slow_emulator, how
+):
+    cfg_path, root = _setup(tmp_path, slow_emulator)
+    await _in_flight_then_kill9(cfg_path, root, slow_emulator)
+    _lose(root / "state" / "gemini-batchd.sqlite", how)
+    await _refused(cfg_path, "state/work")
+    await _refused(cfg_path, "state/work")  # and again: no silent fresh start on a retry
+    done = await anyio.to_thread.run_sync(_cli, cfg_path, "recover")  # the emulator is in this loop
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 in flight" in done.stdout and "adopted 2 remote jobs, 0 left" in done.stdout, (
+        done.stdout
+    )
+    release(slow_emulator)
+    p = DaemonProcess(cfg_path)
+    try:
+        await p.wait_for_file(outbox_paths(root / "outbox", "a.jsonl")["summary"])
+        await p.wait_for_file(outbox_paths(root / "outbox", "gemini-2.5-pro/b.jsonl")["summary"])
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
+    a = read_jsonl(outbox_paths(root / "outbox", "a.jsonl")["results"])
+    b = read_jsonl(outbox_paths(root / "outbox", "gemini-2.5-pro/b.jsonl")["results"])
+    assert [x["key"] for x in a] == [f"a{i}" for i in range(4)]
+    assert [x["key"] for x in b] == [f"b{i}" for i in range(3)]
+    creates = slow_emulator.stats["creates_by_display_name"]
+    assert len(creates) == 2 and all(v == 1 for v in creates.values()), creates
+
+
+async def test_corrupt_database_gets_one_line_and_exit_78(tmp_path, slow_emulator):
+    cfg_path, root = _setup(tmp_path, slow_emulator)
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: "daemon_ready" in p.output(), timeout=30)
+        assert p.terminate() == 0
+    finally:
+        p.close()
+    db = root / "state" / "gemini-batchd.sqlite"
+    db.write_bytes(b"this is not a database, it was overwritten" * 200)
+    p = DaemonProcess(cfg_path)
+    try:
+        code = await p.wait_exit(timeout=60)
+        out = p.output().strip().splitlines()
+    finally:
+        p.close()
+    assert code == 78
+    assert "Traceback" not in "\n".join(out)
+    last = out[-1]
+    assert "corrupt" in last and "gemini-batchd recover" in last, out
