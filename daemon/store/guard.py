@@ -88,6 +88,9 @@ def check_store(db: Path, work: Path) -> None:
             f"stop, so its latest commits are lost; {RECOVER_HINT}"
         )
     known = _known_ids(db)
+    # That read closed the last connection: SQLite checkpointed the -wal into the database and
+    # removed it, so the unclean stop is dealt with (the daemon writes the marker again).
+    mark_closed(db.parent)
     missing = inputs - (known or set()) - noted_inputs(work)
     if missing:
         what = "has no schema" if known is None else f"has no row for {len(missing)} of them"

@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from daemon.client import Api
 from daemon.config import parse_config
 from daemon.outbox import outbox_paths
-from tests.e2e.conftest import API_KEY, config_data, running_daemon, wait_final, write_config
+from tests.e2e.conftest import (
+    API_KEY,
+    DaemonProcess,
+    config_data,
+    running_daemon,
+    wait_final,
+    write_config,
+)
 from tests.helpers import ROOT, drop, read_jsonl, request_lines, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts file systems: needs root")
@@ -254,3 +262,36 @@ async def test_full_state_disk_pauses_and_resumes_with_each_key_answered_once(
             assert sorted(keys) == [f"{prefix}{i}" for i in range(5)]
         creates = slow_emulator.stats["creates_by_display_name"]
         assert len(creates) == 2 and all(v == 1 for v in creates.values()), creates
+
+
+async def test_read_only_outbox_no_crash_loop_across_restarts_of_the_daemon_process(
+    tmp_path, emulator
+):
+    data = config_data(tmp_path / "root", emulator.url)
+    data["daemon"] |= {"log_format": "json", "io_retry_initial": 0.05, "io_retry_max": 0.2}
+    cfg_path = write_config(tmp_path / "config.toml", data)
+    root = tmp_path / "root"
+    error_file = outbox_paths(root / "outbox", "bad.jsonl")["error"]
+    log_path = cfg_path.with_suffix(".log")
+    with read_only(root / "outbox"):
+        for attempt in range(2):  # the first run, then a restart while still read-only
+            seen = log_path.stat().st_size if log_path.exists() else 0
+            p = DaemonProcess(cfg_path)
+            new = lambda: p.output()[seen:]  # noqa: B023, E731 (this run's lines; the log is shared)
+            try:
+                await wait_until(lambda: "daemon_ready" in new(), timeout=60)  # noqa: B023
+                if attempt == 0:
+                    drop(root / "inbox", "bad.jsonl", [b"{not json"])
+                await wait_until(lambda: '"io_fault"' in new(), timeout=60)  # noqa: B023
+                assert p.proc.poll() is None, p.output()
+                assert p.terminate() == 0, p.output()
+            finally:
+                p.close()
+        assert not error_file.exists()
+    p = DaemonProcess(cfg_path)
+    try:
+        await p.wait_for_file(error_file)
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
+    assert orjson.loads(error_file.read_bytes())["reason"].startswith("invalid input: line 1")

@@ -59,13 +59,18 @@ def _setup(tmp_path: Path, emu) -> tuple[Path, Path]:
 
 
 async def _in_flight_then_kill9(cfg_path: Path, root: Path, emu) -> None:
-    """Two inputs whose jobs were created remotely (still running), then kill -9."""
+    """One input finished, two whose jobs were created remotely (still running), then kill -9."""
     p = DaemonProcess(cfg_path)
     try:
         await wait_until(lambda: (root / "state" / "gemini-batchd.sqlite").exists(), timeout=30)
+        drop(root / "inbox", "done.jsonl", request_lines(2, prefix="d"))
+        await wait_until(lambda: len(emu.stats["creates_by_display_name"]) == 1, timeout=60)
+        release(emu)
+        await p.wait_for_file(outbox_paths(root / "outbox", "done.jsonl")["summary"])
+        emu.settings.running_seconds = 3600.0
         drop(root / "inbox", "a.jsonl", request_lines(4, prefix="a"))
         drop(root / "inbox", "gemini-2.5-pro/b.jsonl", request_lines(3, prefix="b"))
-        await wait_until(lambda: len(emu.stats["creates_by_display_name"]) == 2, timeout=60)
+        await wait_until(lambda: len(emu.stats["creates_by_display_name"]) == 3, timeout=60)
         p.kill9()
     finally:
         p.close()
@@ -109,14 +114,14 @@ async def test_lost_database_is_refused_then_recovered_without_a_second_create(
     await _refused(cfg_path, "state/work")  # and again: no silent fresh start on a retry
     done = await anyio.to_thread.run_sync(_cli, cfg_path, "recover")  # the emulator is in this loop
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 in flight" in done.stdout and "adopted 2 remote jobs, 0 left" in done.stdout, (
-        done.stdout
-    )
+    assert "(1 finished, 2 in flight); adopted 2 remote jobs, 0 left" in done.stdout, done.stdout
     release(slow_emulator)
     p = DaemonProcess(cfg_path)
     try:
         await p.wait_for_file(outbox_paths(root / "outbox", "a.jsonl")["summary"])
         await p.wait_for_file(outbox_paths(root / "outbox", "gemini-2.5-pro/b.jsonl")["summary"])
+        shown = await anyio.to_thread.run_sync(_cli, cfg_path, "show", "--json", "done.jsonl")
+        assert '"state":"succeeded"' in shown.stdout.replace(" ", ""), shown.stdout
         assert p.terminate() == 0, p.output()
     finally:
         p.close()
@@ -125,7 +130,7 @@ async def test_lost_database_is_refused_then_recovered_without_a_second_create(
     assert [x["key"] for x in a] == [f"a{i}" for i in range(4)]
     assert [x["key"] for x in b] == [f"b{i}" for i in range(3)]
     creates = slow_emulator.stats["creates_by_display_name"]
-    assert len(creates) == 2 and all(v == 1 for v in creates.values()), creates
+    assert len(creates) == 3 and all(v == 1 for v in creates.values()), creates
 
 
 async def test_corrupt_database_gets_one_line_and_exit_78(tmp_path, slow_emulator):
