@@ -8,6 +8,7 @@ validates all of them, one transaction records their parts, jobs and states.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from daemon.claim import reject
 from daemon.config import Config
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.io_faults import is_disk_fault
 from daemon.states import InputState, JobState
 from daemon.store import loads
 from daemon.submit import display_name
@@ -61,6 +63,8 @@ def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> l
                 defer_digest=True,
             )
         except OSError as e:
+            if is_disk_fault(e) and e.errno not in (errno.EACCES, errno.EPERM):
+                raise  # the machine's fault (EIO, a full state disk): validated again later
             out.append(_Outcome(row, error=f"cannot read the file: {e.strerror or e}"))
         else:
             out.append(_Outcome(row, v, seconds=time.monotonic() - started))
