@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~")
 PROBE_NAME = ".gemini-batchd-watch-probe"
 CLAIM_BATCH = 200  # drops claimed per transaction
+ADOPT_KEY = "stage:claim-adopt"  # io_faults key while a failed batch's moved files lack rows
 
 
 def classify(rel: PurePosixPath) -> Literal["take", "ignore", "reject"]:
@@ -150,6 +151,8 @@ async def scan_once(ctx: Context, settle: SettleTracker) -> int:
     """One pass over the inbox: claim (or reject) every settled drop, ``CLAIM_BATCH`` per
     transaction; returns how many."""
     cfg = ctx.cfg
+    if ADOPT_KEY in ctx.io_faults.active():  # a failed batch left moved files without rows
+        await _adopt_after_failure(ctx)
     found = await anyio.to_thread.run_sync(_list_inbox, cfg.inbox_dir, cfg.gemini.default_model)
     settle.retain({c.rel for c in found})
     ready: list[Drop] = []
@@ -165,19 +168,21 @@ async def scan_once(ctx: Context, settle: SettleTracker) -> int:
         except (OSError, sqlite3.Error) as e:
             log.warning("claim_failed", files=[d.rel for d in batch][:10], error=str(e))
             ctx.io_faults.fail("stage:claim", "cannot claim files from the inbox", e)
+            ctx.io_faults.fail(ADOPT_KEY, "moved files wait for their rows", e)
             await _adopt_after_failure(ctx)
     return done
 
 
 async def _adopt_after_failure(ctx: Context) -> None:
     """A batch failed after some of its files moved (its commit lost: EIO, a full disk): adopt
-    them from its note now rather than at the next start. Only this stage claims, so no other
-    batch is half-way meanwhile."""
+    them from its note now rather than at the next start (and at each scan until that works).
+    Only this stage claims, so no other batch is half-way meanwhile."""
     try:
         await adopt_orphans(ctx)
-    except (OSError, sqlite3.Error) as e:  # tried again after the next failed batch, or at start
-        log.warning("claim_adoption_failed", error=str(e))
+    except (OSError, sqlite3.Error) as e:
+        ctx.io_faults.fail(ADOPT_KEY, "moved files wait for their rows", e)
     else:
+        ctx.io_faults.clear(ADOPT_KEY)
         ctx.wake.validate.set()
 
 

@@ -118,7 +118,14 @@ def _start_under_fiu(cfg_path: Path, ctrl: Path, log_path: Path) -> subprocess.P
 
 
 @pytest.mark.skipif(FIU_RUN is None, reason="needs fiu-run (Debian package fiu-utils)")
-async def test_eio_on_rename_during_claims_loses_no_file_without_a_restart(tmp_path, emulator):
+@pytest.mark.parametrize(
+    ("point", "marker"),
+    [
+        ("posix/io/dir/rename", "claim_failed"),  # one file of a batch does not move
+        ("posix/io/sync/fsync", '"io_fault"'),  # outbox writes (and claim batches) fail
+    ],
+)
+async def test_eio_during_claims_loses_no_file_without_a_restart(tmp_path, emulator, point, marker):
     data = config_data(tmp_path / "root", emulator.url)
     data["daemon"] |= {"log_format": "json", "io_retry_initial": 0.05, "io_retry_max": 0.2}
     cfg_path = write_config(tmp_path / "config.toml", data)
@@ -129,15 +136,13 @@ async def test_eio_on_rename_during_claims_loses_no_file_without_a_restart(tmp_p
     output = lambda: log_path.read_text(errors="replace")  # noqa: E731
     try:
         await wait_until(lambda: "daemon_ready" in output(), timeout=60)
-        # Half of all renames fail with EIO (failinfo = errno 5) while the files are claimed.
-        _fiu_ctrl(
-            ctrl, proc.pid, "enable_random name=posix/io/dir/rename,probability=0.5,failinfo=5"
-        )
+        # Half of the calls (renames, or fsyncs) fail with EIO (failinfo = errno 5) while the files are claimed.
+        _fiu_ctrl(ctrl, proc.pid, f"enable_random name={point},probability=0.5,failinfo=5")
         names = [f"f{i:02d}.jsonl" for i in range(20)]
         for n, name in enumerate(names):
             drop(root / "inbox", name, request_lines(2, prefix=f"{n}-"))
-        await wait_until(lambda: output().count("claim_failed") >= 5, timeout=60)
-        _fiu_ctrl(ctrl, proc.pid, "disable name=posix/io/dir/rename")
+        await wait_until(lambda: output().count(marker) >= 5, timeout=60)
+        _fiu_ctrl(ctrl, proc.pid, f"disable name={point}")
         for name in names:
             summary = outbox_paths(root / "outbox", name)["summary"]
             try:
