@@ -153,3 +153,24 @@ async def test_corrupt_database_gets_one_line_and_exit_78(tmp_path, slow_emulato
     assert "Traceback" not in "\n".join(out)
     last = out[-1]
     assert "corrupt" in last and "gemini-batchd recover" in last, out
+
+
+async def test_recover_moves_a_corrupt_database_aside_and_leaves_a_sound_one_alone(
+    tmp_path, slow_emulator
+):
+    cfg_path, root = _setup(tmp_path, slow_emulator)
+    state = root / "state"
+    state.mkdir(parents=True)
+    (state / "gemini-batchd.sqlite").write_bytes(b"garbage " * 512)
+    done = await anyio.to_thread.run_sync(_cli, cfg_path, "recover")
+    assert done.returncode == 0, done.stderr
+    assert "is corrupt" in done.stderr and "recovered 0 inputs" in done.stdout
+    assert [p.name.split(".lost-")[0] for p in state.glob("*.lost-*")] == ["gemini-batchd.sqlite"]
+    again = await anyio.to_thread.run_sync(_cli, cfg_path, "recover")
+    assert again.returncode == 0 and "nothing to recover" in again.stdout, again
+    p = DaemonProcess(cfg_path)
+    try:
+        await wait_until(lambda: "daemon_ready" in p.output(), timeout=60)
+        assert p.terminate() == 0, p.output()
+    finally:
+        p.close()
