@@ -74,6 +74,18 @@ async def _in_flight_then_kill9(cfg_path: Path, root: Path, emu) -> None:
         p.kill9()
     finally:
         p.close()
+    # Newer jobs of someone else (listed newest first) put ours past the first page of 100.
+    line = {"key": "x", "request": {"contents": [{"role": "user", "parts": [{"text": "x"}]}]}}
+    for i in range(120):
+        emu.store.create_job(
+            embed=False,
+            model="models/gemini-2.5-flash",
+            display_name=f"someone-else-{i}",
+            input_file=None,
+            inline=[line],
+            tokens=1,
+            request_count=1,
+        )
 
 
 def _lose(db: Path, how: str) -> None:
@@ -112,7 +124,9 @@ async def test_lost_database_is_refused_then_recovered_without_a_second_create(
     _lose(root / "state" / "gemini-batchd.sqlite", how)
     await _refused(cfg_path, "state/work")
     await _refused(cfg_path, "state/work")  # and again: no silent fresh start on a retry
+    lists = slow_emulator.stats["calls"].get("batches.list", 0)
     done = await anyio.to_thread.run_sync(_cli, cfg_path, "recover")  # the emulator is in this loop
+    assert slow_emulator.stats["calls"]["batches.list"] - lists >= 2, "paged through the list"
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(1 finished, 2 in flight); adopted 2 remote jobs, 0 left" in done.stdout, done.stdout
     release(slow_emulator)
