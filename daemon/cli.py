@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_run(cfg, emulator=args.emulator)
     if cmd == "check":
-        from daemon.check import check_main
+        from daemon.validate.check import check_main
 
         return check_main(cfg, args.file, model=args.model, as_json=args.json)
-    from daemon.client import main as client_main
+    from daemon.control.client import main as client_main
 
     return client_main(cfg, args)

@@ -57,7 +57,7 @@ class Context:
     store: Store
     gemini: GeminiClient | None = None  # None for commands that never talk to the API
     wake: Wakeups = field(default_factory=Wakeups)
-    metrics: Any = None  # daemon.metrics.Metrics once the control socket exists
+    metrics: Any = None  # daemon.control.metrics.Metrics once the control socket exists
     # Set by stages so that status can say what is going on without a query.
     last_api_error: dict[str, Any] | None = None
     # Set by the submitter while admitted jobs wait for a worker: polling and collecting then

@@ -121,7 +121,7 @@ def outbox_paths(outbox_dir: Path, rel_path: str) -> dict[str, Path]:
 
 
 # The longest name written next to an input's results is a big input's file in the making,
-# ``.<stem>.jsonl.<input id>.tmp`` (daemon.assemble): 29 bytes more than the stem.
+# ``.<stem>.jsonl.<input id>.tmp`` (daemon.results.outbox_file): 29 bytes more than the stem.
 OUTBOX_NAME_EXTRA = len(".") + len(".jsonl.") + 17 + len(".tmp")
 SHORT_STEM_BYTES = 200  # the start of an over-long stem kept in its error file's name
 

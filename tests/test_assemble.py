@@ -7,8 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon import assemble
-from daemon.assemble import Ready
+from daemon.results import outbox_file
+from daemon.results.outbox_file import Ready
 
 
 def parts(tmp_path: Path, sizes: list[int], job0: int = 10) -> list[Ready]:
@@ -33,21 +33,21 @@ def layout(tmp_path: Path, sizes: list[int]) -> tuple[Path, Path, list[Ready]]:
 
 def put_straight_in(results: Path, work: Path, ps: list[Ready], n: int) -> None:
     """Part ``n`` of ``ps`` written straight into the outbox file after the parts before it."""
-    with assemble.straight_in(results, work, ps[: n - 1], n, ps[n - 1].job_id) as f:
+    with outbox_file.straight_in(results, work, ps[: n - 1], n, ps[n - 1].job_id) as f:
         assert f is not None
         f.write(ps[n - 1].path.read_bytes())
 
 
 def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
     work, results, ps = layout(tmp_path, [100, 50, 70])
-    assert assemble.extend(results, work, ps[:1]) == 1
-    prefix = assemble.prefix_path(results, work)
+    assert outbox_file.extend(results, work, ps[:1]) == 1
+    prefix = outbox_file.prefix_path(results, work)
     assert prefix.name == f".x.jsonl.{work.name}.tmp" and prefix.read_bytes() == whole(ps[:1])
-    assert assemble.extend(results, work, ps[:2]) == 2
-    assert assemble.extend(results, work, ps[:2]) == 2  # nothing new: nothing appended
+    assert outbox_file.extend(results, work, ps[:2]) == 2
+    assert outbox_file.extend(results, work, ps[:2]) == 2  # nothing new: nothing appended
     assert prefix.read_bytes() == whole(ps[:2])
     seen = []
-    assemble.publish(results, work, ps, lambda: seen.append(prefix.stat().st_size))
+    outbox_file.publish(results, work, ps, lambda: seen.append(prefix.stat().st_size))
     assert results.read_bytes() == whole(ps) and not prefix.exists()
     assert seen == [220]  # after the one part appended at settle
     assert not (work / "prefix.json").exists()
@@ -55,55 +55,55 @@ def test_parts_appended_as_they_come_then_published(tmp_path: Path) -> None:
 
 def test_settle_trusts_the_file_only_as_far_as_the_record_matches(tmp_path: Path) -> None:
     work, results, ps = layout(tmp_path, [100, 50, 70])
-    assemble.extend(results, work, ps[:2])
-    prefix = assemble.prefix_path(results, work)
+    outbox_file.extend(results, work, ps[:2])
+    prefix = outbox_file.prefix_path(results, work)
     # a crash in the middle of appending part 3: more bytes than the record says
     with open(prefix, "ab") as f:
         f.write(b"half of part 3")
-    assemble.publish(results, work, ps)
+    outbox_file.publish(results, work, ps)
     assert results.read_bytes() == whole(ps)
     # part 2 was put in order again from another job (say, after a restart): start over
-    assemble.extend(results, work, ps[:2])
+    outbox_file.extend(results, work, ps[:2])
     other = [ps[0], ps[1]._replace(job_id=99), ps[2]]
     with open(prefix, "r+b") as f:
         f.write(b"garbage")  # whatever the file held, it is rewritten
-    assemble.publish(results, work, other)
+    outbox_file.publish(results, work, other)
     assert results.read_bytes() == whole(ps)
     # the record survives but the file was lost: start over
-    assemble.extend(results, work, ps[:1])
+    outbox_file.extend(results, work, ps[:1])
     prefix.unlink()
-    assemble.publish(results, work, ps)
+    outbox_file.publish(results, work, ps)
     assert results.read_bytes() == whole(ps)
 
 
 def test_discard_removes_the_file_and_the_record(tmp_path: Path) -> None:
     work, results, ps = layout(tmp_path, [10])
-    assemble.extend(results, work, ps)
+    outbox_file.extend(results, work, ps)
     assert orjson.loads((work / "prefix.json").read_bytes()) == [[1, 11, 10]]
-    assemble.discard(results, work)
-    assert not assemble.prefix_path(results, work).exists()
+    outbox_file.discard(results, work)
+    assert not outbox_file.prefix_path(results, work).exists()
     assert not (work / "prefix.json").exists() and not results.exists()
 
 
 def test_a_part_goes_straight_in_only_after_the_parts_before_it(tmp_path: Path) -> None:
     work, results, ps = layout(tmp_path, [100, 50, 70])
-    prefix = assemble.prefix_path(results, work)
+    prefix = outbox_file.prefix_path(results, work)
     put_straight_in(results, work, ps, 1)
     assert prefix.read_bytes() == whole(ps[:1])
-    assert assemble.holds(work, 1, ps[0].job_id, 100)
+    assert outbox_file.holds(work, 1, ps[0].job_id, 100)
     # part 3 cannot follow part 1: nothing written, nothing recorded
-    with assemble.straight_in(results, work, ps[:1], 3, ps[2].job_id) as f:
+    with outbox_file.straight_in(results, work, ps[:1], 3, ps[2].job_id) as f:
         assert f is None
     # a writer that fails leaves the file and the record as they were
     with pytest.raises(OSError, match="disk full"):
-        with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
+        with outbox_file.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
             assert f is not None
             f.write(b"half a part")
             raise OSError("disk full")
-    assert prefix.read_bytes() == whole(ps[:1]) and not assemble.holds(work, 2, ps[1].job_id, 11)
+    assert prefix.read_bytes() == whole(ps[:1]) and not outbox_file.holds(work, 2, ps[1].job_id, 11)
     put_straight_in(results, work, ps, 2)
-    assert assemble.holds(work, 2, ps[1].job_id, 50)
-    assemble.publish(results, work, ps, None)  # part 3 appended from its file at settle
+    assert outbox_file.holds(work, 2, ps[1].job_id, 50)
+    outbox_file.publish(results, work, ps, None)  # part 3 appended from its file at settle
     assert results.read_bytes() == whole(ps)
 
 
@@ -113,18 +113,20 @@ def test_a_late_look_at_fewer_parts_leaves_what_the_file_holds(tmp_path: Path) -
     # the file must keep part 2 (it used to be cut back to nothing, and settling then failed
     # for ever on the missing part-1.fast).
     work, results, ps = layout(tmp_path, [100, 50, 70])
-    prefix = assemble.prefix_path(results, work)
+    prefix = outbox_file.prefix_path(results, work)
     put_straight_in(results, work, ps, 1)
     put_straight_in(results, work, ps, 2)
     expected = whole(ps)
     ps[0].path.unlink()
     ps[1].path.unlink()
-    assert assemble.extend(results, work, ps[:1]) == 2
-    with assemble.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
+    assert outbox_file.extend(results, work, ps[:1]) == 2
+    with outbox_file.straight_in(results, work, ps[:1], 2, ps[1].job_id) as f:
         assert f is None  # part 2 is in already
     assert prefix.stat().st_size == 150
-    assert assemble.holds(work, 1, ps[0].job_id, 100) and assemble.holds(work, 2, ps[1].job_id, 50)
-    assemble.publish(results, work, ps)
+    assert outbox_file.holds(work, 1, ps[0].job_id, 100) and outbox_file.holds(
+        work, 2, ps[1].job_id, 50
+    )
+    outbox_file.publish(results, work, ps)
     assert results.read_bytes() == expected
 
 
@@ -133,11 +135,11 @@ def test_a_prefix_file_that_lost_its_data_is_no_longer_trusted(tmp_path: Path) -
     # parts that went straight in are no longer taken as held and are put in order again.
     work, results, ps = layout(tmp_path, [100, 50])
     put_straight_in(results, work, ps, 1)
-    assemble.prefix_path(results, work).write_bytes(b"")
-    assert assemble.extend(results, work, ps[:2]) == 2  # both from their files
-    assert assemble.prefix_path(results, work).read_bytes() == whole(ps)
-    assemble.prefix_path(results, work).write_bytes(b"")
+    outbox_file.prefix_path(results, work).write_bytes(b"")
+    assert outbox_file.extend(results, work, ps[:2]) == 2  # both from their files
+    assert outbox_file.prefix_path(results, work).read_bytes() == whole(ps)
+    outbox_file.prefix_path(results, work).write_bytes(b"")
     ps[0].path.unlink()
     with pytest.raises(FileNotFoundError):  # part 1 has no file of its own
-        assemble.extend(results, work, ps[:2])
-    assert not assemble.holds(work, 1, ps[0].job_id, 100)
+        outbox_file.extend(results, work, ps[:2])
+    assert not outbox_file.holds(work, 1, ps[0].job_id, 100)

@@ -13,11 +13,11 @@ import anyio
 import orjson
 import pytest
 
-from daemon.claim import adopt_orphans, claim, recover_claims
 from daemon.config import parse_config
 from daemon.context import Context
-from daemon.inbox import SettleTracker, classify, run_inbox, scan_once
-from daemon.intake import run_validator, validate_once
+from daemon.intake.claim import adopt_orphans, claim, recover_claims
+from daemon.intake.validate_stage import run_validator, validate_once
+from daemon.intake.watch import SettleTracker, classify, run_inbox, scan_once
 from daemon.states import InputState
 from daemon.store import Store
 

@@ -11,7 +11,7 @@ import orjson
 import psutil
 import pytest
 
-from daemon.merge import (
+from daemon.results.index import (
     MergeIndex,
     Part,
     ResultsFile,

@@ -1,4 +1,4 @@
-"""The fast path of a big input's merge (daemon.merge_part) on real files."""
+"""The fast path of a big input's merge (daemon.results.fast_order) on real files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.merge_part import _key_positions, fast_path, load_summary, order_part
+from daemon.results.fast_order import _key_positions, fast_path, load_summary, order_part
 
 
 def req(key: str) -> bytes:

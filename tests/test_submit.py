@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from daemon.store import loads
-from daemon.submit import display_name, recover_submissions, submit_once
+from daemon.submit.submitter import display_name, recover_submissions, submit_once
 from tests import remote_helpers as rh
 from tests.remote_helpers import Env, lines_for, wait_for
 
@@ -298,7 +298,7 @@ async def test_concurrent_uploads_respect_token_cap(env: Env) -> None:
 async def test_run_submitter_pipelines_rounds(env: Env) -> None:
     import anyio
 
-    from daemon.submit import run_submitter
+    from daemon.submit.submitter import run_submitter
 
     ids: list[int] = []
     for _ in range(10):
@@ -322,7 +322,7 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     collector yielding to it resumes as soon as the backlog is gone, not after its timeout."""
     import anyio
 
-    from daemon.submit import Submitter, yield_to_submission
+    from daemon.submit.submitter import Submitter, yield_to_submission
 
     ids: list[int] = []
     for _ in range(8):  # 40 jobs: more than one round's bound of queued jobs

@@ -1,4 +1,4 @@
-"""Validation on two cores (daemon.validate_tail): the child process checks the second half of the
+"""Validation on two cores (daemon.validate.split): the child process checks the second half of the
 file, the validator takes over what it found. Every outcome must equal the one-pass validation;
 test_validate.py runs its whole suite both ways, these tests look at the seams."""
 
@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from daemon.config import Config, parse_config
-from daemon.validate import Validation, _key_hash, _run, validate_file
-from daemon.validate_io import ScanningWindow
-from daemon.validate_tail import TailCheck
+from daemon.validate.reader import ScanningWindow
+from daemon.validate.rules import Validation, _key_hash, _run, validate_file
+from daemon.validate.split import TailCheck
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
 
@@ -154,7 +154,7 @@ def test_a_failing_child_changes_nothing(tmp_path: Path) -> None:
 
 def test_a_key_hash_is_the_same_in_another_process() -> None:
     # str hash() is salted per process: the child's hashes must be comparable with ours
-    code = "from daemon.validate import _key_hash; print(_key_hash('key-\u00e9-1'))"
+    code = "from daemon.validate.rules import _key_hash; print(_key_hash('key-\u00e9-1'))"
     root = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=root, check=True)
     assert int(out.stdout) == _key_hash("key-\u00e9-1")

@@ -375,7 +375,7 @@ class Store:
         )
 
     async def not_visible_jobs(self) -> list[Row]:
-        """Active jobs held after a 404 (:mod:`daemon.poll_missing`)."""
+        """Active jobs held after a 404 (:mod:`daemon.track.missing`)."""
         return await self.fetchall(
             "SELECT input_id, display_name, remote_name, error FROM jobs WHERE state = 'active' "
             "AND error LIKE '%\"not_visible\":true%' ORDER BY id"

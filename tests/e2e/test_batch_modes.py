@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.actions import retry_input
+from daemon.control.actions import retry_input
 from daemon.outbox import outbox_paths
 from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import running_daemon, wait_final

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.actions import cancel_input
+from daemon.control.actions import cancel_input
 from daemon.emulator import Emulator, EmulatorSettings
 from daemon.outbox import outbox_paths
 from daemon.states import FINAL_INPUT_STATES

@@ -18,15 +18,15 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.claim import reject
 from daemon.config import Config
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.intake.claim import reject
 from daemon.states import InputState, JobState
 from daemon.store import loads
-from daemon.submit import display_name
-from daemon.validate import Validation, validate_file
-from daemon.validate_io import sha256_of
+from daemon.submit.submitter import display_name
+from daemon.validate.reader import sha256_of
+from daemon.validate.rules import Validation, validate_file
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,9 @@ import anyio
 import structlog
 
 from daemon import quirks
-from daemon.claim import copy_in
 from daemon.context import Context
+from daemon.intake.claim import copy_in
 from daemon.outbox import fsync_dir
-from daemon.poll_missing import release_held
 from daemon.states import (
     ACTIVE_JOB_STATES,
     RETRYABLE_INPUT_STATES,
@@ -30,6 +29,7 @@ from daemon.states import (
     JobState,
 )
 from daemon.store import Row, Store, new_input_id
+from daemon.track.missing import release_held
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +120,7 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
     row = await _require(ctx, input_id)
     state = InputState(row["state"])
     if not state.final and not fresh:
-        from daemon.poll import LOST  # imported lazily, as the planner below
+        from daemon.track.poll import LOST  # imported lazily, as the planner below
 
         # Jobs held after a 404 (another API key): resubmitted now, deliberately.
         if await release_held(ctx, input_id, LOST):
@@ -133,7 +133,7 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
         hint = " (use fresh to run it again)" if state is InputState.SUCCEEDED else ""
         raise ActionError(409, f"input {input_id} is {state.value}: nothing to retry{hint}")
 
-    from daemon.collect import plan_retries  # the collector's planner; imported lazily
+    from daemon.results.collect import plan_retries  # the collector's planner; imported lazily
 
     # plan_retries inserts the follow-up jobs and moves the input to queued (clearing
     # cancel_requested and finished_at) in one transaction: a crash leaves either nothing or both.

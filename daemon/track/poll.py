@@ -21,12 +21,12 @@ from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
-from daemon.group_commit import GroupCommit
-from daemon.poll_missing import NOT_VISIBLE, is_held, not_found
 from daemon.states import InputState, JobState, RemoteState
 from daemon.store import Store, dumps
-from daemon.submit import note_api_error, yield_to_submission
-from daemon.submit_writes import advance_inputs
+from daemon.store.group_commit import GroupCommit
+from daemon.submit.submitter import note_api_error, yield_to_submission
+from daemon.submit.writes import advance_inputs
+from daemon.track.missing import NOT_VISIBLE, is_held, not_found
 
 log = structlog.get_logger(__name__)
 

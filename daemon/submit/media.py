@@ -31,7 +31,7 @@ import structlog
 from daemon.context import Context
 from daemon.outbox import atomic_writer
 from daemon.store import MediaId
-from daemon.validate_io import media_name, media_parts
+from daemon.validate.reader import media_name, media_parts
 
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0

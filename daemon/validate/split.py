@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from daemon.validate_io import ScanningWindow
+from daemon.validate.reader import ScanningWindow
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -41,10 +41,10 @@ if TYPE_CHECKING:
 SHARE = 0.55
 SHARE_WITH_DIGEST = 0.3
 _SEEK_CHUNK = 64 * 1024
-_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from daemon.validate_tail import main; main(sys.argv[2:])"
+    "from daemon.validate.split import main; main(sys.argv[2:])"
 )
 
 
@@ -179,7 +179,10 @@ def _line_start_after(path: Path, pos: int) -> int | None:
 
 def main(argv: list[str]) -> None:
     """The child: ``PATH BEGIN MODEL MAX_LINE_BYTES``; its findings on stdout."""
-    from daemon.validate import duplicate_hashes, new_tail_pass  # validate imports this module
+    from daemon.validate.rules import (  # validate imports this module
+        duplicate_hashes,
+        new_tail_pass,
+    )
 
     path, begin = Path(argv[0]), int(argv[1])
     recorder = BlockRecorder()

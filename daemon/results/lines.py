@@ -1,6 +1,6 @@
 """Line-level pieces of the merge: input keys, canonical request lines, result lines.
 
-Everything here works on one line at a time (no state), for :mod:`daemon.merge`.
+Everything here works on one line at a time (no state), for :mod:`daemon.results.index`.
 """
 
 from __future__ import annotations

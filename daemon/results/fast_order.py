@@ -2,10 +2,10 @@
 
 When a job (attempt 1) answers every key of its part once and nothing else (no duplicate, no
 unknown key, no unparsable line), its answers are put in input order straight from the results
-file, without the on-disk index of :mod:`daemon.merge`: a dict of the part's keys to their
+file, without the on-disk index of :mod:`daemon.results.index`: a dict of the part's keys to their
 positions (bounded by ``max_requests_per_job``), each results line's ``(offset, length)`` recorded
 by position (blocks of lines parsed with C-level maps), and the ordered file gathered with
-``pread``. A summary (counts, tokens, error codes) is written next to it; :mod:`daemon.assemble`
+``pread``. A summary (counts, tokens, error codes) is written next to it; :mod:`daemon.results.outbox_file`
 appends ordered parts to the outbox file as they come.
 Anything else returns None and the caller falls back to the index. Synchronous (worker thread).
 """
@@ -26,12 +26,12 @@ from typing import IO, Any
 
 import orjson
 
-from daemon import assemble
-from daemon.assemble import Ready
-from daemon.merge import Stopped
-from daemon.merge_lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
 from daemon.outbox import atomic_writer
-from daemon.validate_io import file_contains
+from daemon.results import outbox_file
+from daemon.results.index import Stopped
+from daemon.results.lines import TOKEN_FIELDS, as_int, derive_key, fast_key_bytes, is_retryable
+from daemon.results.outbox_file import Ready
+from daemon.validate.reader import file_contains
 
 _BLOCK = 1 << 20
 _RESULTS_BLOCK = 1 << 18
@@ -67,7 +67,7 @@ def fast_path(work: Path, part_no: int) -> Path:
 
 
 def ready_part(work: Path, summary: PartSummary) -> Ready:
-    """A part put in order, as :mod:`daemon.assemble` appends it to the outbox file."""
+    """A part put in order, as :mod:`daemon.results.outbox_file` appends it to the outbox file."""
     return Ready(
         summary.part_no, summary.job_id, fast_path(work, summary.part_no), summary.ordered_size
     )
@@ -246,7 +246,7 @@ def order_part(
 ) -> PartSummary | None:
     """Write ``results``' answers in the order of ``source``'s keys (those in bytes ``span`` of
     it, if given) to ``dest`` (fsynced), or straight into the outbox file in the making when
-    ``straight`` yields it (:func:`daemon.assemble.straight_in`: the parts before are all in
+    ``straight`` yields it (:func:`daemon.results.outbox_file.straight_in`: the parts before are all in
     it; not for answers with inline media, which are extracted from ``dest`` later), and the
     summary to ``dest.json``; None (nothing written) unless every key has exactly one answer."""
     with _one_at_a_time(stop):
@@ -355,7 +355,7 @@ def load_summary(work: Path, part_no: int, job_id: int, results: Path) -> PartSu
         ):
             return None
         if summary.in_prefix:  # its answers are only in the outbox file in the making
-            if not assemble.holds(work, part_no, job_id, summary.ordered_size):
+            if not outbox_file.holds(work, part_no, job_id, summary.ordered_size):
                 return None
         elif summary.ordered_size != dest.stat().st_size:
             return None
@@ -366,7 +366,7 @@ def load_summary(work: Path, part_no: int, job_id: int, results: Path) -> PartSu
 
 class OrderedParts:
     """The answers of an input whose every part was put in order by :func:`order_part`: the
-    subset of :class:`~daemon.merge.MergeIndex` that writing the outbox uses."""
+    subset of :class:`~daemon.results.index.MergeIndex` that writing the outbox uses."""
 
     def __init__(self, work: Path, summaries: list[PartSummary], index_path: Path) -> None:
         self.work = work

@@ -3,12 +3,12 @@
 1. A ``done`` job's results (downloaded result file, or the inline responses of the raw operation)
    become ``state/work/<input>/job-<id>.results.jsonl`` (``{"key", "response"|"error"}`` lines),
    then the job is ``collected``. For a big input the job's answers are put in order of its part
-   right away and appended to the outbox file in the making (:mod:`daemon.collect_big`), so this
+   right away and appended to the outbox file in the making (:mod:`daemon.results.order`), so this
    work overlaps with the jobs still running.
 2. When every job of an input is ``collected`` or ``cancelled``, the input *settles*: the index
    (completed, or built in memory for a small input) gives each key's best answer; keys with a
    retryable error or no answer are resubmitted as new ``planned`` jobs while the retry budget
-   lasts; otherwise the outbox is written (:mod:`daemon.finish`) and the input gets its final
+   lasts; otherwise the outbox is written (:mod:`daemon.results.finish`) and the input gets its final
    state.
 """
 
@@ -27,21 +27,22 @@ import anyio
 import orjson
 import structlog
 
-from daemon import collect_big, quirks
+from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
-from daemon.finish import finish_index, reuse_input, run_stoppable
-from daemon.group_commit import GroupCommit
-from daemon.merge import (
+from daemon.outbox import atomic_writer, fsync_dir
+from daemon.results import order
+from daemon.results.finish import finish_index, reuse_input, run_stoppable
+from daemon.results.index import (
     RETRYABLE_GRPC,
     RETRYABLE_HTTP,
     MergeIndex,
     Part,
     results_files,
 )
-from daemon.outbox import atomic_writer, fsync_dir
 from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
-from daemon.submit import display_name, yield_to_submission
+from daemon.store.group_commit import GroupCommit
+from daemon.submit.submitter import display_name, yield_to_submission
 
 __all__ = [
     "RETRYABLE_GRPC",
@@ -318,16 +319,16 @@ async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_C
 
 async def _index_job(ctx: Context, job: dict[str, Any], dest: Path) -> None:
     """A big input's job results are put in order while its other jobs still run
-    (:mod:`daemon.collect_big`); a small input's wait for settle."""
+    (:mod:`daemon.results.order`); a small input's wait for settle."""
     row = await ctx.store.get_input(job["input_id"])
     if row is not None and not small_input(row):
-        await collect_big.index_job(ctx, row, job, dest)
+        await order.index_job(ctx, row, job, dest)
 
 
 async def _assemble_ready_parts(ctx: Context, input_id: str) -> None:
     row = await ctx.store.get_input(input_id)
     if row is not None and not small_input(row):
-        await collect_big.assemble_ready_parts(ctx, row)
+        await order.assemble_ready_parts(ctx, row)
 
 
 def _gemini(ctx: Context) -> Any:
@@ -412,7 +413,7 @@ async def _settle(ctx: Context, row: dict[str, Any]) -> None:
         if not await reuse_input(ctx, row):
             await plan_retries(ctx, row["id"], force=True)  # earlier results vanished: redo
         return
-    fast = None if small_input(row) else await collect_big.fast_parts(ctx, row, jobs)
+    fast = None if small_input(row) else await order.fast_parts(ctx, row, jobs)
     if fast is not None:
         await finish_index(ctx, row, jobs, fast)
         return
@@ -457,9 +458,9 @@ async def plan_retries(ctx: Context, input_id: str, *, force: bool = False) -> i
 
 
 async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, Any]]) -> MergeIndex:
-    parts = await collect_big.input_parts(ctx, row, jobs)
+    parts = await order.input_parts(ctx, row, jobs)
     files = results_files(j for j in jobs if j["state"] == JobState.COLLECTED)
-    path = collect_big.index_path(ctx, row)
+    path = order.index_path(ctx, row)
     path.parent.mkdir(parents=True, exist_ok=True)
     small = small_input(row)
     if small and not path.exists():
@@ -481,7 +482,7 @@ async def _plan(
     part_rows = {r["part_no"]: r for r in await ctx.store.parts_of(row["id"])}
     input_path = Path(row["work_path"])
     planned: list[dict[str, Any]] = []
-    for part in await collect_big.input_parts(ctx, row, jobs):
+    for part in await order.input_parts(ctx, row, jobs):
         mine = [j for j in jobs if j["part_no"] == part.part_no]
         last = max(mine, key=lambda j: j["attempt"], default=None)
         attempts = last["attempt"] if last else 0

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import orjson
 
-from daemon.merge_lines import (
+from daemon.results.lines import (
     RETRYABLE_GRPC,
     RETRYABLE_HTTP,
     RETRYABLE_STATUS,

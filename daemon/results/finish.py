@@ -19,13 +19,9 @@ import anyio
 import orjson
 import structlog
 
-from daemon import assemble, fsio, quirks
+from daemon import fsio, quirks
 from daemon.context import Context
 from daemon.crash import crash_point
-from daemon.create_errors import refused_jobs, rejection
-from daemon.media import extract_media
-from daemon.merge import MergeIndex, iter_lines, remove_index
-from daemon.merge_part import OrderedParts, fast_path, ready_part
 from daemon.outbox import (
     append_file,
     atomic_writer,
@@ -35,6 +31,11 @@ from daemon.outbox import (
     remove_quietly,
     write_json,
 )
+from daemon.results import outbox_file
+from daemon.results.create_errors import refused_jobs, rejection
+from daemon.results.fast_order import OrderedParts, fast_path, ready_part
+from daemon.results.index import MergeIndex, iter_lines, remove_index
+from daemon.results.media import extract_media
 from daemon.states import InputState, RemoteState
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ _T = TypeVar("_T")
 
 async def run_stoppable(fn: Callable[[], _T], stop: threading.Event) -> _T:
     """``fn()`` in a worker thread; if the caller is cancelled (shutdown), ``stop`` is set so a
-    long merge pass ends early (it raises :class:`~daemon.merge.Stopped`), and the cancellation
+    long merge pass ends early (it raises :class:`~daemon.results.index.Stopped`), and the cancellation
     goes on once the thread has let go."""
     finished = threading.Event()
     box: list[_T] = []
@@ -151,7 +152,7 @@ def _write_results(
 def _publish_assembled(index: OrderedParts, dest: Path, media_dir: Path | None) -> list[str]:
     """Every part was put in order: finish the file assembled while the jobs ran."""
     parts = [ready_part(index.work, s) for s in index.parts]
-    assemble.publish(dest, index.work, parts, lambda: crash_point("mid_outbox"))
+    outbox_file.publish(dest, index.work, parts, lambda: crash_point("mid_outbox"))
     media: list[str] = []
     if media_dir is not None:
         for s in index.parts:
@@ -240,7 +241,7 @@ async def finish_index(
         await _finish_index(ctx, row, jobs, index, newer)
     work = ctx.input_dir(row["id"])
     results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
-    await anyio.to_thread.run_sync(assemble.discard, results, work)
+    await anyio.to_thread.run_sync(outbox_file.discard, results, work)
     await anyio.to_thread.run_sync(_cleanup_work, work, index.path)
     await _cleanup_remote(ctx, jobs)
 

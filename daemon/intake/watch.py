@@ -1,10 +1,10 @@
 """Intake, first half: watch and scan the inbox, settle, then claim (SPEC §2).
 
-Settled drops are claimed in batches (``daemon.claim``); what cannot be claimed as a request file
+Settled drops are claimed in batches (``daemon.intake.claim``); what cannot be claimed as a request file
 (symlinks, FIFOs and other non-regular files, files in a folder that is not a model id, ``*.jsonl``
 nested deeper than a model folder, folders named ``*.jsonl``, names too long for their outbox files)
 is moved out of the inbox the same way and rejected. Validation of claimed files is
-``daemon.intake``.
+``daemon.intake.validate_stage``.
 
 A new drop of a path that was rejected before writes a new ``foo.error.json``; other ``foo.*`` files
 of the earlier drop are left as they are until the new drop completes.
@@ -23,9 +23,9 @@ import structlog
 from anyio.abc import TaskStatus
 from watchfiles import awatch
 
-from daemon.claim import Drop, claim_many
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
+from daemon.intake.claim import Drop, claim_many
 from daemon.outbox import OUTBOX_NAME_EXTRA, name_too_long
 
 log = structlog.get_logger(__name__)

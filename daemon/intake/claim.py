@@ -33,7 +33,7 @@ from daemon.crash import crash_point
 from daemon.outbox import fsync_dir, outbox_paths, write_json
 from daemon.states import InputState
 from daemon.store import dumps, new_input_id
-from daemon.validate import model_kind
+from daemon.validate.rules import model_kind
 
 log = structlog.get_logger(__name__)
 

@@ -30,10 +30,10 @@ from aiohttp import web
 from anyio.abc import TaskStatus
 
 from daemon import __version__, quirks
-from daemon.actions import ActionError, cancel_input, retry_input
 from daemon.context import Context
-from daemon.control_guard import ConnectionGuard
-from daemon.metrics import Metrics, queue_depth, stuck_jobs
+from daemon.control.actions import ActionError, cancel_input, retry_input
+from daemon.control.guard import ConnectionGuard
+from daemon.control.metrics import Metrics, queue_depth, stuck_jobs
 from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 from daemon.store import Row, loads
 

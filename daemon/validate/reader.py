@@ -152,7 +152,7 @@ class MediaChecker:
         self.root = os.path.realpath(media_dir)
         self.cache: dict[str, str | None] = {}
         # name → (st_dev, st_ino, st_size, st_mtime_ns) of the file found valid: the upload
-        # sends that very file (daemon.media_upload), not one swapped in later
+        # sends that very file (daemon.submit.media), not one swapped in later
         self.ids: dict[str, tuple[int, int, int, int]] = {}
 
     def check(self, name: str) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 from daemon.config import Config
-from daemon.validate import is_model_id, validate_file
+from daemon.validate.rules import is_model_id, validate_file
 
 
 def _default_model(cfg: Config, file: Path) -> str:

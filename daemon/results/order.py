@@ -1,11 +1,11 @@
 """A big input's jobs, put in order as each comes back (while the others still run).
 
 Collected results of a job of a big input (more than ``SMALL_INPUT_REQUESTS``) are put in the
-order of its part right away: the fast path (:mod:`daemon.merge_part`) when its first job
+order of its part right away: the fast path (:mod:`daemon.results.fast_order`) when its first job
 answered each key of the part exactly once, else folded into the input's on-disk merge index
-(:mod:`daemon.merge`). Parts in order are appended to the outbox file in the making
-(:mod:`daemon.assemble`). At settle, :func:`fast_parts` says whether the fast path covers the
-whole input. The size check is the caller's (:mod:`daemon.collect`).
+(:mod:`daemon.results.index`). Parts in order are appended to the outbox file in the making
+(:mod:`daemon.results.outbox_file`). At settle, :func:`fast_parts` says whether the fast path covers the
+whole input. The size check is the caller's (:mod:`daemon.results.collect`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Any
 import anyio
 import structlog
 
-from daemon import assemble
 from daemon.context import Context
-from daemon.finish import run_stoppable
-from daemon.merge import MergeIndex, Part, Rebuild, ResultsFile, Stopped, remove_index
-from daemon.merge_part import (
+from daemon.outbox import outbox_paths
+from daemon.results import outbox_file
+from daemon.results.fast_order import (
     OrderedParts,
     PartSummary,
     fast_path,
@@ -32,7 +31,8 @@ from daemon.merge_part import (
     prepare_keys,
     ready_part,
 )
-from daemon.outbox import outbox_paths
+from daemon.results.finish import run_stoppable
+from daemon.results.index import MergeIndex, Part, Rebuild, ResultsFile, Stopped, remove_index
 from daemon.states import JobState
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ async def index_job(ctx: Context, row: dict[str, Any], job: dict[str, Any], dest
 
 async def assemble_ready_parts(ctx: Context, row: dict[str, Any]) -> None:
     """Append the parts put in order so far (consecutive from part 1) to the input's outbox
-    file in the making (:mod:`daemon.assemble`), so that settling has little left to write."""
+    file in the making (:mod:`daemon.results.outbox_file`), so that settling has little left to write."""
     input_id = row["id"]
     part_nos = sorted(r["part_no"] for r in await ctx.store.parts_of(input_id))
     ready = await _ready_parts(ctx, row, part_nos)
@@ -59,20 +59,20 @@ async def assemble_ready_parts(ctx: Context, row: dict[str, Any]) -> None:
     work = ctx.input_dir(input_id)
     results = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
     try:
-        await anyio.to_thread.run_sync(assemble.extend, results, work, ready)
+        await anyio.to_thread.run_sync(outbox_file.extend, results, work, ready)
     except OSError:
         log.exception("assemble_failed", input_id=input_id)  # settling writes it whole
 
 
 async def _ready_parts(
     ctx: Context, row: dict[str, Any], part_nos: list[int]
-) -> list[assemble.Ready]:
+) -> list[outbox_file.Ready]:
     """Of ``part_nos`` (in order), those put in order from their first job with nothing to
     retry, up to the first that is not, as the outbox file in the making takes them."""
     first = {j["part_no"]: j for j in await ctx.store.jobs_of(row["id"]) if j["attempt"] == 1}
     work = ctx.input_dir(row["id"])
 
-    def ready() -> list[assemble.Ready]:
+    def ready() -> list[outbox_file.Ready]:
         out = []
         for n in part_nos:
             j = first.get(n)
@@ -141,7 +141,7 @@ async def _order_part(
     if before is not None:  # the parts before are in the outbox file: this one can follow
         out = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["results"]
         straight = functools.partial(
-            assemble.straight_in, out, work, before, job["part_no"], job["id"]
+            outbox_file.straight_in, out, work, before, job["part_no"], job["id"]
         )
     order = functools.partial(
         order_part, job["part_no"], source, results, job["id"], dest, stop, span, straight
@@ -187,7 +187,7 @@ async def _prepare_next(ctx: Context, row: dict[str, Any], part_no: int) -> None
 
 async def _ready_before(
     ctx: Context, row: dict[str, Any], part_no: int
-) -> list[assemble.Ready] | None:
+) -> list[outbox_file.Ready] | None:
     """Parts 1 .. ``part_no`` - 1, when all are ready for the outbox file in the making."""
     before = list(range(1, part_no))
     ready = await _ready_parts(ctx, row, before)

@@ -1,6 +1,6 @@
 """A big input's outbox results file, assembled while its jobs still run.
 
-When the first parts of an input have been put in order (:mod:`daemon.merge_part`), they are
+When the first parts of an input have been put in order (:mod:`daemon.results.fast_order`), they are
 appended to a hidden temporary file next to the final outbox file
 (``outbox/.<name>.<input id>.tmp``) and flushed to disk, so that settling the input only has to
 append the parts that came back last, fsync and rename. A record in the input's work folder

@@ -27,12 +27,12 @@ from anyio.abc import TaskGroup
 from daemon.context import Context, Wakeup
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
-from daemon.group_commit import GroupCommit
-from daemon.media_upload import resolve_media, resolved_path
-from daemon.poll_missing import NOT_VISIBLE
 from daemon.states import InputState, JobState
 from daemon.store import dumps, loads
-from daemon.submit_writes import Activation, commit_intents, write_activations
+from daemon.store.group_commit import GroupCommit
+from daemon.submit.media import resolve_media, resolved_path
+from daemon.submit.writes import Activation, commit_intents, write_activations
+from daemon.track.missing import NOT_VISIBLE
 
 log = structlog.get_logger(__name__)
 

@@ -6,7 +6,7 @@ lines are canonical, else canonical part files. Blocks of well-formed lines are 
 with C-level ``map``s; the first doubt sends a block through the exact per-line checks. A second
 thread reads the file on its own for its sha256 and for ``"file:`` (media references); only a file
 that has one is validated again with a media check on every line. A big file's second half is
-checked by a child process meanwhile (:mod:`daemon.validate_tail`). Memory stays flat on huge
+checked by a child process meanwhile (:mod:`daemon.validate.split`). Memory stays flat on huge
 files: problems are capped, duplicate keys are found from 61-bit key hashes (8 bytes per key, in
 64 buckets checked one set at a time), and hash-equal keys are confirmed by a second read of the
 file (which only happens when a hash repeats).
@@ -29,7 +29,7 @@ from typing import IO, Any, Literal, cast
 import orjson
 
 from daemon.config import MODEL_ID_RE, Config
-from daemon.validate_io import (
+from daemon.validate.reader import (
     MAX_MEDIA_NAMES,
     MEDIA_MARK,
     FileScan,
@@ -40,7 +40,7 @@ from daemon.validate_io import (
     media_uris,
     part_file_name,
 )
-from daemon.validate_tail import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailCheck
+from daemon.validate.split import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailCheck
 
 __all__ = ["PartPlan", "Problem", "Validation", "part_file_name", "validate_file"]
 
@@ -89,7 +89,7 @@ class Validation:
     media_names: set[str] = field(default_factory=set)  # distinct names (bounded)
     media_ids: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # name → file
     parts: list[PartPlan] = field(default_factory=list)
-    tail_bytes: int = 0  # bytes checked by the child process (daemon.validate_tail)
+    tail_bytes: int = 0  # bytes checked by the child process (daemon.validate.split)
 
 
 def model_kind(model: str) -> Kind:
@@ -139,7 +139,7 @@ def validate_file(
     (``source_path`` None); once a line needs rewriting, part files of canonical lines are
     written there (deleted again if the file turns out invalid). A file of at least ``[inbox]
     parallel_validation_bytes`` has its second half checked by a child process meanwhile
-    (:mod:`daemon.validate_tail`); with ``defer_digest`` such a file's sha256 is left to the
+    (:mod:`daemon.validate.split`); with ``defer_digest`` such a file's sha256 is left to the
     caller (``sha256`` None). Raises OSError when the file cannot be read."""
     with open(path, "rb", buffering=_READ_BUFFER) as f:
         size = os.fstat(f.fileno()).st_size
@@ -233,7 +233,7 @@ def _run(
 def new_tail_pass(
     path: Path, f: IO[bytes], *, model: str, limit: int, recorder: BlockRecorder
 ) -> _Pass:
-    """The pass the tail child runs (:mod:`daemon.validate_tail`): bulk blocks only."""
+    """The pass the tail child runs (:mod:`daemon.validate.split`): bulk blocks only."""
     run = _Pass(
         path,
         f,
