@@ -40,7 +40,7 @@ from google.genai import types
 from google.genai import version as genai_version
 
 from daemon.config import Config
-from daemon.validate.reader import FileWindow
+from daemon.windows import FileWindow
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 ErrorKind = Literal["transient", "permanent", "ambiguous"]

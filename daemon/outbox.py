@@ -103,6 +103,14 @@ def copy_atomic(src: Path, final: Path) -> None:
         shutil.copyfileobj(inp, out, 1024 * 1024)
 
 
+def copy_in(src: Path, tmp: Path) -> None:
+    """Copy ``src`` to ``tmp`` and fsync the copy."""
+    with open(src, "rb") as inp, open(tmp, "wb") as out:
+        shutil.copyfileobj(inp, out, 1024 * 1024)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def outbox_paths(outbox_dir: Path, rel_path: str) -> dict[str, Path]:
     """The outbox names for an input at ``rel_path`` (relative to the inbox): ``foo.jsonl`` (or
     ``foo.JSONL``) → ``foo.jsonl``, ``foo.summary.json``, ``foo.error.json``, ``foo.media/``.

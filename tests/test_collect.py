@@ -625,7 +625,7 @@ async def test_a_round_takes_big_jobs_that_become_due_meanwhile(
     await inp.done(inp.jobs[4])
     busy = collect.DueJobs(ctx)
     busy.big_busy = 1  # another worker at a job, but submission has a backlog
-    ctx.submit_backlog = True
+    ctx.backpressure.set_backlog(True)
     assert await busy.next() is None
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.states import display_name
 from daemon.store import loads
-from daemon.submit.submitter import display_name, recover_submissions, submit_once
+from daemon.submit.submitter import recover_submissions, submit_once
 from tests import remote_helpers as rh
 from tests.remote_helpers import Env, lines_for, wait_for
 
@@ -322,7 +323,7 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     collector yielding to it resumes as soon as the backlog is gone, not after its timeout."""
     import anyio
 
-    from daemon.submit.submitter import Submitter, yield_to_submission
+    from daemon.submit.submitter import Submitter
 
     ids: list[int] = []
     for _ in range(8):  # 40 jobs: more than one round's bound of queued jobs
@@ -330,19 +331,19 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     resumed_at: list[float] = []
 
     async def poller() -> None:
-        await yield_to_submission(env.ctx, env.ctx.wake.poll, 60.0)
+        await env.ctx.backpressure.yield_to_submission(env.ctx.wake.poll, 60.0)
         resumed_at.append(time.monotonic())
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             sub = Submitter(env.ctx, tg)
             await sub.round()
-            assert env.ctx.submit_backlog
+            assert env.ctx.backpressure.backlog
             tg.start_soon(poller)
             while sub._more or sub.busy:
                 await env.ctx.wake.submit.wait(0.05)
                 await sub.round()
-    assert not env.ctx.submit_backlog
+    assert not env.ctx.backpressure.backlog
     assert len(resumed_at) == 1
     states = [(await job(env, j))["state"] for j in ids]
     assert states == ["active"] * 40

@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from daemon.config import Config, parse_config
+from daemon.states import model_kind
 from daemon.validate import reader
 from daemon.validate.check import check_main
-from daemon.validate.rules import model_kind, validate_file
+from daemon.validate.rules import validate_file
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 

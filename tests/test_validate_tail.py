@@ -286,3 +286,30 @@ def test_a_child_that_fails_at_the_upper_buckets_changes_nothing(tmp_path: Path)
     tail.close()
     assert run.request_count == 2000
     assert [p.line for p in run.problems] == [1951]
+
+
+def test_child_imports_only_the_validator() -> None:
+    """The child process (``python -c``, :mod:`daemon.validate.split`) pays for every import on
+    each big file: it must load the validator, the config and the standard library only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daemon.validate import rules, split; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
+    heavy = {
+        "anyio",
+        "aiosqlite",
+        "google",
+        "structlog",
+        "aiohttp",
+        "httpx",
+        "watchfiles",
+    }
+    assert "daemon" in loaded and not loaded & heavy

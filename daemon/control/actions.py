@@ -20,8 +20,7 @@ import structlog
 
 from daemon import quirks
 from daemon.context import Context
-from daemon.intake.claim import copy_in
-from daemon.outbox import fsync_dir
+from daemon.outbox import copy_in, fsync_dir
 from daemon.states import (
     ACTIVE_JOB_STATES,
     RETRYABLE_INPUT_STATES,

@@ -19,7 +19,6 @@ import os
 import socket
 import stat
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,18 @@ from aiohttp import web
 from anyio.abc import TaskStatus
 
 from daemon import __version__, quirks
+from daemon.clock import iso
 from daemon.context import Context
 from daemon.control.actions import ActionError, cancel_input, retry_input
 from daemon.control.guard import ConnectionGuard
 from daemon.control.metrics import Metrics, queue_depth, stuck_jobs
 from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 from daemon.store import Row, loads
+
+
+def _ms(t: float | None) -> str | None:
+    return iso(t, "milliseconds")
+
 
 log = structlog.get_logger(__name__)
 
@@ -104,12 +109,6 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(500, "internal error (see the daemon's log)")
 
 
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 # ---- views ------------------------------------------------------------------------------------
 def _progress(jobs: list[Row]) -> dict[str, int]:
     """batchStats of each part's current job (its latest attempt that was started)."""
@@ -157,9 +156,9 @@ def input_view(row: Row, jobs: list[Row]) -> dict[str, Any]:
         "requests": _requests(row),
         "progress": _progress(jobs),
         "jobs": [j["remote_name"] for j in jobs if j["remote_name"]],
-        "created": _iso(row["created_at"]),
-        "updated": _iso(row["updated_at"]),
-        "finished": _iso(row["finished_at"]),
+        "created": _ms(row["created_at"]),
+        "updated": _ms(row["updated_at"]),
+        "finished": _ms(row["finished_at"]),
     }
 
 
@@ -179,10 +178,10 @@ def job_view(j: Row) -> dict[str, Any]:
             "failed": j["failed_count"],
             "pending": j["pending_count"],
         },
-        "created": _iso(j["created_at"]),
-        "submitted": _iso(j["submitted_at"]),
-        "finished": _iso(j["finished_at"]),
-        "next_poll": _iso(j["next_poll_at"]),
+        "created": _ms(j["created_at"]),
+        "submitted": _ms(j["submitted_at"]),
+        "finished": _ms(j["finished_at"]),
+        "next_poll": _ms(j["next_poll_at"]),
         "error": loads(j["error"]) if j["error"] else None,
     }
 
@@ -202,7 +201,7 @@ async def input_detail(ctx: Context, row: Row) -> dict[str, Any]:
     ]
     view["jobs"] = [job_view(j) for j in jobs]
     view["history"] = [
-        {"at": _iso(h["at"]), "state": h["state"], "note": h["note"]}
+        {"at": _ms(h["at"]), "state": h["state"], "note": h["note"]}
         for h in await ctx.store.history(row["id"])
     ]
     return view
@@ -231,7 +230,7 @@ async def get_status(request: web.Request) -> web.Response:
         {
             "version": __version__,
             "pid": os.getpid(),
-            "started": _iso(request.app[STARTED]),
+            "started": _ms(request.app[STARTED]),
             "uptime_seconds": round(time.time() - request.app[STARTED], 3),
             "paths": {
                 "inbox": str(cfg.inbox_dir),
@@ -251,7 +250,7 @@ async def get_status(request: web.Request) -> web.Response:
                     "display_name": j["display_name"],
                     "remote_name": j["remote_name"],
                     "remote_state": j["remote_state"],
-                    "submitted": _iso(j["submitted_at"]),
+                    "submitted": _ms(j["submitted_at"]),
                 }
                 for j in stuck
             ],

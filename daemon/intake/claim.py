@@ -20,7 +20,6 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,12 @@ import anyio
 import orjson
 import structlog
 
+from daemon.clock import iso
 from daemon.context import Context
 from daemon.crash import crash_point
-from daemon.outbox import fsync_dir, outbox_paths, write_json
-from daemon.states import InputState
+from daemon.outbox import copy_in, fsync_dir, outbox_paths, write_json
+from daemon.states import InputState, model_kind
 from daemon.store import dumps, new_input_id
-from daemon.validate.rules import model_kind
 
 log = structlog.get_logger(__name__)
 
@@ -125,14 +124,6 @@ def _prepare(ctx: Context, drops: list[Drop]) -> tuple[list[_Item], Path | None]
 
 def _tmp_of(item: _Item) -> Path:
     return item.dest.parent / ".input.jsonl.copying"
-
-
-def copy_in(src: Path, tmp: Path) -> None:
-    """Copy ``src`` to ``tmp`` and fsync the copy."""
-    with open(src, "rb") as inp, open(tmp, "wb") as out:
-        shutil.copyfileobj(inp, out, 1024 * 1024)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def move_special(src: Path, dest: Path) -> None:
@@ -249,10 +240,6 @@ async def reject_unclaimable(
     return ids[0] if ids else None
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
 async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[str, Any]) -> None:
     """Write the error file, then commit ``rejected`` (a crash between redoes both)."""
     now = time.time()
@@ -263,8 +250,8 @@ async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[s
         "state": InputState.REJECTED.value,
         "reason": reason,
         "details": details,
-        "created_at": _iso(row["created_at"]),
-        "finished_at": _iso(now),
+        "created_at": iso(row["created_at"], "auto"),
+        "finished_at": iso(now, "auto"),
     }
     target = outbox_paths(ctx.cfg.outbox_dir, row["rel_path"])["error"]
     async with ctx.outbox_lock(row["rel_path"]):

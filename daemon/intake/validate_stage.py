@@ -22,11 +22,10 @@ from daemon.config import Config
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.intake.claim import reject
-from daemon.states import InputState, JobState
+from daemon.states import InputState, JobState, display_name
 from daemon.store import loads
-from daemon.submit.submitter import display_name
-from daemon.validate.reader import sha256_of
 from daemon.validate.rules import Validation, validate_file
+from daemon.windows import sha256_of
 
 log = structlog.get_logger(__name__)
 

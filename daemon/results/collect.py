@@ -32,7 +32,7 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.results import order
-from daemon.results.finish import finish_index, reuse_input, run_stoppable
+from daemon.results.finish import finish_index, reuse_input
 from daemon.results.index import (
     RETRYABLE_GRPC,
     RETRYABLE_HTTP,
@@ -40,9 +40,9 @@ from daemon.results.index import (
     Part,
     results_files,
 )
-from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState
+from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState, display_name
 from daemon.store.group_commit import GroupCommit
-from daemon.submit.submitter import display_name, yield_to_submission
+from daemon.threads import run_stoppable
 
 __all__ = [
     "RETRYABLE_GRPC",
@@ -77,11 +77,11 @@ async def run_collector(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IG
         except Exception:
             log.exception("collect_round_failed")
         pause = max(ctx.cfg.poll.min_interval, 1.0)
-        if ctx.submit_backlog:
+        if ctx.backpressure.backlog:
             # Submission first: at most a quarter of the time for collecting while admitted
             # jobs wait for a worker (never nothing: the backlog may last).
             busy = time.monotonic() - started
-            await yield_to_submission(ctx, ctx.wake.collect, max(pause, 3 * busy))
+            await ctx.backpressure.yield_to_submission(ctx.wake.collect, max(pause, 3 * busy))
         else:
             await ctx.wake.collect.wait(pause)
 
@@ -159,7 +159,7 @@ class DueJobs:
                 job = self.queue.pop()
                 self.big_busy += not _is_small(job)
                 return job
-            if self.ctx.submit_backlog or not self.big_busy or time.monotonic() > self.until:
+            if self.ctx.backpressure.backlog or not self.big_busy or time.monotonic() > self.until:
                 return None
             await self._wait()
             async with self.lock:
@@ -188,7 +188,7 @@ class DueJobs:
 
 def _small_concurrency(ctx: Context) -> int:
     """One at a time while submission has a backlog (it goes first), else several."""
-    return 1 if ctx.submit_backlog else SMALL_COLLECT_CONCURRENCY
+    return 1 if ctx.backpressure.backlog else SMALL_COLLECT_CONCURRENCY
 
 
 def _is_small(job: dict[str, Any]) -> bool:

@@ -8,10 +8,7 @@ rewrites the same files atomically. Afterwards the remote files are deleted (bes
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +17,7 @@ import orjson
 import structlog
 
 from daemon import fsio, quirks
+from daemon.clock import iso
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.outbox import (
@@ -37,6 +35,7 @@ from daemon.results.fast_order import OrderedParts, fast_path, ready_part
 from daemon.results.index import MergeIndex, iter_lines, remove_index
 from daemon.results.media import extract_media
 from daemon.states import InputState, RemoteState
+from daemon.threads import run_stoppable
 
 log = structlog.get_logger(__name__)
 TOKEN_NAMES = {
@@ -48,39 +47,6 @@ TOKEN_NAMES = {
 }
 _ERROR_STATES = {InputState.FAILED, InputState.EXPIRED, InputState.CANCELLED, InputState.REJECTED}
 _T = TypeVar("_T")
-
-
-async def run_stoppable(fn: Callable[[], _T], stop: threading.Event) -> _T:
-    """``fn()`` in a worker thread; if the caller is cancelled (shutdown), ``stop`` is set so a
-    long merge pass ends early (it raises :class:`~daemon.results.index.Stopped`), and the cancellation
-    goes on once the thread has let go."""
-    finished = threading.Event()
-    box: list[_T] = []
-
-    def run() -> _T:
-        try:
-            box.append(fn())
-            return box[0]
-        finally:
-            finished.set()
-
-    try:
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        stop.set()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait, 30.0)
-            for result in box:  # finished anyway: nobody will use it, release it
-                close = getattr(result, "close", None)
-                if close is not None:
-                    await anyio.to_thread.run_sync(close)
-        raise
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def estimate_cost(ctx: Context, model: str, tokens: dict[str, int]) -> float | None:

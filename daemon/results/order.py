@@ -31,9 +31,9 @@ from daemon.results.fast_order import (
     prepare_keys,
     ready_part,
 )
-from daemon.results.finish import run_stoppable
 from daemon.results.index import MergeIndex, Part, Rebuild, ResultsFile, Stopped, remove_index
 from daemon.states import JobState
+from daemon.threads import run_stoppable
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,6 @@ the Batch API's target turnaround is 24 h, so a job admitted now can still read 
 from __future__ import annotations
 
 import errno
-import hashlib
 import mimetypes
 import os
 import stat
@@ -32,6 +31,7 @@ from daemon.context import Context
 from daemon.outbox import atomic_writer
 from daemon.store import MediaId
 from daemon.validate.reader import media_name, media_parts
+from daemon.windows import sha256_of
 
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
@@ -95,14 +95,6 @@ def _open_validated(media_dir: Path, name: str, ident: MediaId | None) -> IO[byt
     return f
 
 
-def _sha256(f: IO[bytes]) -> str:
-    h = hashlib.sha256()
-    f.seek(0)
-    while chunk := f.read(1 << 20):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def _rewrite(src: Path, dest: Path, uris: dict[str, str], kind: str) -> None:
     """The resolved source: every validated ``file:NAME`` URI replaced by its upload's URI;
     written durably (the job is committed as ``creating`` with it afterwards)."""
@@ -130,7 +122,7 @@ async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
     for name, (path, mime) in refs.items():
         f = await anyio.to_thread.run_sync(_open_validated, ctx.cfg.media_dir, name, ids.get(name))
         with f:
-            sha = await anyio.to_thread.run_sync(_sha256, f)
+            sha = await anyio.to_thread.run_sync(sha256_of, f)
             async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
                 uris[name] = await _upload_once(ctx, sha, path, mime, f)
     dest = resolved_path(job)

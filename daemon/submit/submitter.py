@@ -24,15 +24,14 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from daemon.context import Context, Wakeup
+from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
-from daemon.states import InputState, JobState
+from daemon.states import NOT_VISIBLE, InputState, JobState
 from daemon.store import dumps, loads
 from daemon.store.group_commit import GroupCommit
 from daemon.submit.media import resolve_media, resolved_path
 from daemon.submit.writes import Activation, commit_intents, write_activations
-from daemon.track.missing import NOT_VISIBLE
 
 log = structlog.get_logger(__name__)
 
@@ -44,12 +43,6 @@ UPLOAD_CONCURRENCY = 1
 QUEUE_PER_WORKER = 2  # a round starts at most this many jobs per worker (bounded intent backlog)
 LOOKAHEAD = 256  # extra rows a round reads beyond what it can start (see Submitter.round)
 _READ_INLINE_BYTES = 256 * 1024
-
-
-def display_name(input_id: str, part_no: int, attempt: int) -> str:
-    """``gemini-batchd:<id>:<part>`` for attempt 1, ``...:<part>:<attempt>`` after."""
-    base = f"gemini-batchd:{input_id}:{part_no}"
-    return base if attempt <= 1 else f"{base}:{attempt}"
 
 
 def backoff_delay(ctx: Context, retries: int) -> float:
@@ -172,10 +165,7 @@ class Submitter:
             and (not r["cancel_requested"] or (r["state"] == "creating" and _needs_check(_job(r))))
         ]
         self._more = truncated
-        if ctx.submit_backlog:  # set again below if admitted jobs are still left over
-            ctx.submit_backlog = False
-            ctx.wake.poll.set()  # end their yield_to_submission
-            ctx.wake.collect.set()
+        ctx.backpressure.set_backlog(False)  # set again below if admitted jobs are still left over
         if not rows:
             return done
         head = rows[:room]
@@ -191,7 +181,8 @@ class Submitter:
         planned: list[dict[str, Any]] = []
         for r in rows:
             if len(creating) + len(planned) >= room:
-                self._more = ctx.submit_backlog = True
+                self._more = True
+                ctx.backpressure.set_backlog(True)
                 break
             if r["state"] == JobState.CREATING.value:
                 creating.append(_job(r))  # already counted in flight
@@ -270,14 +261,6 @@ class Submitter:
         self.ctx.wake.poll.set()
 
 
-async def yield_to_submission(ctx: Context, wake: Wakeup, seconds: float) -> None:
-    """For pollers and collectors while the submitter has a backlog: wait ``seconds``, or less
-    if the backlog ends (the submitter then sets ``wake``); other nudges are ignored."""
-    deadline = time.monotonic() + seconds
-    while ctx.submit_backlog and (left := deadline - time.monotonic()) > 0:
-        await wake.wait(left)
-
-
 async def submit_once(ctx: Context) -> int:
     """One pass: reconcile/create ``creating`` jobs, admit and submit ``planned`` ones; returns
     the number of jobs activated or cancelled once every started job has finished."""
@@ -301,7 +284,7 @@ async def _remote_index(ctx: Context) -> dict[str, dict[str, Any]] | None:
             if isinstance(name, str) and name.startswith("gemini-batchd:"):
                 out.setdefault(name, op)
     except ApiError as e:
-        note_api_error(ctx, e)
+        ctx.note_api_error(e)
         return None
     return out
 
@@ -438,12 +421,8 @@ def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[st
         return [orjson.loads(line) for line in lines if line.strip()]
 
 
-def note_api_error(ctx: Context, e: ApiError) -> None:
-    ctx.last_api_error = {"at": time.time(), "endpoint": e.endpoint, "kind": e.kind, **e.to_json()}
-
-
 async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: JobState) -> None:
-    note_api_error(ctx, e)
+    ctx.note_api_error(e)
     last = {"code": e.http_code, "status": e.status, "message": e.message}
     if e.kind == "permanent":
         log.warning("job_refused", job=job["id"], error=str(e))

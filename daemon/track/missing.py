@@ -19,12 +19,11 @@ import structlog
 
 from daemon.context import Context
 from daemon.gemini import ApiError
-from daemon.states import JobState
+from daemon.states import NOT_VISIBLE, JobState
 from daemon.store import loads
 
 log = structlog.get_logger(__name__)
 
-NOT_VISIBLE = "not visible with the current API key"
 Job = dict[str, Any]
 
 

@@ -21,12 +21,11 @@ from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
-from daemon.states import InputState, JobState, RemoteState
+from daemon.states import NOT_VISIBLE, InputState, JobState, RemoteState
 from daemon.store import Store, dumps
 from daemon.store.group_commit import GroupCommit
-from daemon.submit.submitter import note_api_error, yield_to_submission
 from daemon.submit.writes import advance_inputs
-from daemon.track.missing import NOT_VISIBLE, is_held, not_found
+from daemon.track.missing import is_held, not_found
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +89,7 @@ async def _poll_by_list(
         try:
             page = await gem.list_page(page_size=LIST_PAGE_SIZE, page_token=token)
         except ApiError as e:
-            note_api_error(ctx, e)
+            ctx.note_api_error(e)
             return recorded
         walked += 1
         seen = [
@@ -124,7 +123,7 @@ async def _poll_by_get(ctx: Context, jobs: list[dict[str, Any]], writer: GroupCo
                     missing.append(job)
                     recorded += 1
                     return
-                note_api_error(ctx, e)
+                ctx.note_api_error(e)
                 await _retry_later(ctx, job)
                 return
         await _commit(ctx, writer, [_seen(ctx, job, op)])  # group-committed with other workers
@@ -278,9 +277,11 @@ async def run_pollers(ctx: Context, *, task_status: Any = anyio.TASK_STATUS_IGNO
     while True:
         await poll_once(ctx)
         wait = await _next_due(ctx)
-        if ctx.submit_backlog:
+        if ctx.backpressure.backlog:
             # Submission first: one pass per max_interval, not one per activation (each
             # activation nudges the pollers); a due job waits at most that long.
-            await yield_to_submission(ctx, ctx.wake.poll, max(wait, ctx.cfg.poll.max_interval))
+            await ctx.backpressure.yield_to_submission(
+                ctx.wake.poll, max(wait, ctx.cfg.poll.max_interval)
+            )
         else:
             await ctx.wake.poll.wait(wait)

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from daemon.config import Config
+from daemon.windows import FileWindow
 
 MAX_MEDIA_NAMES = 10_000
 BLOCK = 1 << 20
@@ -72,13 +73,6 @@ class FileScan:
                     assert self._pool is not None
                     self._pool.shutdown()
         return self._result
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256 (hex), read in big blocks without the GIL."""
-    sha = hashlib.sha256()
-    _scan_file(path, (), _SCAN_BLOCK, sha.update)
-    return sha.hexdigest()
 
 
 def _memmem() -> Any:
@@ -429,55 +423,6 @@ def _copy_range(src: IO[bytes], out: IO[bytes], start: int, end: int) -> None:
             raise OSError(f"{src.name}: shorter than expected")
         out.write(chunk)
         left -= len(chunk)
-
-
-class FileWindow(io.RawIOBase):
-    """A read-only, seekable view of bytes ``start:end`` of a file, for the SDK's upload of an
-    IO object (it takes the size from ``seek``/``tell`` and reads in chunks)."""
-
-    def __init__(self, path: Path, start: int, end: int) -> None:
-        self._f = open(path, "rb", buffering=0)
-        self._start, self._end, self._pos = start, end, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._end - self._start}
-        self._pos = max(0, base[whence] + offset)
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._end - self._start - self._pos
-        if size < 0 or size > left:
-            size = max(0, left)
-        data = os.pread(self._f.fileno(), size, self._start + self._pos) if size else b""
-        if len(data) < size:  # the file shrank: never send a short (or endless) upload
-            raise OSError(f"{self._f.name}: shorter than the part's byte range")
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        left = self._end - self._start - self._pos
-        want = min(len(buffer), max(0, left))
-        if not want:
-            return 0
-        with memoryview(buffer).cast("B")[:want] as view:  # straight into it: no copy
-            n = os.preadv(self._f.fileno(), [view], self._start + self._pos)
-        if n < want:  # the file shrank: never hand on a short window
-            raise OSError(f"{self._f.name}: shorter than the part's byte range")
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
 
 
 class ScanningWindow(FileWindow):

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain, islice, repeat
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import IO, Any, cast
 
 import orjson
 
 from daemon.config import MODEL_ID_RE, Config
+from daemon.states import Kind, model_kind
 from daemon.validate.reader import (
     MAX_MEDIA_NAMES,
     MEDIA_MARK,
@@ -44,7 +45,6 @@ from daemon.validate.split import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailC
 
 __all__ = ["PartPlan", "Problem", "Validation", "part_file_name", "validate_file"]
 
-Kind = Literal["generate", "embed"]
 MAX_PROBLEMS = 100
 _READ_BUFFER = 1 << 20
 _WS = b" \t\r\n"
@@ -90,11 +90,6 @@ class Validation:
     media_ids: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # name → file
     parts: list[PartPlan] = field(default_factory=list)
     tail_bytes: int = 0  # bytes checked by the child process (daemon.validate.split)
-
-
-def model_kind(model: str) -> Kind:
-    """Embedding models get an embeddings batch (``asyncBatchEmbedContent``)."""
-    return "embed" if "embedding" in model else "generate"
 
 
 def is_model_id(name: str) -> bool:
