@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the setup offline (--live: against the API)")
     _common(p)
     _doctor_args(p)
+    p = sub.add_parser(
+        "recover",
+        help="rebuild a lost or corrupt state database from state/work/ and the remote jobs",
+    )
+    _common(p)
 
     p = sub.add_parser("emulator", help="run the local Gemini API emulator")
     _common(p)
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.service import main_run
 
         return main_run(cfg, emulator=args.emulator)
+    if cmd == "recover":
+        from daemon.recover import main_recover
+
+        return main_recover(cfg)
     if cmd == "check":
         from daemon.validate.check import check_main
 

@@ -98,6 +98,8 @@ class DaemonConfig:
     shutdown_seconds: float = 10.0
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    io_retry_initial: float = 1.0  # first wait after a full / read-only disk or EIO, doubling
+    io_retry_max: float = 60.0  # longest wait between two tries of work paused on the disk
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[api] timeout: must be > 0")
     if cfg.inbox.settle_seconds <= 0 or cfg.inbox.rescan_seconds <= 0:
         raise ConfigError("[inbox] settle_seconds and rescan_seconds: must be > 0")
+    if not 0 < cfg.daemon.io_retry_initial <= cfg.daemon.io_retry_max:
+        raise ConfigError("[daemon] io_retry_max: must be >= io_retry_initial > 0")
     if cfg.inbox.parallel_validation_bytes < 0:
         raise ConfigError("[inbox] parallel_validation_bytes: must be >= 0 (0 = never)")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from daemon.config import Config
+from daemon.io_faults import IOFaults
 from daemon.outbox import jsonl_stem
 from daemon.store import Store
 
@@ -118,6 +119,9 @@ class Context:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._outbox_locks[key]
+
+    # Work paused on a full, read-only or failing local disk (see daemon.io_faults).
+    io_faults: IOFaults = field(default_factory=IOFaults)
 
     @property
     def work_dir(self) -> Path:

@@ -405,7 +405,8 @@ class LiveRun:
                 left.append(f"{job} ({_err(e)})")
         for f in list(self.made.files):
             try:
-                await self.gem.delete_file(f)
+                if not await self.gem.delete_file(f):
+                    left.append(f"{f} (gone, or not deletable through the API: expires on its own)")
             except ApiError as e:
                 left.append(f"{f} ({_err(e)})")
         self.leftovers = left

@@ -345,15 +345,18 @@ class GeminiClient:
             f = await self._call("files.upload", go)
         return f.model_dump(mode="json", by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
-    async def delete_file(self, name: str) -> None:
-        """Delete a Files API file; one that is gone or cannot be deleted is fine: 404, 403
-        ("...or it may not exist", the real answer for a missing file) and the 400 for ids over
-        40 characters (every result file ``files/batch-<36>``: they expire on their own)."""
+    async def delete_file(self, name: str) -> bool:
+        """Delete a Files API file; False for one that is gone or cannot be deleted, which is
+        fine: 404, 403 ("...or it may not exist", the real answer for a missing file) and the 400
+        for ids over 40 characters (every result file ``files/batch-<36>``: they expire on their
+        own)."""
         try:
             await self._call("files.delete", lambda: self._sdk.aio.files.delete(name=name))
         except ApiError as e:
             if not _gone_or_undeletable(e):
                 raise
+            return False
+        return True
 
     async def get_file(self, name: str) -> dict[str, Any]:
         """A Files API file (``files.get``) as camelCase JSON."""

@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -28,8 +29,10 @@ from anyio.abc import TaskStatus
 from daemon import __version__, fsio, systemd
 from daemon.config import Config, ConfigError, load_config, read_api_key
 from daemon.context import Context
+from daemon.io_faults import IOFaults
 from daemon.logs import set_level
-from daemon.store import Store, StoreError
+from daemon.store import Store, StoreError, guard
+from daemon.supervise import supervised, with_retry
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +78,9 @@ async def _status_line(ctx: Context) -> str:
     running = sum(counts.get(s, 0) for s in ("uploading", "submitted", "running", "downloading"))
     done = sum(counts.get(s, 0) for s in ("succeeded", "partial"))
     bad = sum(counts.get(s, 0) for s in ("failed", "expired", "cancelled", "rejected"))
-    return f"queued {waiting}, running {running}, done {done}, failed {bad}"
+    line = f"queued {waiting}, running {running}, done {done}, failed {bad}"
+    paused = ctx.io_faults.summary()
+    return f"{paused}; {line}" if paused else line
 
 
 async def _run_status(ctx: Context, health: dict[str, float]) -> None:
@@ -148,7 +153,7 @@ async def run_service(
     applied to the config again when SIGHUP re-reads it (``cfg`` already went through it)."""
     from daemon.control.http import run_control
     from daemon.intake.claim import recover_claims
-    from daemon.intake.validate_stage import run_validator
+    from daemon.intake.validate_stage import reset_validating, run_validator
     from daemon.intake.watch import run_inbox
     from daemon.results.collect import run_collector
     from daemon.submit.submitter import recover_submissions, run_submitter
@@ -157,19 +162,21 @@ async def run_service(
     _make_dirs(cfg)
     stopping = stopping or threading.Event()
     async with ctx_factory(cfg) as ctx, anyio.create_task_group() as tg:
+        ctx.io_faults = IOFaults(cfg.daemon.io_retry_initial, cfg.daemon.io_retry_max)
         if handle_signals:  # first: a SIGTERM during recovery or start-up is a clean stop too
             await tg.start(_run_signals, ctx, tg.cancel_scope, stopping, adjust)
-        await recover_claims(ctx)
-        await recover_submissions(ctx)
+        await with_retry(ctx, "recovery", recover_claims)
+        await with_retry(ctx, "recovery", recover_submissions)
         log.info("recovery_done", **await ctx.store.counts_by_state())
         health = {"store_ok_at": time.monotonic()}
         await tg.start(run_control, ctx)
-        await tg.start(run_validator, ctx)
-        await tg.start(run_submitter, ctx)
-        await tg.start(run_pollers, ctx)
-        await tg.start(run_collector, ctx)
+        # A stage stopped by a full / read-only disk is started again once it takes writes.
+        await tg.start(supervised, ctx, "validate", run_validator, reset_validating)
+        await tg.start(supervised, ctx, "submit", run_submitter, recover_submissions)
+        await tg.start(supervised, ctx, "poll", run_pollers)
+        await tg.start(supervised, ctx, "collect", run_collector)
         # run_inbox reports started once the watcher is live and the first scan ran.
-        await tg.start(run_inbox, ctx)
+        await tg.start(supervised, ctx, "inbox", run_inbox)
         tg.start_soon(_run_status, ctx, health)
         interval = systemd.watchdog_interval()
         if interval:
@@ -192,14 +199,22 @@ async def open_context(
     """The production context: the store and the API client."""
     from daemon.gemini import GeminiClient
 
-    async with Store.open(cfg.db_path) as store:
-        gemini = GeminiClient(cfg, api_key, base_url=base_url)
-        try:
-            fp = gemini.key_fingerprint(await store.key_salt())
-            yield Context(cfg=cfg, store=store, gemini=gemini, key_fp=fp)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await gemini.aclose()
+    try:
+        async with Store.open(cfg.db_path) as store:
+            try:
+                guard.mark_open(cfg.state_dir)
+            except OSError as e:  # a read-only state folder: only the -wal check is lost
+                log.warning("store_marker_not_written", error=str(e))
+            gemini = GeminiClient(cfg, api_key, base_url=base_url)
+            try:
+                fp = gemini.key_fingerprint(await store.key_salt())
+                yield Context(cfg=cfg, store=store, gemini=gemini, key_fp=fp)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await gemini.aclose()
+    finally:
+        with contextlib.suppress(OSError):
+            guard.mark_closed(cfg.state_dir)
 
 
 def _shutdown_deadline(
@@ -238,6 +253,7 @@ def main_run(cfg: Config, *, emulator: bool = False) -> int:
     )
     try:
         with state_lock(cfg.state_dir):
+            guard.check_store(cfg.db_path, cfg.state_dir / "work")
             return anyio.run(_main_async, cfg, api_key, emulator, backend="asyncio")
     except AlreadyRunning as e:
         print(f"gemini-batchd: {e}", file=sys.stderr)
@@ -245,6 +261,21 @@ def main_run(cfg: Config, *, emulator: bool = False) -> int:
     except StoreError as e:
         print(f"gemini-batchd: {e}", file=sys.stderr)
         return EX_CONFIG
+    except Exception as e:
+        corrupt = _corruption(e)
+        if corrupt is None:
+            raise
+        print(f"gemini-batchd: {guard.corrupt_message(cfg.db_path, corrupt)}", file=sys.stderr)
+        return EX_CONFIG
+
+
+def _corruption(e: BaseException) -> sqlite3.DatabaseError | None:
+    """The SQLite corruption error in ``e`` (or its group), if that is what ended the daemon."""
+    if isinstance(e, BaseExceptionGroup):
+        return next(filter(None, map(_corruption, e.exceptions)), None)
+    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+        return e
+    return None
 
 
 def _for_emulator(cfg: Config) -> Config:

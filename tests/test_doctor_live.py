@@ -76,7 +76,7 @@ async def test_file_id_limit_on_passes(tmp_path: Path) -> None:
     assert c["status"] == "PASS" and "cannot be more than 40 characters" in c["seen"]
     # A generated file cannot be deleted either (1.16): reported as left behind, not hidden.
     (left,) = report["left_behind"]
-    assert left.startswith("files/batch-") and "cannot be more than 40 characters" in left
+    assert left.startswith("files/batch-") and "not deletable through the API" in left
 
 
 async def test_download_fault_is_diff_and_later_checks_not_reached(tmp_path: Path) -> None:

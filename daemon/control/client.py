@@ -199,6 +199,7 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Console) -> int:
                 ("queued requests", data["queued_requests"]),
                 ("active jobs", f"{data['active_jobs']} / {data['max_active_jobs']}"),
                 ("last API error", orjson.dumps(err).decode() if err else None),
+                ("paused", data.get("paused")),
             ],
             title="gemini-batchd",
         )

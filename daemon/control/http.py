@@ -244,6 +244,8 @@ async def get_status(request: web.Request) -> web.Response:
             "max_active_jobs": cfg.submit.max_active_jobs,
             "control": _connections(request.app),
             "last_api_error": ctx.last_api_error,
+            "paused": ctx.io_faults.summary(),  # a full / read-only disk or EIO, or None
+            "io_faults": ctx.io_faults.active(),
             "stuck_jobs": [
                 {
                     "input_id": j["input_id"],
@@ -278,7 +280,7 @@ async def list_inputs(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"limit must be an integer, got {raw_limit!r}") from None
     if not 1 <= limit <= MAX_LIMIT:
         raise web.HTTPBadRequest(text=f"limit must be between 1 and {MAX_LIMIT}")
-    rows = await ctx.store.list_inputs(state, limit)
+    rows = [_with_fault(ctx, r) for r in await ctx.store.list_inputs(state, limit)]
     jobs_by_input: dict[str, list[Row]] = {r["id"]: [] for r in rows}
     if rows:
         marks = ", ".join("?" for _ in rows)
@@ -294,7 +296,16 @@ async def _find(ctx: Context, ref: str) -> Row:
     row = await ctx.store.find_input(ref)
     if row is None:
         raise web.HTTPNotFound(text=f"no input {ref!r} (neither an id nor a path in the inbox)")
-    return row
+    return _with_fault(ctx, row)
+
+
+def _with_fault(ctx: Context, row: Row) -> Row:
+    """The input's disk fault as its reason, also when the store could not take that write (a
+    full state disk)."""
+    fault = ctx.io_faults.active().get(f"input:{row['id']}")
+    if fault is None or (row["reason"] or "").startswith(fault):
+        return row
+    return row | {"reason": fault}
 
 
 async def input_route(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ import structlog
 from daemon.clock import iso
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.io_faults import is_disk_fault
 from daemon.outbox import copy_in, fsync_dir, outbox_paths, write_json
 from daemon.states import InputState, model_kind
 from daemon.store import dumps, new_input_id
@@ -38,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 CLAIM_FILE = "claim.json"  # per-folder note (older claims; still honoured by recovery)
 BATCH_NOTE_PREFIX = ".claims-"
+META_FILE = ".meta.json"  # per input folder, for `gemini-batchd recover` (daemon.recover)
 _NO_PROBLEMS = {"problems": [], "problem_count": 0}
 
 
@@ -60,6 +62,7 @@ class _Item:
     cross: bool
     ident: list[int]
     moved: bool = False
+    error: OSError | None = None  # the move failed (e.g. EIO): the file stays in the inbox
 
     @property
     def note(self) -> dict[str, Any]:
@@ -77,6 +80,12 @@ class _Item:
             note["reason"] = d.reason
             note["error"] = _NO_PROBLEMS
         return note
+
+
+def write_meta(folder: Path, note: dict[str, Any]) -> None:
+    """What recovery needs to rebuild an input's row, kept beside its claimed file."""
+    meta = {k: note[k] for k in ("id", "rel_path", "model", "kind")} | {"created_at": time.time()}
+    (folder / META_FILE).write_bytes(orjson.dumps(meta))
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -113,6 +122,8 @@ def _prepare(ctx: Context, drops: list[Drop]) -> tuple[list[_Item], Path | None]
     fsync_dir(work)
     for item in list(items):
         item.dest.parent.mkdir(parents=True, exist_ok=True)
+        if not item.special:  # for `gemini-batchd recover`, should the store be lost
+            write_meta(item.dest.parent, item.note)
         if item.cross:  # copy outside the transaction; the swap in _move is quick
             try:
                 copy_in(item.drop.path, _tmp_of(item))
@@ -138,22 +149,33 @@ def move_special(src: Path, dest: Path) -> None:
         src.unlink()
 
 
+def _move_one(item: _Item) -> None:
+    src = item.drop.path
+    if item.special:
+        move_special(src, item.dest)
+    elif item.cross:
+        os.rename(_tmp_of(item), item.dest)
+        os.unlink(src)
+    else:
+        os.rename(src, item.dest)
+
+
 def _move(items: list[_Item]) -> None:
     """Rename every item into place (inside the transaction), then fsync the touched folders
-    once. An item whose source vanished meanwhile is left unmoved."""
+    once. An item whose source vanished meanwhile is left unmoved; so is one whose move failed
+    (EIO, ...): it stays in the inbox for the next scan, and the others go on."""
     dirs: set[Path] = set()
     for item in items:
         src = item.drop.path
         try:
-            if item.special:
-                move_special(src, item.dest)
-            elif item.cross:
-                os.rename(_tmp_of(item), item.dest)
-                os.unlink(src)
-            else:
-                os.rename(src, item.dest)
+            _move_one(item)
         except FileNotFoundError:
             continue
+        except OSError as e:
+            # A failed rename may still have happened: then it is a move like any other.
+            if os.path.lexists(src) or not os.path.lexists(item.dest):
+                item.error = e
+                continue
         item.moved = True
         dirs.add(src.parent)
         dirs.add(item.dest.parent.parent)
@@ -207,6 +229,7 @@ async def claim_many(ctx: Context, drops: list[Drop]) -> list[str]:
                 shutil.rmtree(i.dest.parent, ignore_errors=True)
     assert note is not None
     note.unlink(missing_ok=True)
+    _report_failed_moves(ctx, items)
     for i in moved:
         log.info(
             "input_claimed",
@@ -224,6 +247,16 @@ async def claim_many(ctx: Context, drops: list[Drop]) -> list[str]:
     if moved:
         ctx.wake.validate.set()
     return [i.input_id for i in moved]
+
+
+def _report_failed_moves(ctx: Context, items: list[_Item]) -> None:
+    failed = [i for i in items if i.error is not None]
+    for i in failed:
+        log.warning("claim_failed", file=i.drop.rel, error=str(i.error), retry="next scan")
+    if failed and failed[0].error is not None:
+        ctx.io_faults.fail("stage:claim", "cannot move files out of the inbox", failed[0].error)
+    elif items:
+        ctx.io_faults.clear("stage:claim")
 
 
 async def claim(ctx: Context, path: Path, rel: str, model: str) -> str | None:
@@ -257,9 +290,16 @@ async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[s
     async with ctx.outbox_lock(row["rel_path"]):
         newer = await ctx.store.newer_final_drop(row)  # if so, the outbox is the newer drop's
         if newer is None:
-            await anyio.to_thread.run_sync(write_json, target, doc)
+            try:
+                await anyio.to_thread.run_sync(write_json, target, doc)
+            except OSError as e:
+                if not is_disk_fault(e):
+                    raise
+                await _rejection_paused(ctx, row, reason, details, e)
+                return
         else:
             reason += f" (superseded by the later drop {newer}: no error file written)"
+        ctx.io_faults.clear(f"input:{row['id']}")
         with anyio.CancelScope(shield=True):
             async with ctx.store.tx() as conn:
                 await ctx.store.set_input_state(
@@ -272,6 +312,25 @@ async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[s
                     finished_at=now,
                 )
     log.warning("input_rejected", input_id=row["id"], file=row["rel_path"], reason=reason)
+
+
+async def _rejection_paused(
+    ctx: Context, row: dict[str, Any], reason: str, details: dict[str, Any], e: OSError
+) -> None:
+    """The error file cannot be written (full or read-only outbox): back to ``seen`` with the
+    rejection kept in ``error``, so that the validator only retries writing it, after a backoff."""
+    key = f"input:{row['id']}"
+    delay = ctx.io_faults.fail(key, "cannot write the error file", e)
+    why = f"{ctx.io_faults.active()[key]}; retrying in {delay:g} s (then: {reason})"
+    async with ctx.store.tx() as conn:
+        await ctx.store.set_input_state(
+            conn,
+            row["id"],
+            InputState.SEEN,
+            note=why,
+            reason=why,
+            error=details | {"pending_reason": reason},
+        )
 
 
 # ---- recovery -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ validates all of them, one transaction records their parts, jobs and states.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from daemon.config import Config
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.intake.claim import reject
+from daemon.io_faults import is_disk_fault
 from daemon.states import InputState, JobState, display_name
 from daemon.store import loads
 from daemon.validate.rules import Validation, validate_file
@@ -60,6 +62,8 @@ def _validate_rows(cfg: Config, work_dir: Path, rows: list[dict[str, Any]]) -> l
                 defer_digest=True,
             )
         except OSError as e:
+            if is_disk_fault(e) and e.errno not in (errno.EACCES, errno.EPERM):
+                raise  # the machine's fault (EIO, a full state disk): validated again later
             out.append(_Outcome(row, error=f"cannot read the file: {e.strerror or e}"))
         else:
             out.append(_Outcome(row, v, seconds=time.monotonic() - started))
@@ -92,7 +96,11 @@ async def validate_once(ctx: Context) -> int:
     todo: list[dict[str, Any]] = []
     for row in await ctx.store.inputs_in(InputState.SEEN):
         if row["error"] is not None:  # claimed as unusable: only the rejection is left to do
-            await reject(ctx, row, row["reason"] or "rejected", loads(row["error"]))
+            if not ctx.io_faults.due(f"input:{row['id']}"):
+                continue  # its error file could not be written: waits for its backoff
+            details = loads(row["error"])
+            reason = details.pop("pending_reason", None) or row["reason"] or "rejected"
+            await reject(ctx, row, reason, details)
             done += 1
         else:
             todo.append(row)
@@ -317,6 +325,16 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
     )
 
 
+async def reset_validating(ctx: Context) -> None:
+    """Inputs a stopped round left ``validating`` are validated again (before a restart of the
+    stage; at start, claim recovery does the same)."""
+    rows = await ctx.store.inputs_in(InputState.VALIDATING)
+    if rows:
+        async with ctx.store.tx() as conn:
+            for row in rows:
+                await ctx.store.set_input_state(conn, row["id"], InputState.SEEN, note="retried")
+
+
 async def run_validator(
     ctx: Context, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
@@ -336,4 +354,7 @@ async def run_validator(
     await fill_digests(ctx, todo)
     while True:
         await validate_once(ctx)
-        await ctx.wake.validate.wait(VALIDATE_INTERVAL)
+        retry = ctx.io_faults.next_due()
+        await ctx.wake.validate.wait(
+            VALIDATE_INTERVAL if retry is None else min(retry, VALIDATE_INTERVAL) + 0.01
+        )

@@ -13,6 +13,7 @@ of the earlier drop are left as they are until the new drop completes.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,7 +26,7 @@ from watchfiles import awatch
 
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
-from daemon.intake.claim import Drop, claim_many
+from daemon.intake.claim import Drop, adopt_orphans, claim_many
 from daemon.outbox import OUTBOX_NAME_EXTRA, name_too_long
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ log = structlog.get_logger(__name__)
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", "~")
 PROBE_NAME = ".gemini-batchd-watch-probe"
 CLAIM_BATCH = 200  # drops claimed per transaction
+ADOPT_KEY = "stage:claim-adopt"  # io_faults key while a failed batch's moved files lack rows
 
 
 NESTED = "nested too deep: a drop goes directly in inbox/ or in inbox/<model-id>/"
@@ -180,6 +182,8 @@ async def scan_once(ctx: Context, settle: SettleTracker) -> int:
     """One pass over the inbox: claim (or reject) every settled drop, ``CLAIM_BATCH`` per
     transaction; returns how many."""
     cfg = ctx.cfg
+    if ADOPT_KEY in ctx.io_faults.active():  # a failed batch left moved files without rows
+        await _adopt_after_failure(ctx)
     found = await anyio.to_thread.run_sync(
         _list_inbox, cfg.inbox_dir, cfg.gemini.default_model, cfg.outbox_dir
     )
@@ -194,9 +198,25 @@ async def scan_once(ctx: Context, settle: SettleTracker) -> int:
         batch = ready[i : i + CLAIM_BATCH]
         try:
             done += len(await claim_many(ctx, batch))
-        except OSError as e:
+        except (OSError, sqlite3.Error) as e:
             log.warning("claim_failed", files=[d.rel for d in batch][:10], error=str(e))
+            ctx.io_faults.fail("stage:claim", "cannot claim files from the inbox", e)
+            ctx.io_faults.fail(ADOPT_KEY, "moved files wait for their rows", e)
+            await _adopt_after_failure(ctx)
     return done
+
+
+async def _adopt_after_failure(ctx: Context) -> None:
+    """A batch failed after some of its files moved (its commit lost: EIO, a full disk): adopt
+    them from its note now rather than at the next start (and at each scan until that works).
+    Only this stage claims, so no other batch is half-way meanwhile."""
+    try:
+        await adopt_orphans(ctx)
+    except (OSError, sqlite3.Error) as e:
+        ctx.io_faults.fail(ADOPT_KEY, "moved files wait for their rows", e)
+    else:
+        ctx.io_faults.clear(ADOPT_KEY)
+        ctx.wake.validate.set()
 
 
 # ---- the watcher loop ------------------------------------------------------------------------
@@ -222,6 +242,8 @@ async def run_inbox(
             await scan_once(ctx, settle)
             due = settle.next_due()
             delay = cfg.inbox.rescan_seconds if due is None else min(due, cfg.inbox.rescan_seconds)
+            if "stage:claim" in ctx.io_faults.active():  # files left behind by a failed move
+                delay = min(delay, ctx.io_faults.retry_in("stage:claim") + cfg.inbox.settle_seconds)
             await ctx.wake.scan.wait(max(delay, 0.05))
 
 

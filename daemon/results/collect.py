@@ -30,6 +30,7 @@ import structlog
 from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.io_faults import input_paused, is_disk_fault
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.results import order
 from daemon.results.finish import finish_index, reuse_input
@@ -99,11 +100,17 @@ async def collect_once(ctx: Context) -> int:
     async def worker() -> None:
         nonlocal n
         while (job := await due.next()) is not None:  # shared: each worker takes the next job
+            key = f"input:{job['input_id']}"
             try:
+                if not ctx.io_faults.due(key):
+                    continue  # waits for its backoff
                 async with small if _is_small(job) else big:
                     n += await _collect_job(ctx, job, writer)
-            except Exception:
-                log.exception("collect_failed", job=job["display_name"])
+            except Exception as e:
+                if not is_disk_fault(e):
+                    log.exception("collect_failed", job=job["display_name"])
+                else:
+                    await input_paused(ctx, job["input_id"], "cannot store the results", e)
             finally:
                 due.done(job)
 
@@ -228,12 +235,20 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
         nonlocal n
         for group in groups:  # shared: each worker takes the next name
             for row in group:
+                if not ctx.io_faults.due(f"input:{row['id']}"):
+                    break  # waits for its backoff (and so do later drops of the same name)
                 async with small if small_input(row) else big:
                     try:
                         await _settle(ctx, row)
                         n += 1
-                    except Exception:
-                        log.exception("settle_failed", input_id=row["id"])
+                    except Exception as e:
+                        if not is_disk_fault(e):
+                            log.exception("settle_failed", input_id=row["id"])
+                        else:
+                            await input_paused(ctx, row["id"], "cannot write the results", e)
+                            break
+                    else:
+                        ctx.io_faults.clear(f"input:{row['id']}")
 
     async with anyio.create_task_group() as tg:
         for _ in range(min(len(by_name), SMALL_COLLECT_CONCURRENCY)):

@@ -133,13 +133,26 @@ class Store:
                 yield self.conn
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self.conn.execute("ROLLBACK")
+                    await self._rollback()
                 raise
             else:
                 with anyio.CancelScope(shield=True):
-                    await self.conn.execute("COMMIT")
+                    try:
+                        await self.conn.execute("COMMIT")
+                    except sqlite3.Error:  # e.g. a full disk: the transaction may still be open
+                        await self._rollback()
+                        raise
             finally:
                 self._tx_task = None
+
+    async def _rollback(self) -> None:
+        """Roll back if a transaction is open; SQLite may have done it itself (a full disk),
+        and a failing ROLLBACK must not hide the error that caused it."""
+        if self.conn.in_transaction:
+            try:
+                await self.conn.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass
 
     # ---- generic reads ----------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
@@ -333,6 +346,25 @@ class Store:
         return await self.fetchall(
             "SELECT * FROM parts WHERE input_id = ? ORDER BY part_no", (input_id,)
         )
+
+    async def add_job_attempt(
+        self, conn: aiosqlite.Connection, first: Row, attempt: int, display_name: str
+    ) -> int:
+        """A ``planned`` row for a later ``attempt`` of ``first``'s part (recovery: one that
+        exists remotely and is adopted at once); returns its id."""
+        now = time.time()
+        cur = await conn.execute(
+            "INSERT INTO jobs (input_id, part_no, attempt, display_name, state, mode, source_path, "
+            "source_start, source_end, request_count, est_tokens, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, 'planned', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                *(first["input_id"], first["part_no"], attempt, display_name, first["mode"]),
+                *(first["source_path"], first["source_start"], first["source_end"]),
+                *(first["request_count"], first["est_tokens"], now, now),
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
     async def jobs_of(self, input_id: str) -> list[Row]:
         return await self.fetchall(

@@ -27,11 +27,12 @@ from anyio.abc import TaskGroup
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
+from daemon.io_faults import is_disk_fault
 from daemon.states import NOT_VISIBLE, InputState, JobState
 from daemon.store import dumps, loads
 from daemon.store.group_commit import GroupCommit
 from daemon.submit.media import resolve_media, resolved_path
-from daemon.submit.writes import Activation, commit_intents, write_activations
+from daemon.submit.writes import Activation, commit_intents, disk_paused, write_activations
 
 log = structlog.get_logger(__name__)
 
@@ -256,6 +257,7 @@ class Submitter:
 
     async def activated_job(self, job: dict[str, Any], op: dict[str, Any]) -> None:
         """Record the remote job (group-committed with other workers' activations)."""
+        self.ctx.io_faults.clear(f"input:{job['input_id']}")
         interval = self.ctx.cfg.poll.min_interval
         await self._writer.put([(job["id"], job["input_id"], op, time.time(), interval)])
         self.ctx.wake.poll.set()
@@ -314,7 +316,10 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
             await _failed(ctx, job, e, back_to=JobState.PLANNED)
             return 0
         except OSError as e:  # a media file or the input changed or vanished after validation
-            await _failed(ctx, job, _unreadable(e), back_to=JobState.PLANNED)
+            if is_disk_fault(e):  # or the disk failed (EIO, full, read-only): wait, retry
+                await disk_paused(ctx, job, e)
+            else:
+                await _failed(ctx, job, _unreadable(e), back_to=JobState.PLANNED)
             return 0
         job["state"] = JobState.CREATING.value
     # It was `planned` until this round, so nothing can exist remotely yet: an empty index.
@@ -370,6 +375,9 @@ async def _create(
                 else:
                     lines = await anyio.to_thread.run_sync(_read_lines, path, span)
             except (OSError, ValueError) as e:  # ValueError: a line cut short (orjson)
+                if isinstance(e, OSError) and is_disk_fault(e):
+                    await disk_paused(ctx, job, e)
+                    return 0
                 raise _unreadable(e) from None
             op = await gem.create_inline_job(
                 model=job["model"], requests=lines, display_name=job["display_name"]
@@ -434,6 +442,10 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
                 remote_state=None,
                 error=last,
                 finished_at=time.time(),
+            )
+            # shown at once (the input's final reason follows when all its parts are done)
+            await ctx.store.update_input(
+                conn, job["input_id"], reason=f"part {job['part_no']} refused: {e.message}"
             )
         ctx.wake.collect.set()
         return
