@@ -145,7 +145,6 @@ async def rebuild(ctx: Context, remote: dict[str, dict[str, Any]], report: Repor
 
 async def adopt(ctx: Context, remote: dict[str, dict[str, Any]], report: Report) -> None:
     """Planned jobs found remotely become ``active``; later attempts found remotely are added."""
-    from daemon.submit.writes import write_activations
 
     planned = {j["display_name"]: j for j in await ctx.store.jobs_in(JobState.PLANNED)}
     extra: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
@@ -169,7 +168,7 @@ async def adopt(ctx: Context, remote: dict[str, dict[str, Any]], report: Report)
             if name in remote:
                 activations.append((job["id"], job["input_id"], remote[name], now, interval))
         if activations:
-            await write_activations(conn, activations)
+            await ctx.store.activate(conn, activations)
     report.adopted = sorted(a[2]["metadata"]["displayName"] for a in activations)
     report.to_submit = len(planned) - sum(1 for n in planned if n in remote)
     for name in report.adopted:

@@ -10,10 +10,8 @@ input from the same work file and wakes validation.
 from __future__ import annotations
 
 import os
-import time
 import weakref
 from pathlib import Path
-from typing import Any
 
 import anyio
 import structlog
@@ -25,7 +23,6 @@ from daemon.states import (
     ACTIVE_JOB_STATES,
     RETRYABLE_INPUT_STATES,
     InputState,
-    JobState,
 )
 from daemon.store import Row, Store, new_input_id
 from daemon.track.missing import release_held
@@ -42,12 +39,6 @@ class ActionError(Exception):
         self.message = message
 
 
-async def _state_in_tx(conn: Any, input_id: str) -> str | None:
-    async with conn.execute("SELECT state FROM inputs WHERE id = ?", (input_id,)) as cur:
-        row = await cur.fetchone()
-    return None if row is None else row[0]
-
-
 async def _require(ctx: Context, input_id: str) -> Row:
     row = await ctx.store.get_input(input_id)
     if row is None:
@@ -62,7 +53,7 @@ async def cancel_input(ctx: Context, input_id: str) -> Row:
     """
     await _require(ctx, input_id)
     async with ctx.store.tx() as conn:
-        state = await _state_in_tx(conn, input_id)
+        state = await ctx.store.state_in_tx(conn, input_id)
         if state is None:
             raise ActionError(404, f"no input {input_id!r}")
         if InputState(state).final:
@@ -70,11 +61,7 @@ async def cancel_input(ctx: Context, input_id: str) -> Row:
         await ctx.store.update_input(
             conn, input_id, cancel_requested=quirks.OWN_CANCEL, reason=quirks.CANCEL_NOTE
         )
-        await conn.execute(
-            "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ? "
-            "WHERE input_id = ? AND state = ?",
-            (JobState.CANCELLED.value, time.time(), time.time(), input_id, JobState.PLANNED.value),
-        )
+        await ctx.store.cancel_planned_of(conn, input_id)
         await ctx.store.add_history(conn, input_id, state, quirks.CANCEL_NOTE)
 
     # Best effort: a failed cancel call leaves the job running; the poller still sees it end and
@@ -98,11 +85,7 @@ async def cancel_input(ctx: Context, input_id: str) -> Row:
             log.info("cancel_sent", input_id=input_id, job=job["remote_name"])
     if running:
         # Poll the cancelled jobs now rather than at their next scheduled time.
-        async with ctx.store.tx() as conn:
-            await conn.execute(
-                "UPDATE jobs SET next_poll_at = ? WHERE input_id = ? AND state = ?",
-                (time.time(), input_id, JobState.ACTIVE.value),
-            )
+        await ctx.store.poll_soon(input_id)
     ctx.wake.poll.set()
     ctx.wake.collect.set()
     ctx.wake.submit.set()
@@ -182,10 +165,7 @@ async def _fresh_rerun(ctx: Context, old: Row) -> Row:
             kind=old["kind"],
             work_path=str(work),
             fresh=1,
-        )
-        await conn.execute(
-            "UPDATE history SET note = ? WHERE input_id = ?",
-            (f"fresh rerun of {old['id']}", new_id),
+            note=f"fresh rerun of {old['id']}",
         )
     log.info("fresh_rerun", input_id=new_id, of=old["id"], path=old["rel_path"])
     ctx.wake.validate.set()

@@ -33,7 +33,7 @@ from daemon.clock import iso
 from daemon.context import Context
 from daemon.control.actions import ActionError, cancel_input, retry_input
 from daemon.control.guard import ConnectionGuard
-from daemon.control.metrics import Metrics, queue_depth, stuck_jobs
+from daemon.control.metrics import NOT_SUBMITTED, Metrics
 from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 from daemon.store import Row, loads
 
@@ -221,11 +221,8 @@ async def get_status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     cfg = ctx.cfg
     counts = await ctx.store.counts_by_state()
-    active = await ctx.store.scalar(
-        f"SELECT COUNT(*) FROM jobs WHERE state IN ({','.join('?' * len(ACTIVE_JOB_STATES))})",
-        [s.value for s in ACTIVE_JOB_STATES],
-    )
-    stuck = await stuck_jobs(ctx.store, cfg.poll.stuck_after)
+    active = await ctx.store.count_jobs_in(ACTIVE_JOB_STATES)
+    stuck = await ctx.store.stuck_jobs(cfg.poll.stuck_after)
     return _json(
         {
             "version": __version__,
@@ -239,7 +236,7 @@ async def get_status(request: web.Request) -> web.Response:
                 "socket": str(cfg.socket_path),
             },
             "inputs": {s.value: counts.get(s.value, 0) for s in InputState},
-            "queued_requests": await queue_depth(ctx.store),
+            "queued_requests": await ctx.store.requests_in(NOT_SUBMITTED),
             "active_jobs": active,
             "max_active_jobs": cfg.submit.max_active_jobs,
             "control": _connections(request.app),
@@ -283,11 +280,7 @@ async def list_inputs(request: web.Request) -> web.Response:
     rows = [_with_fault(ctx, r) for r in await ctx.store.list_inputs(state, limit)]
     jobs_by_input: dict[str, list[Row]] = {r["id"]: [] for r in rows}
     if rows:
-        marks = ", ".join("?" for _ in rows)
-        for j in await ctx.store.fetchall(
-            f"SELECT * FROM jobs WHERE input_id IN ({marks}) ORDER BY part_no, attempt",
-            list(jobs_by_input),
-        ):
+        for j in await ctx.store.jobs_of_inputs(jobs_by_input):
             jobs_by_input[j["input_id"]].append(j)
     return _json({"inputs": [input_view(r, jobs_by_input[r["id"]]) for r in rows]})
 

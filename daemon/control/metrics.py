@@ -33,8 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from daemon import __version__
 from daemon.context import Context
-from daemon.states import ACTIVE_JOB_STATES, InputState, JobState, RemoteState
-from daemon.store import Store
+from daemon.states import ACTIVE_JOB_STATES, InputState, JobState
 
 PREFIX = "gemini_batchd_"
 NOT_SUBMITTED = (
@@ -63,33 +62,6 @@ class Snapshot:
     api_calls: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-async def queue_depth(store: Store) -> int:
-    """Requests of non-final inputs that are not yet submitted."""
-    marks = ", ".join("?" for _ in NOT_SUBMITTED)
-    value = await store.scalar(
-        f"SELECT COALESCE(SUM(request_count), 0) FROM inputs WHERE state IN ({marks})",
-        [s.value for s in NOT_SUBMITTED],
-    )
-    return int(value or 0)
-
-
-async def stuck_jobs(store: Store, stuck_after: float, now: float | None = None) -> list[Any]:
-    """Active jobs pending/running remotely for longer than ``stuck_after`` seconds."""
-    now = time.time() if now is None else now
-    return await store.fetchall(
-        "SELECT id, input_id, display_name, remote_name, remote_state, submitted_at FROM jobs "
-        "WHERE state = ? AND submitted_at IS NOT NULL AND submitted_at < ? "
-        "AND COALESCE(remote_state, '') IN (?, ?, ?, '') ORDER BY submitted_at",
-        (
-            JobState.ACTIVE.value,
-            now - stuck_after,
-            RemoteState.PENDING.value,
-            RemoteState.RUNNING.value,
-            RemoteState.UNSPECIFIED.value,
-        ),
-    )
-
-
 async def gather(ctx: Context, *, started_at: float) -> Snapshot:
     """Read every number of a scrape from the store (and the API client's call counter)."""
     store = ctx.store
@@ -97,34 +69,14 @@ async def gather(ctx: Context, *, started_at: float) -> Snapshot:
     snap = Snapshot(uptime=max(0.0, now - started_at))
     counts = await store.counts_by_state()
     snap.inputs = {s.value: counts.get(s.value, 0) for s in InputState}
-    rows = await store.fetchall("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-    job_counts = {r["state"]: r["n"] for r in rows}
+    job_counts = await store.job_counts()
     snap.jobs = {s.value: job_counts.get(s.value, 0) for s in JobState}
     snap.active_jobs = sum(snap.jobs[s.value] for s in ACTIVE_JOB_STATES)
-    snap.queue_depth = await queue_depth(store)
-    snap.stuck_jobs = len(await stuck_jobs(store, ctx.cfg.poll.stuck_after, now))
-    oldest = await store.scalar(
-        "SELECT MIN(next_poll_at) FROM jobs WHERE state = ? AND next_poll_at IS NOT NULL",
-        (JobState.ACTIVE.value,),
-    )
+    snap.queue_depth = await store.requests_in(NOT_SUBMITTED)
+    snap.stuck_jobs = len(await store.stuck_jobs(ctx.cfg.poll.stuck_after, now))
+    oldest = await store.next_poll_at()
     snap.poll_lag = max(0.0, now - oldest) if oldest is not None else 0.0
-    # Totals of finished inputs, from the summary the collector wrote (SQLite's JSON functions,
-    # so a scrape does not parse every summary in Python).
-    # Tokens of reused inputs (served from an earlier identical drop) were not spent again.
-    sums = ", ".join(
-        [f"COALESCE(SUM(json_extract(summary, '$.requests.{o}')), 0) AS r_{o}" for o in OUTCOMES]
-        + [
-            f"COALESCE(SUM(CASE WHEN reused_from IS NULL THEN "
-            f"json_extract(summary, '$.tokens.{k}') END), 0) AS t_{k}"
-            for k in TOKEN_KINDS
-        ]
-    )
-    row = await store.fetchone(
-        f"SELECT {sums} FROM inputs WHERE summary IS NOT NULL AND json_valid(summary)"
-    )
-    assert row is not None
-    snap.requests = {o: int(row[f"r_{o}"]) for o in OUTCOMES}
-    snap.tokens = {k: int(row[f"t_{k}"]) for k in TOKEN_KINDS}
+    snap.requests, snap.tokens = await store.summary_totals(OUTCOMES, TOKEN_KINDS)
     calls: Mapping[Any, int] | None = getattr(ctx.gemini, "calls", None)
     if calls:
         snap.api_calls = {(str(ep), str(code)): int(n) for (ep, code), n in dict(calls).items()}

@@ -33,7 +33,7 @@ from daemon.crash import crash_point
 from daemon.io_faults import is_disk_fault
 from daemon.outbox import copy_in, fsync_dir, outbox_paths, write_json
 from daemon.states import InputState, model_kind
-from daemon.store import dumps, new_input_id
+from daemon.store import Claimed, new_input_id
 
 log = structlog.get_logger(__name__)
 
@@ -183,13 +183,6 @@ def _move(items: list[_Item]) -> None:
         fsync_dir(d)
 
 
-_INSERT_INPUT = (
-    "INSERT INTO inputs (id, rel_path, model, kind, state, reason, error, work_path, "
-    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_SEEN = "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, NULL)"
-
-
 async def claim_many(ctx: Context, drops: list[Drop]) -> list[str]:
     """Claim (or move out for rejection) ``drops`` in one transaction; returns the ids of those
     taken (a drop that vanished meanwhile is skipped). Rejections are finished here too."""
@@ -202,26 +195,17 @@ async def claim_many(ctx: Context, drops: list[Drop]) -> list[str]:
                 await anyio.to_thread.run_sync(_move, items)
                 now = time.time()
                 moved = [i for i in items if i.moved]
-                await conn.executemany(
-                    _INSERT_INPUT,
-                    [
-                        (
-                            i.input_id,
-                            i.drop.rel,
-                            i.drop.model,
-                            model_kind(i.drop.model),
-                            InputState.SEEN.value,
-                            i.drop.reason,
-                            None if i.drop.reason is None else dumps(_NO_PROBLEMS),
+                await ctx.store.claim_inputs(
+                    conn,
+                    (
+                        Claimed(
+                            *(i.input_id, i.drop.rel, i.drop.model, model_kind(i.drop.model)),
+                            *(i.drop.reason, None if i.drop.reason is None else _NO_PROBLEMS),
                             str(i.dest),
-                            now,
-                            now,
                         )
                         for i in moved
-                    ],
-                )
-                await conn.executemany(
-                    _INSERT_SEEN, [(i.input_id, now, InputState.SEEN.value) for i in moved]
+                    ),
+                    now,
                 )
     finally:
         for i in items:
@@ -352,8 +336,7 @@ async def recover_claims(ctx: Context) -> None:
                 move_special(src, work)
             log.info("claim_recovered", input_id=row["id"], file=row["rel_path"])
         else:
-            async with ctx.store.tx() as conn:
-                await conn.execute("DELETE FROM inputs WHERE id = ?", (row["id"],))
+            await ctx.store.delete_input(row["id"])
             log.warning("claim_dropped", input_id=row["id"], file=row["rel_path"])
     async with ctx.store.tx() as conn:
         for row in await ctx.store.inputs_in(InputState.VALIDATING):
@@ -399,7 +382,7 @@ def _source_still_there(ctx: Context, note: dict[str, Any]) -> bool:
 async def adopt_orphans(ctx: Context) -> None:
     """Re-create the row of a file moved in just before a crash lost the claim's commit; drop a
     copy whose source is still in the inbox, and folders whose move never happened."""
-    known = {r["id"] for r in await ctx.store.fetchall("SELECT id FROM inputs")}
+    known = await ctx.store.input_ids()
     notes, batch_files = await anyio.to_thread.run_sync(_notes, ctx)
     for folder, note in notes:
         if note["id"] in known or not folder.is_dir():

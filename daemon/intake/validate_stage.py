@@ -25,7 +25,7 @@ from daemon.crash import crash_point
 from daemon.intake.claim import reject
 from daemon.io_faults import is_disk_fault
 from daemon.states import InputState, JobState, display_name
-from daemon.store import loads
+from daemon.store import Move, loads
 from daemon.validate.rules import Validation, validate_file
 from daemon.windows import sha256_of
 
@@ -110,22 +110,9 @@ async def validate_once(ctx: Context) -> int:
     return done
 
 
-async def _set_states(
-    conn: Any, ids: list[str], state: InputState, now: float, note: str | None = None
-) -> None:
-    await conn.executemany(
-        "UPDATE inputs SET state = ?, updated_at = ? WHERE id = ?",
-        [(state.value, now, i) for i in ids],
-    )
-    await conn.executemany(
-        "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, ?)",
-        [(i, now, state.value, note) for i in ids],
-    )
-
-
 async def _validate_batch(ctx: Context, rows: list[dict[str, Any]]) -> None:
     async with ctx.store.tx() as conn:
-        await _set_states(conn, [r["id"] for r in rows], InputState.VALIDATING, time.time())
+        await ctx.store.transition(conn, [Move(r["id"], InputState.VALIDATING) for r in rows])
     outcomes = await anyio.to_thread.run_sync(_validate_rows, ctx.cfg, ctx.work_dir, rows)
     good: list[_Outcome] = []
     for o in outcomes:
@@ -160,12 +147,7 @@ async def _reusable(ctx: Context, good: list[_Outcome]) -> dict[str, str]:
     shas = sorted({o.v.sha256 for o in want if o.v is not None and o.v.sha256 is not None})
     if not shas:
         return {}
-    marks = ", ".join("?" for _ in shas)
-    earlier = await ctx.store.fetchall(
-        f"SELECT id, model, sha256, results_path FROM inputs WHERE sha256 IN ({marks}) "
-        "AND state = ? AND results_path IS NOT NULL ORDER BY finished_at DESC",
-        (*shas, InputState.SUCCEEDED.value),
-    )
+    earlier = await ctx.store.successes_with_digest(shas)
     if not earlier:
         return {}
     found: dict[str, str] = {}
@@ -189,14 +171,7 @@ async def _digest_if_sized_like_a_success(ctx: Context, want: list[_Outcome]) ->
     undigested = [o for o in want if o.v is not None and o.v.sha256 is None]
     if not undigested:
         return
-    sizes = sorted({o.v.size_bytes for o in undigested if o.v is not None})
-    marks = ", ".join("?" for _ in sizes)
-    rows = await ctx.store.fetchall(
-        f"SELECT DISTINCT model, size_bytes FROM inputs WHERE size_bytes IN ({marks}) "
-        "AND state = ? AND results_path IS NOT NULL",
-        (*sizes, InputState.SUCCEEDED.value),
-    )
-    alike = {(r["model"], r["size_bytes"]) for r in rows}
+    alike = await ctx.store.success_sizes({o.v.size_bytes for o in undigested if o.v is not None})
     for o in undigested:
         assert o.v is not None
         if (o.row["model"], o.v.size_bytes) in alike:
@@ -221,13 +196,7 @@ async def fill_digests(ctx: Context, todo: list[tuple[str, str]]) -> None:
         digest = await _digest(input_id, work_path)
         if digest is None:
             continue
-        async with ctx.store.tx() as conn:
-            await conn.execute(
-                "UPDATE inputs SET sha256 = ? WHERE id = ? AND sha256 IS NULL", (digest, input_id)
-            )
-
-
-_FACTS = "size_bytes = ?, sha256 = ?, request_count = ?, est_tokens = ?, media_count = ?, kind = ?"
+        await ctx.store.set_digest(input_id, digest)
 
 
 async def _queue(ctx: Context, good: list[_Outcome]) -> None:
@@ -237,12 +206,18 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
     now = time.time()
     parts: list[tuple[Any, ...]] = []
     jobs: list[tuple[Any, ...]] = []
-    states: list[tuple[Any, ...]] = []
-    history: list[tuple[Any, ...]] = []
+    moves: list[Move] = []
     for o in good:
         v, input_id = o.v, o.row["id"]
         assert v is not None
-        facts = (v.size_bytes, v.sha256, v.request_count, v.est_tokens, v.media_refs, v.kind)
+        facts = {
+            "size_bytes": v.size_bytes,
+            "sha256": v.sha256,
+            "request_count": v.request_count,
+            "est_tokens": v.est_tokens,
+            "media_count": v.media_refs,
+            "kind": v.kind,
+        }
         earlier = reused.get(input_id)
         if earlier is not None:
             for part in v.parts:
@@ -272,27 +247,10 @@ async def _queue(ctx: Context, good: list[_Outcome]) -> None:
                         *(p.est_tokens, JobState.PLANNED.value, now, now),
                     )
                 )
-        states.append((state.value, now, earlier, *facts, input_id))
-        history.append((input_id, now, state.value, note))
+        moves.append(Move(input_id, state, note, {"reused_from": earlier, **facts}))
     async with ctx.store.tx() as conn:
-        await conn.executemany(
-            "INSERT INTO parts (input_id, part_no, first_line, last_line, start_offset, "
-            "end_offset, request_count, size_bytes, est_tokens) VALUES (?,?,?,?,?,?,?,?,?)",
-            parts,
-        )
-        await conn.executemany(
-            "INSERT INTO jobs (input_id, part_no, attempt, display_name, mode, source_path, "
-            "source_start, source_end, request_count, est_tokens, state, created_at, updated_at) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            jobs,
-        )
-        await conn.executemany(
-            f"UPDATE inputs SET state = ?, updated_at = ?, reused_from = ?, {_FACTS} WHERE id = ?",
-            states,
-        )
-        await conn.executemany(
-            "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, ?, ?)", history
-        )
+        await ctx.store.plan_parts(conn, parts, jobs)
+        await ctx.store.transition(conn, moves, now=now)
         for o in good:
             if o.v is not None and o.v.media_ids and o.row["id"] not in reused:
                 await ctx.store.add_input_media(conn, o.row["id"], o.v.media_ids)
@@ -340,11 +298,7 @@ async def run_validator(
 ) -> None:
     """The validation stage loop."""
     task_status.started()
-    missing = await ctx.store.fetchall(
-        "SELECT id, work_path FROM inputs WHERE sha256 IS NULL AND size_bytes IS NOT NULL "
-        "AND state NOT IN (?, ?, ?)",
-        (InputState.SEEN.value, InputState.VALIDATING.value, InputState.REJECTED.value),
-    )
+    missing = await ctx.store.undigested_inputs()
     # an input whose work file was cleaned up since cannot be read again: left without one
     todo = [
         (r["id"], r["work_path"])

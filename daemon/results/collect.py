@@ -41,7 +41,8 @@ from daemon.results.index import (
     Part,
     results_files,
 )
-from daemon.states import FINAL_INPUT_STATES, InputState, JobState, RemoteState, display_name
+from daemon.states import InputState, JobState, RemoteState, display_name
+from daemon.store import Move
 from daemon.store.group_commit import GroupCommit
 from daemon.threads import run_stoppable
 
@@ -95,7 +96,7 @@ async def collect_once(ctx: Context) -> int:
     first = await due.fill()
     big = anyio.CapacityLimiter(COLLECT_CONCURRENCY)
     small = anyio.CapacityLimiter(_small_concurrency(ctx))
-    writer: GroupCommit[_Collected] = GroupCommit(ctx.store, _write_collected)
+    writer: GroupCommit[_Collected] = GroupCommit(ctx.store, ctx.store.mark_collected)
 
     async def worker() -> None:
         nonlocal n
@@ -120,7 +121,7 @@ async def collect_once(ctx: Context) -> int:
         async with anyio.create_task_group() as tg:
             for _ in range(min(max(first, COLLECT_CONCURRENCY), SMALL_COLLECT_CONCURRENCY)):
                 tg.start_soon(worker)
-    return n + await _settle_all(ctx, await _settled_inputs(ctx))
+    return n + await _settle_all(ctx, await ctx.store.settled_inputs())
 
 
 class DueJobs:
@@ -146,12 +147,8 @@ class DueJobs:
 
     async def fill(self, *, big_only: bool = False) -> int:
         """Queue the jobs due now that this round has not taken; returns how many."""
-        big = " AND (j.mode = 'file' OR i.request_count > ?)" if big_only else ""
-        rows = await self.ctx.store.fetchall(
-            "SELECT j.*, i.request_count AS input_requests FROM jobs j "
-            "JOIN inputs i ON i.id = j.input_id WHERE j.state = 'done' AND j.not_before <= ?"
-            f"{big} ORDER BY j.id",
-            (time.time(), SMALL_INPUT_REQUESTS) if big_only else (time.time(),),
+        rows = await self.ctx.store.due_for_collect(
+            time.time(), SMALL_INPUT_REQUESTS if big_only else None
         )
         fresh = [r for r in rows if r["id"] not in self.taken]
         self.taken.update(r["id"] for r in fresh)
@@ -210,16 +207,8 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
     temporary ones included, are shared; the newest drop must be written last)."""
     fresh = [r for r in rows if r["state"] != InputState.DOWNLOADING]
     if fresh:
-        now = time.time()
         async with ctx.store.tx() as conn:
-            await conn.executemany(
-                "UPDATE inputs SET state = 'downloading', updated_at = ? WHERE id = ?",
-                [(now, r["id"]) for r in fresh],
-            )
-            await conn.executemany(
-                "INSERT INTO history (input_id, at, state, note) VALUES (?, ?, 'downloading', NULL)",
-                [(r["id"], now) for r in fresh],
-            )
+            await ctx.store.transition(conn, [Move(r["id"], InputState.DOWNLOADING) for r in fresh])
         for r in fresh:
             r["state"] = InputState.DOWNLOADING.value
     by_name: dict[str, list[dict[str, Any]]] = {}
@@ -256,31 +245,8 @@ async def _settle_all(ctx: Context, rows: list[dict[str, Any]]) -> int:
     return n
 
 
-async def _settled_inputs(ctx: Context) -> list[dict[str, Any]]:
-    skip = [s.value for s in FINAL_INPUT_STATES] + ["seen", "validating"]
-    marks = ", ".join("?" for _ in skip)
-    return await ctx.store.fetchall(
-        f"""SELECT * FROM inputs i WHERE i.state NOT IN ({marks}) AND (
-              (EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id)
-               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id
-                               AND j.state NOT IN ('collected', 'cancelled')))
-              OR (i.reused_from IS NOT NULL AND i.state = 'downloading'
-                  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.input_id = i.id)))
-            ORDER BY i.created_at, i.id""",
-        skip,
-    )
-
-
 # ---- step 1: one job's results ------------------------------------------------------------------
 _Collected = tuple[str, str | None, float, float, int]  # results path, file, finished, now, job
-
-
-async def _write_collected(conn: Any, items: list[_Collected]) -> None:
-    await conn.executemany(
-        "UPDATE jobs SET state = 'collected', results_path = ?, result_file = ?, "
-        "finished_at = ?, updated_at = ? WHERE id = ?",
-        items,
-    )
 
 
 async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_Collected]) -> bool:

@@ -14,7 +14,6 @@ the remote job if it exists.
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from daemon.io_faults import is_disk_fault
 from daemon.states import NOT_VISIBLE, InputState, JobState
 from daemon.store import dumps, loads
 from daemon.store.group_commit import GroupCommit
+from daemon.store.jobs import Activation
 from daemon.submit.media import resolve_media, resolved_path
-from daemon.submit.writes import Activation, commit_intents, disk_paused, write_activations
+from daemon.submit.writes import disk_paused, needs_upload
 
 log = structlog.get_logger(__name__)
 
@@ -65,61 +65,14 @@ def _needs_check(job: dict[str, Any]) -> bool:
 
 
 # ---- admission ---------------------------------------------------------------------------
-async def _in_flight(ctx: Context) -> tuple[int, dict[str, int]]:
-    rows = await ctx.store.fetchall(
-        "SELECT i.model AS model, COUNT(*) AS n, COALESCE(SUM(j.est_tokens), 0) AS tokens "
-        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
-        "WHERE j.state IN ('uploading', 'creating', 'active') GROUP BY i.model"
-    )
-    return sum(r["n"] for r in rows), {r["model"]: r["tokens"] for r in rows}
-
-
 async def _cancel_planned(ctx: Context) -> int:
     """Jobs of cancelled inputs that cannot exist remotely: ``planned`` ones, and ``creating``
     ones whose bookkeeping says no create reached the API (see :func:`_needs_check`; those
     that may have are looked up by :func:`_create` first)."""
-    async with ctx.store.tx() as conn:
-        cur = await conn.execute(
-            "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE (state = 'planned' OR "
-            "(state = 'creating' AND error IS NOT NULL "
-            "AND NOT COALESCE(json_extract(error, '$.check_remote'), 0))) "
-            "AND input_id IN (SELECT id FROM inputs WHERE cancel_requested != 0)",
-            (time.time(),),
-        )
-        n = cur.rowcount
+    n = await ctx.store.cancel_unstarted()
     if n:
         ctx.wake.collect.set()
     return n
-
-
-_SELECT = (
-    "SELECT j.*, i.model AS model, i.kind AS kind, i.media_count AS media_count, "
-    "i.cancel_requested AS cancel_requested FROM jobs j JOIN inputs i ON i.id = j.input_id "
-)
-
-
-def _job(row: sqlite3.Row) -> dict[str, Any]:
-    return dict(row)
-
-
-async def _due_jobs(ctx: Context, now: float, limit: int) -> list[sqlite3.Row]:
-    """Up to ``limit`` due jobs (rows; made dicts only when started): ``creating`` ones first
-    (by input age), then ``planned`` ones in the order they were planned. The planned ones are
-    read by job id, which the ``jobs_state`` index yields in order: no sort of the backlog."""
-    conn = ctx.store.conn
-    async with conn.execute(
-        _SELECT + "WHERE j.state = 'creating' AND j.not_before <= ? "
-        "ORDER BY i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
-        (now, limit),
-    ) as cur:
-        rows: list[sqlite3.Row] = list(await cur.fetchall())
-    if len(rows) < limit:
-        async with conn.execute(
-            _SELECT + "WHERE j.state = 'planned' AND j.not_before <= ? ORDER BY j.id LIMIT ?",
-            (now, limit - len(rows)),
-        ) as cur:
-            rows += await cur.fetchall()
-    return rows
 
 
 class Submitter:
@@ -141,7 +94,7 @@ class Submitter:
         self.activated = 0
         self._more = False  # the last round left due jobs for later (queue bound reached)
         self._bound: int | None = None  # upper bound of the jobs in flight (see _in_flight)
-        self._writer: GroupCommit[Activation] = GroupCommit(ctx.store, write_activations)
+        self._writer: GroupCommit[Activation] = GroupCommit(ctx.store, ctx.store.activate)
 
     async def round(self) -> int:
         """Start every due job that the caps admit; returns the number of jobs cancelled."""
@@ -153,7 +106,7 @@ class Submitter:
         # round made a backlog of N files cost O(N^2) (10,000 files: 18 files/s). The margin lets
         # a job of another model pass jobs held back by their model's token cap.
         limit = len(busy) + room + LOOKAHEAD
-        rows = await _due_jobs(ctx, now, limit)
+        rows = await ctx.store.due_for_submit(now, limit)
         truncated = len(rows) == limit
         done = 0
         if any(r["cancel_requested"] for r in rows):
@@ -163,7 +116,7 @@ class Submitter:
             r
             for r in rows
             if r["id"] not in busy
-            and (not r["cancel_requested"] or (r["state"] == "creating" and _needs_check(_job(r))))
+            and (not r["cancel_requested"] or (r["state"] == "creating" and _needs_check(r)))
         ]
         self._more = truncated
         ctx.backpressure.set_backlog(False)  # set again below if admitted jobs are still left over
@@ -171,7 +124,7 @@ class Submitter:
             return done
         head = rows[:room]
         remote: dict[str, dict[str, Any]] | None = None
-        if any(r["state"] == "creating" and _needs_check(_job(r)) for r in head):
+        if any(r["state"] == "creating" and _needs_check(r) for r in head):
             remote = await _remote_index(ctx)
         active, tokens = 0, dict[str, int]()
         if any(r["state"] == "planned" for r in head):
@@ -186,7 +139,7 @@ class Submitter:
                 ctx.backpressure.set_backlog(True)
                 break
             if r["state"] == JobState.CREATING.value:
-                creating.append(_job(r))  # already counted in flight
+                creating.append(r)  # already counted in flight
                 continue
             input_id, model, est = r["input_id"], r["model"], r["est_tokens"]
             if active >= cfg.max_active_jobs:
@@ -203,8 +156,9 @@ class Submitter:
                 continue
             active += 1  # reserved: the intent below makes it count in flight for later rounds
             tokens[model] = model_tokens + est
-            planned.append(_job(r))
-        planned = await commit_intents(ctx, planned, waiting_reason)
+            planned.append(r)
+        uploads = [j["id"] for j in planned if needs_upload(j)]
+        planned = await ctx.store.commit_intents(planned, uploads, waiting_reason, ctx.key_fp)
         if self._bound is not None:
             self._bound += len(planned)
         for job in creating:
@@ -228,7 +182,7 @@ class Submitter:
             and self._bound + room <= cfg.max_active_jobs
         ):
             return self._bound, {}
-        active, tokens = await _in_flight(self.ctx)
+        active, tokens = await self.ctx.store.in_flight_by_model()
         self._bound = active
         return active, tokens
 
@@ -469,9 +423,7 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
             not_before=time.time() + delay,
             error=dumps({"retries": retries, "check_remote": check, "last": last}),
         )
-        async with conn.execute("SELECT state FROM inputs WHERE id = ?", (job["input_id"],)) as cur:
-            row = await cur.fetchone()
-        if row and row[0] == InputState.UPLOADING.value:
+        if await ctx.store.state_in_tx(conn, job["input_id"]) == InputState.UPLOADING.value:
             await ctx.store.set_input_state(conn, job["input_id"], InputState.QUEUED, reason=reason)
         else:
             await ctx.store.update_input(conn, job["input_id"], reason=reason)
@@ -481,21 +433,12 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
 # ---- loops ---------------------------------------------------------------------------------
 async def recover_submissions(ctx: Context) -> None:
     """At start: ``uploading`` → ``planned``; ``creating`` → reconciled against the remote list."""
-    async with ctx.store.tx() as conn:
-        await conn.execute(
-            "UPDATE jobs SET state = 'planned', not_before = 0, updated_at = ? "
-            "WHERE state = 'uploading'",
-            (time.time(),),
-        )
+    await ctx.store.replan_uploading()
     creating = await ctx.store.jobs_in(JobState.CREATING)
     if not creating:
         return
-    async with ctx.store.tx() as conn:
-        await conn.executemany(
-            "UPDATE jobs SET error = ?, not_before = 0, updated_at = ? WHERE id = ?",
-            [(dumps(_book(j) | {"check_remote": True}), time.time(), j["id"]) for j in creating],
-        )
-    rows = await ctx.store.fetchall(_SELECT + "WHERE j.state = 'creating' ORDER BY j.id")
+    await ctx.store.set_job_errors({j["id"]: _book(j) | {"check_remote": True} for j in creating})
+    rows = await ctx.store.creating_jobs()
     remote = await _remote_index(ctx)
     async with anyio.create_task_group() as tg:
         sub = Submitter(ctx, tg)
@@ -505,10 +448,7 @@ async def recover_submissions(ctx: Context) -> None:
 
 async def _next_due(ctx: Context) -> float:
     idle = ctx.cfg.submit.idle_seconds
-    nb = await ctx.store.scalar(
-        "SELECT MIN(not_before) FROM jobs WHERE state IN ('planned', 'creating') AND not_before > ?",
-        (time.time(),),
-    )
+    nb = await ctx.store.next_submit_due(time.time())
     return idle if nb is None else max(0.05, min(idle, nb - time.time()))
 
 

@@ -22,9 +22,8 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.states import NOT_VISIBLE, InputState, JobState, RemoteState
-from daemon.store import Store, dumps
+from daemon.store import Store
 from daemon.store.group_commit import GroupCommit
-from daemon.submit.writes import advance_inputs
 from daemon.track.missing import is_held, not_found
 
 log = structlog.get_logger(__name__)
@@ -42,13 +41,7 @@ def _count(stats: dict[str, Any], name: str) -> int:
 
 
 async def _due(ctx: Context, now: float) -> list[dict[str, Any]]:
-    return await ctx.store.fetchall(
-        "SELECT j.*, i.reason AS input_reason, i.cancel_requested AS input_cancel "
-        "FROM jobs j JOIN inputs i ON i.id = j.input_id "
-        "WHERE j.state = 'active' AND COALESCE(j.next_poll_at, 0) <= ? AND j.not_before <= ? "
-        "ORDER BY j.next_poll_at, j.id",
-        (now, now),
-    )
+    return await ctx.store.due_for_poll(now)
 
 
 async def poll_once(ctx: Context) -> int:
@@ -62,7 +55,7 @@ async def poll_once(ctx: Context) -> int:
     writer: GroupCommit[_Seen] = GroupCommit(ctx.store, functools.partial(_write, ctx.store))
     pages = 1
     if len(due) > 2:  # a list walk might pay off: count the pages it would take
-        n_active = await ctx.store.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'active'")
+        n_active = await ctx.store.count_active()
         pages = max(1, math.ceil(n_active / LIST_PAGE_SIZE))
     if len(due) > pages + 1:
         recorded += await _poll_by_list(
@@ -215,33 +208,19 @@ async def _write(store: Store, conn: Any, items: list[_Seen]) -> None:
     """Write a batch of answers: one UPDATE per job, inputs advanced to running together; an
     input whose job the API cancelled without the daemon asking is marked so (never resubmitted)."""
     now = time.time()
-    by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    for it in items:
-        fields = it.fields | {"updated_at": now}
-        by_cols.setdefault(tuple(fields), []).append(
-            (*(_sql(v) for v in fields.values()), it.job["id"])
-        )
-    for cols, rows in by_cols.items():
-        sets = ", ".join(f"{c} = ?" for c in cols)
-        await conn.executemany(f"UPDATE jobs SET {sets} WHERE id = ?", rows)
+    await store.update_jobs(conn, ((it.fields, it.job["id"]) for it in items))
     running = [it.job["input_id"] for it in items if it.state == RemoteState.RUNNING.value]
     if running:
-        await advance_inputs(conn, running, InputState.RUNNING, now)
+        await store.advance(conn, running, InputState.RUNNING, now)
     cancelled = [it.job["input_id"] for it in items if it.state == RemoteState.CANCELLED.value]
     if cancelled:
         await store.mark_cancelled_outside(conn, cancelled, quirks.OUTSIDE_REASON)
     back = [it.job["input_id"] for it in items if it.was_held]
     if back:
         await Store.clear_input_reasons(conn, back, NOT_VISIBLE)
-    stuck = [(it.stuck_reason, now, it.job["input_id"]) for it in items if it.stuck_reason]
+    stuck = {it.job["input_id"]: it.stuck_reason for it in items if it.stuck_reason}
     if stuck:
-        await conn.executemany("UPDATE inputs SET reason = ?, updated_at = ? WHERE id = ?", stuck)
-
-
-def _sql(value: Any) -> Any:
-    if isinstance(value, JobState):
-        return value.value
-    return dumps(value) if isinstance(value, dict | list) else value
+        await store.set_reasons(conn, stuck)
 
 
 async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) -> None:
@@ -265,7 +244,7 @@ async def _commit(ctx: Context, writer: GroupCommit[_Seen], items: list[_Seen]) 
 
 
 async def _next_due(ctx: Context) -> float:
-    at = await ctx.store.scalar("SELECT MIN(next_poll_at) FROM jobs WHERE state = 'active'")
+    at = await ctx.store.next_poll_at()
     if at is None:
         return ctx.cfg.poll.max_interval
     return max(0.02, min(ctx.cfg.poll.max_interval, at - time.time()))
