@@ -18,7 +18,7 @@ import anyio
 
 from daemon.config import Config
 from daemon.io_faults import IOFaults
-from daemon.outbox import jsonl_stem
+from daemon.layout import jsonl_stem
 from daemon.store import Store
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import structlog
 from daemon.config import Config, read_api_key
 from daemon.context import Context
 from daemon.gemini import ApiError, GeminiClient
-from daemon.intake.claim import META_FILE
+from daemon.layout import INPUT_FILE, META_FILE
 from daemon.states import FINAL_INPUT_STATES, JobState
 from daemon.store import Store, StoreError, guard
 
@@ -127,7 +127,7 @@ async def rebuild(ctx: Context, remote: dict[str, dict[str, Any]], report: Repor
         folder = ctx.input_dir(input_id)
         doc = docs.get(input_id)
         fields = _meta(folder, doc, cfg.gemini.default_model)
-        fields["work_path"] = str(folder / "input.jsonl")
+        fields["work_path"] = str(folder / INPUT_FILE)
         state = (doc or {}).get("state")
         if state in {s.value for s in FINAL_INPUT_STATES}:
             fields |= {"state": state, "finished_at": time.time(), "reason": "recovered"}

@@ -8,6 +8,13 @@ Kind = Literal["generate", "embed"]
 
 # An input's reason while its jobs are out of sight of the key in use (daemon.track.missing).
 NOT_VISIBLE = "not visible with the current API key"
+# The error of a job the API no longer knows (404), for good or released from a hold by `retry`.
+LOST_JOB_ERROR = {
+    "code": 404,
+    "status": "NOT_FOUND",
+    "message": "remote job disappeared",
+    "lost": True,
+}
 
 
 def display_name(input_id: str, part_no: int, attempt: int) -> str:

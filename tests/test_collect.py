@@ -17,7 +17,7 @@ from daemon.config import parse_config
 from daemon.context import Context
 from daemon.emulator import Emulator, EmulatorSettings
 from daemon.gemini import GeminiClient
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from daemon.results import collect, fast_order, order, outbox_file
 from daemon.results.collect import (
     _index_job,

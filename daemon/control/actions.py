@@ -18,6 +18,7 @@ import structlog
 
 from daemon import quirks
 from daemon.context import Context
+from daemon.layout import INPUT_FILE
 from daemon.outbox import copy_in, fsync_dir
 from daemon.states import (
     ACTIVE_JOB_STATES,
@@ -25,7 +26,6 @@ from daemon.states import (
     InputState,
 )
 from daemon.store import Row, Store, new_input_id
-from daemon.track.missing import release_held
 
 log = structlog.get_logger(__name__)
 
@@ -102,10 +102,10 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
     row = await _require(ctx, input_id)
     state = InputState(row["state"])
     if not state.final and not fresh:
-        from daemon.track.poll import LOST  # imported lazily, as the planner below
-
         # Jobs held after a 404 (another API key): resubmitted now, deliberately.
-        if await release_held(ctx, input_id, LOST):
+        if released := await ctx.store.release_held(input_id):
+            log.info("held_jobs_released", input_id=input_id, jobs=released)
+            ctx.wake.collect.set()
             return await _require(ctx, input_id)
     if not state.final:
         raise ActionError(409, f"input {input_id} is {state.value}, not finished")
@@ -147,7 +147,7 @@ async def _fresh_rerun(ctx: Context, old: Row) -> Row:
     if not source.is_file():
         raise ActionError(409, f"input {old['id']}: its file is no longer kept ({source})")
     new_id = new_input_id()
-    work = ctx.input_dir(new_id) / "input.jsonl"
+    work = ctx.input_dir(new_id) / INPUT_FILE
     work.parent.mkdir(parents=True, exist_ok=True)
     # File first (durably), row second: a crash in between leaves an orphan folder, never a
     # row pointing at nothing.

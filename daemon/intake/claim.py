@@ -31,15 +31,13 @@ from daemon.clock import iso
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.io_faults import is_disk_fault
-from daemon.outbox import copy_in, fsync_dir, outbox_paths, write_json
+from daemon.layout import BATCH_NOTE_PREFIX, CLAIM_FILE, INPUT_FILE, META_FILE, outbox_paths
+from daemon.outbox import copy_in, fsync_dir, write_json
 from daemon.states import InputState, model_kind
 from daemon.store import Claimed, new_input_id
 
 log = structlog.get_logger(__name__)
 
-CLAIM_FILE = "claim.json"  # per-folder note (older claims; still honoured by recovery)
-BATCH_NOTE_PREFIX = ".claims-"
-META_FILE = ".meta.json"  # per input folder, for `gemini-batchd recover` (daemon.recover)
 _NO_PROBLEMS = {"problems": [], "problem_count": 0}
 
 
@@ -109,7 +107,7 @@ def _prepare(ctx: Context, drops: list[Drop]) -> tuple[list[_Item], Path | None]
         if special:
             dest = ctx.cfg.state_dir / "rejected" / input_id / d.path.name
         else:
-            dest = ctx.input_dir(input_id) / "input.jsonl"
+            dest = ctx.input_dir(input_id) / INPUT_FILE
         cross = not special and st.st_dev != work_dev
         items.append(_Item(d, input_id, dest, special, cross, _identity(st)))
     if not items:

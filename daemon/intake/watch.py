@@ -27,7 +27,7 @@ from watchfiles import awatch
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
 from daemon.intake.claim import Drop, adopt_orphans, claim_many
-from daemon.outbox import OUTBOX_NAME_EXTRA, name_too_long
+from daemon.layout import OUTBOX_NAME_EXTRA, name_too_long
 
 log = structlog.get_logger(__name__)
 

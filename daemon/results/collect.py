@@ -31,6 +31,7 @@ from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.io_faults import input_paused, is_disk_fault
+from daemon.layout import job_results_name, part_file_name
 from daemon.outbox import atomic_writer, fsync_dir
 from daemon.results import order
 from daemon.results.finish import finish_index, reuse_input
@@ -252,7 +253,7 @@ _Collected = tuple[str, str | None, float, float, int]  # results path, file, fi
 async def _collect_job(ctx: Context, job: dict[str, Any], writer: GroupCommit[_Collected]) -> bool:
     """Results of one ``done`` job into its results file, then ``collected``. A transient API
     error leaves the job ``done`` (with a backoff) for a later round."""
-    dest = ctx.input_dir(job["input_id"]) / f"job-{job['id']}.results.jsonl"
+    dest = ctx.input_dir(job["input_id"]) / job_results_name(job["id"])
     result_file = job["result_file"]
     started = time.monotonic()
     try:
@@ -480,7 +481,7 @@ async def _plan(
         if not count:
             continue
         attempt = attempts + 1
-        dest = ctx.input_dir(row["id"]) / f"part-{part.part_no}-a{attempt}.jsonl"
+        dest = ctx.input_dir(row["id"]) / part_file_name(part.part_no, attempt)
 
         def write(dest: Path = dest, part: Part = part) -> int:
             with atomic_writer(dest) as f:

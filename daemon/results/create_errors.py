@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from daemon.submit.media import resolved_path
+from daemon.layout import resolved_path
 
 _LINE = re.compile(r"^Error on line (\d+): (.*)$")
 MAX_PROBLEMS = 100  # as validation reports (SPEC §2)

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import orjson
 
+from daemon.layout import fast_part_name
 from daemon.outbox import atomic_writer
 from daemon.results import outbox_file
 from daemon.results.index import Stopped
@@ -63,7 +64,7 @@ class PartSummary:
 
 def fast_path(work: Path, part_no: int) -> Path:
     """The ordered file of a part; its summary is the same name plus ``.json``."""
-    return work / f"part-{part_no}.fast"
+    return work / fast_part_name(part_no)
 
 
 def ready_part(work: Path, summary: PartSummary) -> Ready:

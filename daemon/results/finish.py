@@ -20,12 +20,12 @@ from daemon import fsio, quirks
 from daemon.clock import iso
 from daemon.context import Context
 from daemon.crash import crash_point
+from daemon.layout import SCRATCH_GLOBS, outbox_paths
 from daemon.outbox import (
     append_file,
     atomic_writer,
     copy_atomic,
     link_or_copy,
-    outbox_paths,
     remove_quietly,
     write_json,
 )
@@ -349,7 +349,7 @@ def _cleanup_work(work: Path, index_path: Path) -> None:
     """Drop the scratch index and the retry part files; ``input.jsonl`` and the job results
     stay for ``retry``."""
     remove_index(index_path)
-    scratch = ("part-*-a*.jsonl", "part-*.ordered*", "part-*.fast*", ".part-*.fast*")
+    scratch = SCRATCH_GLOBS
     for p in [q for pattern in scratch for q in work.glob(pattern)]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

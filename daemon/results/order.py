@@ -20,7 +20,7 @@ import anyio
 import structlog
 
 from daemon.context import Context
-from daemon.outbox import outbox_paths
+from daemon.layout import INDEX_FILE, ordered_part_name, outbox_paths
 from daemon.results import outbox_file
 from daemon.results.fast_order import (
     OrderedParts,
@@ -95,7 +95,7 @@ def _fold_sync(
         index.ensure_keys(work, parts)
         if rf is not None:
             index.add_results(rf)
-            index.write_ordered(part_no, path.with_name(f"part-{part_no}.ordered"))
+            index.write_ordered(part_no, path.with_name(ordered_part_name(part_no)))
     finally:
         index.close()
 
@@ -250,4 +250,4 @@ async def input_parts(ctx: Context, row: dict[str, Any], jobs: list[dict[str, An
 
 
 def index_path(ctx: Context, row: dict[str, Any]) -> Path:
-    return ctx.input_dir(row["id"]) / "merge.sqlite"
+    return ctx.input_dir(row["id"]) / INDEX_FILE

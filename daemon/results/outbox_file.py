@@ -21,6 +21,7 @@ from typing import IO, NamedTuple
 import orjson
 
 from daemon import fsio
+from daemon.layout import PREFIX_RECORD
 from daemon.outbox import append_file, publish_file
 
 _locks: dict[str, threading.Lock] = {}
@@ -43,7 +44,7 @@ def prefix_path(results: Path, work: Path) -> Path:
 
 
 def _record_path(work: Path) -> Path:
-    return work / "prefix.json"
+    return work / PREFIX_RECORD
 
 
 def _lock(prefix: Path) -> threading.Lock:

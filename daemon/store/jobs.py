@@ -9,8 +9,8 @@ from typing import Any
 
 import aiosqlite
 
-from daemon.states import InputState, JobState
-from daemon.store.base import Row, _plain
+from daemon.states import LOST_JOB_ERROR, InputState, JobState
+from daemon.store.base import Row, _plain, dumps
 from daemon.store.inputs import InputRows
 
 
@@ -329,6 +329,22 @@ class JobRows(InputRows):
             "WHERE input_id = ? AND state = 'planned'",
             (now, now, input_id),
         )
+
+    async def release_held(self, input_id: str) -> int:
+        """``retry`` of an input whose jobs are held after a 404 (not visible with the key in
+        use): they count as lost now, so the collector plans their requests again; returns how
+        many."""
+        async with self.tx() as conn:
+            async with conn.execute(
+                "UPDATE jobs SET state = 'done', error = ?, finished_at = ?, updated_at = ? "
+                "WHERE input_id = ? AND state = 'active' AND error LIKE '%\"not_visible\":true%' "
+                "RETURNING id",
+                (dumps(LOST_JOB_ERROR), time.time(), time.time(), input_id),
+            ) as cur:
+                n = len(list(await cur.fetchall()))
+            if n:
+                await self.update_input(conn, input_id, reason="resubmitting (retry)")
+        return n
 
     # ---- collection ------------------------------------------------------------------------
     async def due_for_collect(self, now: float, min_input_requests: int | None = None) -> list[Row]:

@@ -28,6 +28,7 @@ import orjson
 import structlog
 
 from daemon.context import Context
+from daemon.layout import resolved_path
 from daemon.outbox import atomic_writer
 from daemon.store import MediaId
 from daemon.validate.reader import media_name, media_parts
@@ -37,11 +38,6 @@ MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
 log = structlog.get_logger(__name__)
 _locks: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
-
-
-def resolved_path(job: dict[str, Any]) -> Path:
-    src = Path(job["source_path"])
-    return src.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")
 
 
 def _media_parts(line: bytes, kind: str) -> tuple[Any, list[dict[str, Any]]]:

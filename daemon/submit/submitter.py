@@ -27,11 +27,12 @@ from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.io_faults import is_disk_fault
+from daemon.layout import resolved_path
 from daemon.states import NOT_VISIBLE, InputState, JobState
 from daemon.store import dumps, loads
 from daemon.store.group_commit import GroupCommit
 from daemon.store.jobs import Activation
-from daemon.submit.media import resolve_media, resolved_path
+from daemon.submit.media import resolve_media
 from daemon.submit.writes import disk_paused, needs_upload
 
 log = structlog.get_logger(__name__)

@@ -6,7 +6,7 @@ The real API shows a job only to the API key (project) that created it; another 
 creator's and the API still answers for another active job of that key (or the job is the key's
 only active one). Otherwise the job is *held*: it stays ``active``, is polled at the longest
 interval, its input's reason says why, and nothing is resubmitted until the creator's key is back
-(it then finishes normally) or the user runs ``retry`` (:func:`release_held`).
+(it then finishes normally) or the user runs ``retry`` (:meth:`daemon.store.Store.release_held`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import structlog
 
 from daemon.context import Context
 from daemon.gemini import ApiError
-from daemon.states import NOT_VISIBLE, JobState
+from daemon.states import NOT_VISIBLE
 from daemon.store import loads
 
 log = structlog.get_logger(__name__)
@@ -98,22 +98,3 @@ async def _hold(ctx: Context, job: Job, why: str) -> None:
             next_poll_at=time.time() + interval,
         )
         await ctx.store.update_input(conn, job["input_id"], reason=message)
-
-
-async def release_held(ctx: Context, input_id: str, lost_error: dict[str, Any]) -> int:
-    """``retry`` of an input whose jobs are held: they count as lost now (collect then plans
-    their requests again); returns how many."""
-    held = [
-        j for j in await ctx.store.jobs_of(input_id) if j["state"] == "active" and is_held(dict(j))
-    ]
-    if not held:
-        return 0
-    async with ctx.store.tx() as conn:
-        for job in held:
-            await ctx.store.update_job(
-                conn, job["id"], state=JobState.DONE, error=lost_error, finished_at=time.time()
-            )
-        await ctx.store.update_input(conn, input_id, reason="resubmitting (retry)")
-    log.info("held_jobs_released", input_id=input_id, jobs=len(held))
-    ctx.wake.collect.set()
-    return len(held)

@@ -21,7 +21,7 @@ from daemon import quirks
 from daemon.context import Context
 from daemon.crash import crash_point
 from daemon.gemini import ApiError
-from daemon.states import NOT_VISIBLE, InputState, JobState, RemoteState
+from daemon.states import LOST_JOB_ERROR, NOT_VISIBLE, InputState, JobState, RemoteState
 from daemon.store import Store
 from daemon.store.group_commit import GroupCommit
 from daemon.track.missing import is_held, not_found
@@ -29,7 +29,6 @@ from daemon.track.missing import is_held, not_found
 log = structlog.get_logger(__name__)
 
 LIST_PAGE_SIZE = 100
-LOST = {"code": 404, "status": "NOT_FOUND", "message": "remote job disappeared", "lost": True}
 _KNOWN = {s.value for s in RemoteState}
 
 
@@ -142,7 +141,7 @@ async def _lost(ctx: Context, job: dict[str, Any]) -> None:
     log.warning("job_lost", job=job["id"], remote=job["remote_name"])
     async with ctx.store.tx() as conn:
         await ctx.store.update_job(
-            conn, job["id"], state=JobState.DONE, error=LOST, finished_at=time.time()
+            conn, job["id"], state=JobState.DONE, error=LOST_JOB_ERROR, finished_at=time.time()
         )
     ctx.wake.collect.set()
     ctx.wake.submit.set()

@@ -17,16 +17,13 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from daemon.config import Config
+from daemon.layout import part_file_name
 from daemon.windows import FileWindow
 
 MAX_MEDIA_NAMES = 10_000
 BLOCK = 1 << 20
 _THREAD_SCAN_BYTES = 8 * BLOCK  # smaller files are scanned inline
 _SCAN_BLOCK = 8 * BLOCK  # few reads: each costs the scan thread a wait for the GIL
-
-
-def part_file_name(part_no: int, attempt: int = 1) -> str:
-    return f"part-{part_no}-a{attempt}.jsonl"
 
 
 MEDIA_MARK = b'"file:'  # how a local media reference (a "file:NAME" URI) starts in JSON

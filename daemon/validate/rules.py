@@ -39,11 +39,10 @@ from daemon.validate.reader import (
     PartWriter,
     ScanningWindow,
     media_uris,
-    part_file_name,
 )
 from daemon.validate.split import SHARE, SHARE_WITH_DIGEST, BlockRecorder, TailCheck
 
-__all__ = ["PartPlan", "Problem", "Validation", "part_file_name", "validate_file"]
+__all__ = ["PartPlan", "Problem", "Validation", "validate_file"]
 
 MAX_PROBLEMS = 100
 _READ_BUFFER = 1 << 20

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.cli import build_parser
 from daemon.context import Context
 from daemon.control import client
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
 

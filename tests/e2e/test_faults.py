@@ -21,7 +21,7 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.control.client import Api
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import (
     API_KEY,
     DaemonProcess,

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import DaemonProcess, config_data, running_daemon, wait_final, write_config
 from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
 
