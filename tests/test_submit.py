@@ -65,7 +65,7 @@ async def test_queue_full_backs_off_then_succeeds(env: Env, mode: str) -> None:
     row = await job(env, jid)
     assert row["state"] == ("planned" if mode == "inline" else "creating")
     assert row["not_before"] > time.time() - 1 and row["remote_name"] is None
-    assert loads(row["error"])["check_remote"] is False  # a 429 means nothing was created
+    assert row["check_remote"] == 0 and row["error"] is None  # a 429: nothing was created
     inp = await env.ctx.store.get_input(iid)
     assert inp is not None and inp["state"] == "queued"
     assert inp["reason"].startswith("API busy (429 RESOURCE_EXHAUSTED), retrying in")
@@ -86,7 +86,7 @@ async def test_ambiguous_create_is_adopted_not_repeated(env: Env, fault: str, mo
     env.emu.fail_next("batches.create", fault)
     await submit_once(env.ctx)
     row = await job(env, jid)
-    assert row["state"] == "creating" and loads(row["error"])["check_remote"] is True
+    assert row["state"] == "creating" and row["check_remote"] == 1
     await submit_until(env, lambda: _state_is(env, jid, "active"))
     row = await job(env, jid)
     assert env.emu.stats["creates_by_display_name"] == {row["display_name"]: 1}
@@ -186,9 +186,10 @@ async def test_cancel_requested_creating_jobs_are_settled_not_created(env: Env, 
         await env.gem.create_inline_job(
             model="gemini-2.5-flash", requests=lines_for(2), display_name=name
         )
-    book = {"retries": 1, "check_remote": case != "never_sent", "last": None}
     async with env.ctx.store.tx() as conn:
-        await env.ctx.store.update_job(conn, jid, state="creating", error=json.dumps(book))
+        await env.ctx.store.update_job(
+            conn, jid, state="creating", submit_retries=1, check_remote=int(case != "never_sent")
+        )
         await env.ctx.store.update_input(conn, iid, cancel_requested=1)
     await submit_once(env.ctx)
     row = await job(env, jid)

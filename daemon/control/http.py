@@ -182,8 +182,17 @@ def job_view(j: Row) -> dict[str, Any]:
         "submitted": _ms(j["submitted_at"]),
         "finished": _ms(j["finished_at"]),
         "next_poll": _ms(j["next_poll_at"]),
-        "error": loads(j["error"]) if j["error"] else None,
+        "error": loads(j["error"]) if j["error"] else _submit_error(j),
     }
+
+
+def _submit_error(j: Row) -> dict[str, Any] | None:
+    """A job backing off before its create shows its submit bookkeeping as its error (the
+    socket's shape from before the bookkeeping had its own columns)."""
+    if not j.get("submit_retries"):
+        return None
+    last = loads(j["submit_error"]) if j.get("submit_error") else None
+    return {"retries": j["submit_retries"], "check_remote": bool(j["check_remote"]), "last": last}
 
 
 async def input_detail(ctx: Context, row: Row) -> dict[str, Any]:

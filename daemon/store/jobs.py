@@ -165,8 +165,7 @@ class JobRows(InputRows):
         async with self.tx() as conn:
             cur = await conn.execute(
                 "UPDATE jobs SET state = 'cancelled', updated_at = ? WHERE (state = 'planned' OR "
-                "(state = 'creating' AND error IS NOT NULL "
-                "AND NOT COALESCE(json_extract(error, '$.check_remote'), 0))) "
+                "(state = 'creating' AND check_remote = 0)) "
                 "AND input_id IN (SELECT id FROM inputs WHERE cancel_requested != 0)",
                 (time.time(),),
             )
@@ -246,7 +245,8 @@ class JobRows(InputRows):
         await conn.executemany(
             "UPDATE jobs SET state = 'active', remote_name = ?, remote_state = ?, "
             "remote_create_time = ?, submitted_at = ?, poll_interval = ?, next_poll_at = ?, "
-            "not_before = 0, error = NULL, updated_at = ? WHERE id = ?",
+            "not_before = 0, error = NULL, submit_retries = 0, check_remote = NULL, "
+            "submit_error = NULL, updated_at = ? WHERE id = ?",
             rows,
         )
         now = max(item[3] for item in items)
@@ -263,13 +263,14 @@ class JobRows(InputRows):
                 (time.time(),),
             )
 
-    async def set_job_errors(self, errors: Mapping[int, Any]) -> None:
-        """Each job's ``error`` (job id → value), due now (``not_before = 0``)."""
+    async def check_remote_first(self, job_ids: Iterable[int]) -> None:
+        """These jobs may exist remotely (a restart found them ``creating``): look them up before
+        any create, now (``not_before = 0``)."""
         now = time.time()
         async with self.tx() as conn:
             await conn.executemany(
-                "UPDATE jobs SET error = ?, not_before = 0, updated_at = ? WHERE id = ?",
-                [(_plain(e), now, i) for i, e in errors.items()],
+                "UPDATE jobs SET check_remote = 1, not_before = 0, updated_at = ? WHERE id = ?",
+                [(now, i) for i in job_ids],
             )
 
     async def next_submit_due(self, now: float) -> float | None:

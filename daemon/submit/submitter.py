@@ -2,13 +2,14 @@
 
 Per job: ``planned`` → (file mode) ``uploading`` → ``creating`` → ``active``. Each state is committed
 before the call it permits. ``batches.create`` is never blindly repeated: after an ambiguous failure
-(timeout, dropped connection, 5xx) or a crash, the job stays ``creating`` with ``check_remote`` set in
-its ``error`` JSON, and the next round looks the display name up in ``batches.list`` first, adopting
-the remote job if it exists.
+(timeout, dropped connection, 5xx) or a crash, the job stays ``creating`` with ``check_remote`` set,
+and the next round looks the display name up in ``batches.list`` first, adopting the remote job if
+it exists.
 
-``jobs.error`` while a job is not ``done`` is bookkeeping: ``{"retries": n, "check_remote": bool,
-"last": {code, status, message}}``. A permanent refusal ends the job ``done`` with
-``error = {"code", "status", "message"}`` and ``remote_state`` NULL; collect fails the input.
+A submit's bookkeeping has its own columns: ``submit_retries``, ``check_remote`` (NULL: unknown,
+so look first) and ``submit_error`` (the last API error). ``jobs.error`` is the API's error only:
+a permanent refusal ends the job ``done`` with ``error = {"code", "status", "message"}`` and
+``remote_state`` NULL; collect fails the input.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from daemon.gemini import ApiError
 from daemon.io_faults import is_disk_fault
 from daemon.layout import resolved_path
 from daemon.states import NOT_VISIBLE, InputState, JobState
-from daemon.store import dumps, loads
 from daemon.store.group_commit import GroupCommit
 from daemon.store.jobs import Activation
 from daemon.submit.media import resolve_media
@@ -53,16 +53,10 @@ def backoff_delay(ctx: Context, retries: int) -> float:
     return random.uniform(0, cap)
 
 
-def _book(job: dict[str, Any]) -> dict[str, Any]:
-    data = loads(job.get("error"))
-    return data if isinstance(data, dict) and "retries" in data else {"retries": 0}
-
-
 def _needs_check(job: dict[str, Any]) -> bool:
     """Whether a ``creating`` job may already exist remotely. Without bookkeeping (a crash, or a
     row written by another stage) the answer is yes: look before creating."""
-    book = _book(job)
-    return bool(book.get("check_remote", job.get("error") is None))
+    return job["check_remote"] is None or bool(job["check_remote"])
 
 
 # ---- admission ---------------------------------------------------------------------------
@@ -404,14 +398,11 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
             )
         ctx.wake.collect.set()
         return
-    book = _book(job)
-    retries = int(book.get("retries", 0)) + 1
+    retries = int(job["submit_retries"] or 0) + 1
     if back_to == JobState.CREATING and e.kind == "transient" and job["mode"] == "inline":
         back_to = JobState.PLANNED  # refused before acting, and nothing was spent yet
     # After an ambiguous create the job may exist remotely: look before creating again.
-    check = bool(book.get("check_remote")) or (
-        e.kind == "ambiguous" and back_to == JobState.CREATING
-    )
+    check = bool(job["check_remote"]) or (e.kind == "ambiguous" and back_to == JobState.CREATING)
     delay = backoff_delay(ctx, retries)
     what = f"{e.http_code} {e.status}" if e.http_code else e.message
     reason = f"API busy ({what}), retrying in {delay:.0f}s"
@@ -422,7 +413,9 @@ async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: Jo
             job["id"],
             state=back_to,
             not_before=time.time() + delay,
-            error=dumps({"retries": retries, "check_remote": check, "last": last}),
+            submit_retries=retries,
+            check_remote=int(check),
+            submit_error=last,
         )
         if await ctx.store.state_in_tx(conn, job["input_id"]) == InputState.UPLOADING.value:
             await ctx.store.set_input_state(conn, job["input_id"], InputState.QUEUED, reason=reason)
@@ -438,7 +431,7 @@ async def recover_submissions(ctx: Context) -> None:
     creating = await ctx.store.jobs_in(JobState.CREATING)
     if not creating:
         return
-    await ctx.store.set_job_errors({j["id"]: _book(j) | {"check_remote": True} for j in creating})
+    await ctx.store.check_remote_first([j["id"] for j in creating])
     rows = await ctx.store.creating_jobs()
     remote = await _remote_index(ctx)
     async with anyio.create_task_group() as tg:
