@@ -37,7 +37,6 @@ from daemon.supervise import supervised, with_retry
 log = structlog.get_logger(__name__)
 
 EX_CONFIG = 78
-EX_TEMPFAIL = 75
 
 
 class AlreadyRunning(Exception):

@@ -241,20 +241,6 @@ def _report_failed_moves(ctx: Context, items: list[_Item]) -> None:
         ctx.io_faults.clear("stage:claim")
 
 
-async def claim(ctx: Context, path: Path, rel: str, model: str) -> str | None:
-    """Move one settled drop into ``state/work/<id>/input.jsonl`` with its ``seen`` row."""
-    ids = await claim_many(ctx, [Drop(path, rel, model)])
-    return ids[0] if ids else None
-
-
-async def reject_unclaimable(
-    ctx: Context, path: Path, rel: str, reason: str, *, model: str | None = None
-) -> str | None:
-    """Move something that is not a usable drop out of the inbox and reject it (error file)."""
-    ids = await claim_many(ctx, [Drop(path, rel, model or ctx.cfg.gemini.default_model, reason)])
-    return ids[0] if ids else None
-
-
 async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[str, Any]) -> None:
     """Write the error file, then commit ``rejected`` (a crash between redoes both)."""
     now = time.time()

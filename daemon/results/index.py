@@ -473,11 +473,6 @@ class MergeIndex:
             return None
         return path, bool(row[2])
 
-    def answers(self) -> Iterator[Answer]:
-        """Every input key in input order with its best answer line (raw bytes), or none."""
-        for chunk in self.answer_chunks():
-            yield from chunk
-
     def answer_chunks(self, lo: int = 1, hi: int | None = None) -> Iterator[list[Answer]]:
         """The answers of positions ``lo..hi`` in input order, a batch at a time."""
         fds: dict[int, int] = {}
