@@ -44,6 +44,25 @@ class Wakeup:
         return was_set
 
 
+class KeyedLocks:
+    """One ``anyio.Lock`` per key, made on first use and dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[Any]] = {}  # key → [lock, holders and waiters]
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._entries.setdefault(key, [anyio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._entries[key]
+
+
 @dataclass
 class Wakeups:
     validate: Wakeup = field(default_factory=Wakeup)
@@ -89,9 +108,12 @@ class Context:
     # The fingerprint of the API key in use (GeminiClient.key_fingerprint), recorded per job.
     key_fp: str | None = None
 
-    # One writer at a time per outbox path (drops of the same name finishing together):
-    # path → [lock, holders and waiters]; an entry goes when nobody holds or waits.
-    _outbox_locks: dict[str, list[Any]] = field(default_factory=dict)
+    # One writer at a time per outbox path (drops of the same name finishing together).
+    _outbox_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # One upload at a time per media content hash (jobs sharing a file upload it once).
+    media_locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # One retry at a time, so two clients cannot plan the same retry twice.
+    retry_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def __post_init__(self) -> None:
         self.backpressure = Backpressure(self.wake)
@@ -110,15 +132,8 @@ class Context:
         """Held while an input of ``rel_path`` decides on and writes its outbox files."""
         rel = PurePosixPath(rel_path)
         key = str(rel.parent / jsonl_stem(rel.name))  # x.jsonl and x.JSONL share their files
-        entry = self._outbox_locks.setdefault(key, [anyio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._outbox_locks[key]
+        async with self._outbox_locks.hold(key):
+            yield
 
     # Work paused on a full, read-only or failing local disk (see daemon.io_faults).
     io_faults: IOFaults = field(default_factory=IOFaults)

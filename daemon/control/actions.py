@@ -10,10 +10,8 @@ input from the same work file and wakes validation.
 from __future__ import annotations
 
 import os
-import weakref
 from pathlib import Path
 
-import anyio
 import structlog
 
 from daemon import quirks
@@ -25,7 +23,7 @@ from daemon.states import (
     RETRYABLE_INPUT_STATES,
     InputState,
 )
-from daemon.store import Row, Store, new_input_id
+from daemon.store import Row, new_input_id
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +117,7 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
 
     # plan_retries inserts the follow-up jobs and moves the input to queued (clearing
     # cancel_requested and finished_at) in one transaction: a crash leaves either nothing or both.
-    async with _lock_for(ctx):
+    async with ctx.retry_lock:
         current = await _require(ctx, input_id)
         if current["state"] != state.value:
             raise ActionError(409, f"input {input_id} changed to {current['state']} meanwhile")
@@ -129,17 +127,6 @@ async def retry_input(ctx: Context, input_id: str, *, fresh: bool = False) -> Ro
     log.info("retry_planned", input_id=input_id, requests=planned)
     ctx.wake.submit.set()
     return await _require(ctx, input_id)
-
-
-_locks: weakref.WeakKeyDictionary[Store, anyio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _lock_for(ctx: Context) -> anyio.Lock:
-    """One retry at a time per daemon, so two clients cannot plan the same retry twice."""
-    lock = _locks.get(ctx.store)
-    if lock is None:
-        lock = _locks[ctx.store] = anyio.Lock()
-    return lock
 
 
 async def _fresh_rerun(ctx: Context, old: Row) -> Row:

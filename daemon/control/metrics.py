@@ -114,22 +114,17 @@ class _SnapshotCollector:
         for state, n in s.jobs.items():
             jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily(
-            PREFIX + "active_jobs", "Remote jobs in flight", value=s.active_jobs
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "queue_depth_requests",
-            "Requests of inputs not yet submitted",
-            value=s.queue_depth,
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "stuck_jobs", "Remote jobs pending or running too long", value=s.stuck_jobs
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "poll_lag_seconds",
-            "How far the most overdue active job is behind its poll time",
-            value=s.poll_lag,
-        )
+        for name, text, value in (
+            ("active_jobs", "Remote jobs in flight", s.active_jobs),
+            ("queue_depth_requests", "Requests of inputs not yet submitted", s.queue_depth),
+            ("stuck_jobs", "Remote jobs pending or running too long", s.stuck_jobs),
+            (
+                "poll_lag_seconds",
+                "How far the most overdue active job is behind its poll time",
+                s.poll_lag,
+            ),
+        ):
+            yield GaugeMetricFamily(PREFIX + name, text, value=value)
         req = CounterMetricFamily(
             PREFIX + "requests", "Requests of finished inputs by outcome", labels=["outcome"]
         )

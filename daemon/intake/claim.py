@@ -269,16 +269,7 @@ async def reject(ctx: Context, row: dict[str, Any], reason: str, details: dict[s
             reason += f" (superseded by the later drop {newer}: no error file written)"
         ctx.io_faults.clear(f"input:{row['id']}")
         with anyio.CancelScope(shield=True):
-            async with ctx.store.tx() as conn:
-                await ctx.store.set_input_state(
-                    conn,
-                    row["id"],
-                    InputState.REJECTED,
-                    note=reason,
-                    reason=reason,
-                    error=details,
-                    finished_at=now,
-                )
+            await _set_rejection(ctx, row, InputState.REJECTED, reason, details, finished_at=now)
     log.warning("input_rejected", input_id=row["id"], file=row["rel_path"], reason=reason)
 
 
@@ -290,14 +281,16 @@ async def _rejection_paused(
     key = f"input:{row['id']}"
     delay = ctx.io_faults.fail(key, "cannot write the error file", e)
     why = f"{ctx.io_faults.active()[key]}; retrying in {delay:g} s (then: {reason})"
+    await _set_rejection(ctx, row, InputState.SEEN, why, details | {"pending_reason": reason})
+
+
+async def _set_rejection(
+    ctx: Context, row: dict[str, Any], state: InputState, why: str, error: Any, **fields: Any
+) -> None:
+    """The input → ``state`` with ``why`` as its note and reason and the rejection in ``error``."""
     async with ctx.store.tx() as conn:
         await ctx.store.set_input_state(
-            conn,
-            row["id"],
-            InputState.SEEN,
-            note=why,
-            reason=why,
-            error=details | {"pending_reason": reason},
+            conn, row["id"], state, note=why, reason=why, error=error, **fields
         )
 
 

@@ -16,9 +16,6 @@ import mimetypes
 import os
 import stat
 import time
-import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -37,7 +34,6 @@ from daemon.windows import sha256_of
 MEDIA_MIN_REMAINING = 24 * 3600.0
 FILES_TTL = 48 * 3600.0
 log = structlog.get_logger(__name__)
-_locks: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _media_parts(line: bytes, kind: str) -> tuple[Any, list[dict[str, Any]]]:
@@ -119,25 +115,11 @@ async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
         f = await anyio.to_thread.run_sync(_open_validated, ctx.cfg.media_dir, name, ids.get(name))
         with f:
             sha = await anyio.to_thread.run_sync(sha256_of, f)
-            async with _media_lock(ctx, sha):  # concurrent jobs sharing a file upload it once
+            async with ctx.media_locks.hold(sha):  # concurrent jobs sharing a file upload it once
                 uris[name] = await _upload_once(ctx, sha, path, mime, f)
     dest = resolved_path(job)
     await anyio.to_thread.run_sync(_rewrite, src, dest, uris, job["kind"])
     return dest
-
-
-@asynccontextmanager
-async def _media_lock(ctx: Context, sha: str) -> AsyncIterator[None]:
-    locks = _locks.setdefault(ctx.store, {})
-    entry = locks.setdefault(sha, [anyio.Lock(), 0])
-    entry[1] += 1
-    try:
-        async with entry[0]:
-            yield
-    finally:
-        entry[1] -= 1
-        if not entry[1]:
-            del locks[sha]
 
 
 async def _upload_once(ctx: Context, sha: str, path: Path, mime: str | None, f: IO[bytes]) -> str:
