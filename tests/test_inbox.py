@@ -15,11 +15,18 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.context import Context
-from daemon.intake.claim import adopt_orphans, claim, recover_claims
+from daemon.intake.claim import Drop, adopt_orphans, claim_many, recover_claims
 from daemon.intake.validate_stage import run_validator, validate_once
 from daemon.intake.watch import SettleTracker, classify, run_inbox, scan_once
 from daemon.states import InputState
 from daemon.store import Store
+
+
+async def claim(ctx: Context, path: Path, rel: str, model: str) -> str | None:
+    """One settled drop claimed through the production path (a batch of one)."""
+    ids = await claim_many(ctx, [Drop(path, rel, model)])
+    return ids[0] if ids else None
+
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 GOOD = b"".join(orjson.dumps({"key": f"k{i}", "request": GEN}) + b"\n" for i in range(5))

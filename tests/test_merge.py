@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 from daemon.results.index import (
+    Answer,
     MergeIndex,
     Part,
     ResultsFile,
@@ -21,6 +23,12 @@ from daemon.results.index import (
     fast_key,
     is_retryable,
 )
+
+
+def _answers(index: MergeIndex) -> Iterator[Answer]:
+    """Every input key in input order with its best answer (the chunks the outbox writer reads)."""
+    for chunk in index.answer_chunks():
+        yield from chunk
 
 
 def ok_line(key: str) -> bytes:
@@ -66,7 +74,7 @@ def test_answers_come_back_in_input_order_with_their_own_key(tmp_path: Path, n: 
     r2 = write_results(tmp_path / "job-2.results.jsonl", [ok_line(k) for k in shuffled[half:]])
     index = build(tmp_path, tmp_path / "input.jsonl", [r1, r2])
     try:
-        got = list(index.answers())
+        got = list(_answers(index))
         assert [a.key for a in got] == keys
         for a in got:
             assert a.ok is True
@@ -88,7 +96,7 @@ def test_bare_lines_are_keyed_by_physical_line_number(tmp_path: Path) -> None:
     res = write_results(tmp_path / "job-1.results.jsonl", [ok_line("5"), ok_line("1")])
     index = build(tmp_path, inp, [res])
     try:
-        got = [(a.key, a.ok) for a in index.answers()]
+        got = [(a.key, a.ok) for a in _answers(index)]
         assert got == [("1", True), ("3", None), ("5", True)]
     finally:
         index.close()
@@ -118,7 +126,7 @@ def test_duplicate_and_unknown_keys_are_dropped_and_counted(tmp_path: Path) -> N
         assert c["duplicates_dropped"] == 2
         assert c["unknown_dropped"] == 3  # zz, the non-JSON line, the non-object line
         assert (c["total"], c["succeeded"], c["failed"]) == (3, 2, 1)
-        assert [a.ok for a in index.answers()] == [True, True, None]
+        assert [a.ok for a in _answers(index)] == [True, True, None]
     finally:
         index.close()
 
@@ -134,7 +142,7 @@ def test_success_beats_error_and_latest_error_wins(tmp_path: Path) -> None:
     r3.attempt = 3
     index = build(tmp_path, tmp_path / "input.jsonl", [r3, r2, r1])
     try:
-        got = {a.key: orjson.loads(a.line) for a in index.answers()}
+        got = {a.key: orjson.loads(a.line) for a in _answers(index)}
         assert "response" in got["a"]
         assert got["b"]["error"]["code"] == 3  # attempt 2's error replaces attempt 1's
         assert "response" in got["c"]  # an earlier success beats a later error
@@ -187,7 +195,7 @@ def test_part_source_files_are_read_when_present(tmp_path: Path) -> None:
     src.write_bytes((tmp_path / "input.jsonl").read_bytes())
     index = build(tmp_path, tmp_path / "nothing-here.jsonl", [], [Part(1, src)])
     try:
-        assert [a.key for a in index.answers()] == ["a", "b"]
+        assert [a.key for a in _answers(index)] == ["a", "b"]
     finally:
         index.close()
 
@@ -219,7 +227,7 @@ def test_merging_200k_requests_keeps_memory_flat(tmp_path: Path) -> None:
     try:
         peak = max(peak, proc.memory_info().rss)
         count = 0
-        for _a in index.answers():
+        for _a in _answers(index):
             count += 1
             if count % 20_000 == 0:
                 peak = max(peak, proc.memory_info().rss)
@@ -243,7 +251,7 @@ def test_jobs_folded_in_one_by_one_equal_a_fresh_build(tmp_path: Path) -> None:
     r3.attempt = 3
 
     def snapshot(index: MergeIndex) -> tuple[object, ...]:
-        return (index.counts(), [(a.key, a.line) for a in index.answers()])
+        return (index.counts(), [(a.key, a.line) for a in _answers(index)])
 
     (tmp_path / "fresh").mkdir()
     fresh = build(tmp_path / "fresh", tmp_path / "input.jsonl", [r1, r2, r3])
@@ -260,7 +268,7 @@ def test_jobs_folded_in_one_by_one_equal_a_fresh_build(tmp_path: Path) -> None:
     try:
         assert index._meta("probe") == "kept"  # the index was extended, not rebuilt
         assert snapshot(index) == expected
-        got = {a.key: orjson.loads(a.line or b"null") for a in index.answers()}
+        got = {a.key: orjson.loads(a.line or b"null") for a in _answers(index)}
         assert got["a"]["error"]["code"] == 8  # latest attempt's error
         counts = index.counts()
         assert counts["duplicates_dropped"] == 1 and counts["unknown_dropped"] == 1
@@ -276,15 +284,15 @@ def test_an_index_that_does_not_fit_is_rebuilt(tmp_path: Path) -> None:
     build(tmp_path, tmp_path / "input.jsonl", [r1, r2]).close()
     # job 2 is no longer listed: its answer must not linger
     index = build(tmp_path, tmp_path / "input.jsonl", [r1])
-    assert [a.ok for a in index.answers()] == [True, None]
+    assert [a.ok for a in _answers(index)] == [True, None]
     index.close()
     r1.path.write_bytes(ok_line("a") + b"\n" + ok_line("b") + b"\n")  # changed file
     index = build(tmp_path, tmp_path / "input.jsonl", [r1])
-    assert [a.ok for a in index.answers()] == [True, True]
+    assert [a.ok for a in _answers(index)] == [True, True]
     index.close()
     path.write_bytes(b"this is not a database" * 100)  # damaged cache
     index = build(tmp_path, tmp_path / "input.jsonl", [r1])
-    assert [a.ok for a in index.answers()] == [True, True]
+    assert [a.ok for a in _answers(index)] == [True, True]
     index.close()
 
 
@@ -303,7 +311,7 @@ def test_ordered_part_files_and_their_invalidation(tmp_path: Path) -> None:
         dest = tmp_path / "part-1.ordered"
         assert index.write_ordered(1, dest)
         assert dest.read_bytes() == b"".join(
-            a.line + b"\n" for a in index.answers() if a.line is not None
+            a.line + b"\n" for a in _answers(index) if a.line is not None
         )
         assert [orjson.loads(x)["key"] for x in dest.read_bytes().splitlines()] == ["a", "b", "c"]
         assert index.ordered_file(1) == (dest, False)
