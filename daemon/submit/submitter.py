@@ -14,7 +14,6 @@ a permanent refusal ends the job ``done`` with ``error = {"code", "status", "mes
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,11 @@ from daemon.crash import crash_point
 from daemon.gemini import ApiError
 from daemon.io_faults import is_disk_fault
 from daemon.layout import resolved_path
-from daemon.states import NOT_VISIBLE, InputState, JobState
+from daemon.states import NOT_VISIBLE, JobState
 from daemon.store.group_commit import GroupCommit
 from daemon.store.jobs import Activation
+from daemon.submit.backoff import disk_paused, job_failed, needs_upload
 from daemon.submit.media import resolve_media
-from daemon.submit.writes import disk_paused, needs_upload
 
 log = structlog.get_logger(__name__)
 
@@ -45,12 +44,6 @@ UPLOAD_CONCURRENCY = 1
 QUEUE_PER_WORKER = 2  # a round starts at most this many jobs per worker (bounded intent backlog)
 LOOKAHEAD = 256  # extra rows a round reads beyond what it can start (see Submitter.round)
 _READ_INLINE_BYTES = 256 * 1024
-
-
-def backoff_delay(ctx: Context, retries: int) -> float:
-    """Exponential backoff with full jitter, by the number of consecutive failures."""
-    cap = min(ctx.cfg.api.backoff_max, ctx.cfg.api.backoff_initial * 2 ** max(0, retries - 1))
-    return random.uniform(0, cap)
 
 
 def _needs_check(job: dict[str, Any]) -> bool:
@@ -262,13 +255,13 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
             async with ctx.store.tx() as conn:
                 await ctx.store.update_job(conn, job["id"], **fields)
         except ApiError as e:
-            await _failed(ctx, job, e, back_to=JobState.PLANNED)
+            await job_failed(ctx, job, e, back_to=JobState.PLANNED)
             return 0
         except OSError as e:  # a media file or the input changed or vanished after validation
             if is_disk_fault(e):  # or the disk failed (EIO, full, read-only): wait, retry
                 await disk_paused(ctx, job, e)
             else:
-                await _failed(ctx, job, _unreadable(e), back_to=JobState.PLANNED)
+                await job_failed(ctx, job, _unreadable(e), back_to=JobState.PLANNED)
             return 0
         job["state"] = JobState.CREATING.value
     # It was `planned` until this round, so nothing can exist remotely yet: an empty index.
@@ -332,7 +325,7 @@ async def _create(
                 model=job["model"], requests=lines, display_name=job["display_name"]
             )
     except ApiError as e:
-        await _failed(ctx, job, e, back_to=JobState.CREATING)
+        await job_failed(ctx, job, e, back_to=JobState.CREATING)
         return 0
     crash_point("after_create")  # created remotely, name not yet stored: recovery must adopt it
     log.info("job_created", job=job["id"], remote=op.get("name"), display=job["display_name"])
@@ -376,52 +369,6 @@ def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[st
         f.seek(span[0])
         lines = f.read(span[1] - span[0]).splitlines()
         return [orjson.loads(line) for line in lines if line.strip()]
-
-
-async def _failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: JobState) -> None:
-    ctx.note_api_error(e)
-    last = {"code": e.http_code, "status": e.status, "message": e.message}
-    if e.kind == "permanent":
-        log.warning("job_refused", job=job["id"], error=str(e))
-        async with ctx.store.tx() as conn:
-            await ctx.store.update_job(
-                conn,
-                job["id"],
-                state=JobState.DONE,
-                remote_state=None,
-                error=last,
-                finished_at=time.time(),
-            )
-            # shown at once (the input's final reason follows when all its parts are done)
-            await ctx.store.update_input(
-                conn, job["input_id"], reason=f"part {job['part_no']} refused: {e.message}"
-            )
-        ctx.wake.collect.set()
-        return
-    retries = int(job["submit_retries"] or 0) + 1
-    if back_to == JobState.CREATING and e.kind == "transient" and job["mode"] == "inline":
-        back_to = JobState.PLANNED  # refused before acting, and nothing was spent yet
-    # After an ambiguous create the job may exist remotely: look before creating again.
-    check = bool(job["check_remote"]) or (e.kind == "ambiguous" and back_to == JobState.CREATING)
-    delay = backoff_delay(ctx, retries)
-    what = f"{e.http_code} {e.status}" if e.http_code else e.message
-    reason = f"API busy ({what}), retrying in {delay:.0f}s"
-    log.warning("api_backoff", job=job["id"], error=str(e), kind=e.kind, retry_in=round(delay, 1))
-    async with ctx.store.tx() as conn:
-        await ctx.store.update_job(
-            conn,
-            job["id"],
-            state=back_to,
-            not_before=time.time() + delay,
-            submit_retries=retries,
-            check_remote=int(check),
-            submit_error=last,
-        )
-        if await ctx.store.state_in_tx(conn, job["input_id"]) == InputState.UPLOADING.value:
-            await ctx.store.set_input_state(conn, job["input_id"], InputState.QUEUED, reason=reason)
-        else:
-            await ctx.store.update_input(conn, job["input_id"], reason=reason)
-    ctx.wake.submit.set()  # the submit loop re-reads when the next backoff ends
 
 
 # ---- loops ---------------------------------------------------------------------------------
