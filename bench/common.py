@@ -446,7 +446,7 @@ def drop(src: Path, daemon: DaemonProc, name: str) -> float:
     except OSError:
         shutil.copyfile(src, staged)
     t = time.time()
-    os.rename(staged, daemon.intake.watch / name)
+    os.rename(staged, daemon.inbox / name)
     return t
 
 

@@ -46,7 +46,7 @@ def run(settle: float, args: argparse.Namespace) -> dict[str, Any]:
             if delay > 0:
                 time.sleep(delay)
             dropped[p.name] = time.time()
-            os.rename(p, daemon.intake.watch / p.name)
+            os.rename(p, daemon.inbox / p.name)
 
         def all_submitted() -> bool:
             return len(daemon.first_at(SUBMITTED_OR_LATER)) >= args.files

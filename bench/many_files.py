@@ -84,7 +84,7 @@ def main() -> int:
         paths = small_files(gen_dir, n, requests=args.requests)
         note(f"generated {n:,} files in {time.monotonic() - t:.1f} s; renaming into the inbox")
         cpu0, emu_cpu0 = daemon.cpu_seconds(), emu.cpu_seconds()
-        inbox = daemon.intake.watch
+        inbox = daemon.inbox
         t0 = time.time()
         for p in paths:
             os.rename(p, inbox / p.name)
