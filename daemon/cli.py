@@ -36,6 +36,7 @@ def _doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="--live: write the JSON report to this file")
 
 
+# Long but flat: one add_parser/add_argument block per command, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemini-batchd", description="Gemini Batch API inbox/outbox daemon"

@@ -10,6 +10,9 @@
    retryable error or no answer are resubmitted as new ``planned`` jobs while the retry budget
    lasts; otherwise the outbox is written (:mod:`daemon.results.finish`) and the input gets its final
    state.
+
+Longer than ~400 lines: the tests run every scenario with ``SMALL_INPUT_REQUESTS`` patched on
+this module, so settling stays here until that is a parameter of ``collect_once``.
 """
 
 from __future__ import annotations
@@ -452,6 +455,7 @@ async def _build_index(ctx: Context, row: dict[str, Any], jobs: list[dict[str, A
     return await run_stoppable(build, stop)
 
 
+# Long: the retry plan of one input (which keys, which parts, which attempt) and its commit.
 async def _plan(
     ctx: Context,
     row: dict[str, Any],

@@ -3,6 +3,9 @@
 Order (SPEC §4): the results file, then media, then the summary or error file last; only after
 that rename is the final state committed. A crash before the commit reruns the merge, which
 rewrites the same files atomically. Afterwards the remote files are deleted (best effort).
+
+Longer than ~400 lines: every document of a finished input (results, media, summary, error
+file) and its final state, written in that order.
 """
 
 from __future__ import annotations
@@ -217,6 +220,8 @@ def superseded_reason(reason: str | None, newer: str) -> str:
     return f"{reason}; {note}" if reason else note
 
 
+# Long: the outbox of one input in the order that keeps it crash-safe (results, media, summary
+# last, then the final state, shielded); the steps share the index and the counts.
 async def _finish_index(
     ctx: Context,
     row: dict[str, Any],
@@ -368,6 +373,8 @@ async def _cleanup_remote(ctx: Context, jobs: list[dict[str, Any]]) -> None:
                 log.warning("remote_file_not_deleted", file=name, error=str(exc))
 
 
+# Long: a reuse publishes the earlier results under this input's names, with the same care as
+# a finish (outbox lock, newer drop, shielded final state).
 async def reuse_input(ctx: Context, row: dict[str, Any]) -> bool:
     """Serve an input from an earlier identical drop (dedupe); False if its results are gone."""
     src_row = await ctx.store.get_input(row["reused_from"])

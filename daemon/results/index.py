@@ -6,6 +6,8 @@ Python only ever holds one line and one batch of rows. The collector folds each 
 as soon as the job is collected (overlapping with jobs still running), so settling an input only
 has to read the answers in order. The file is a cache of the job results files: whatever does not
 match is rebuilt.
+
+Longer than ~400 lines: one class over one scratch database whose statements share its schema.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ class MergeIndex:
             for line_no, raw in iter_lines(input_path, part.start, part.end, part.first_line):
                 yield canonical_line(raw, line_no)
 
+    # Long: the index's hot loop (one executemany per block of lines) and the best-answer update
+    # of the same transaction; not yet split (left for a session with the 1 GB bench at hand).
     def add_results(self, rf: ResultsFile) -> bool:
         """Fold one job's results file in (keys must be loaded). False if it already was;
         :class:`Rebuild` if a different file was loaded for that job."""

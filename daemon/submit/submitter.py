@@ -84,6 +84,7 @@ class Submitter:
         self._bound: int | None = None  # upper bound of the jobs in flight (see _in_flight)
         self._writer: GroupCommit[Activation] = GroupCommit(ctx.store, ctx.store.activate)
 
+    # Long: select, admit under the caps and start, over one read of the due jobs.
     async def round(self) -> int:
         """Start every due job that the caps admit; returns the number of jobs cancelled."""
         ctx = self.ctx
@@ -268,6 +269,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
     return await _create(ctx, job, {}, sub, source=source)
 
 
+# Long: intent, lookup by display name, create, and each outcome's commit, in that order.
 async def _create(
     ctx: Context,
     job: dict[str, Any],

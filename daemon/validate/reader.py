@@ -1,6 +1,10 @@
 """Building blocks of the validator: the whole-file scan (sha256, media marks) in a second
 thread, the part planner/writer (byte ranges of the input, or canonical part files written in big
-blocks and fsynced once each), and media checks."""
+blocks and fsynced once each), and media checks.
+
+Longer than ~400 lines: what the validator's child needs besides the rules (scan, part writer,
+media checks), standard library only.
+"""
 
 from __future__ import annotations
 

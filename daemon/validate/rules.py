@@ -12,6 +12,9 @@ files: problems are capped, duplicate keys are found from 61-bit key hashes (8 b
 file (which only happens when a hash repeats).
 
 Token estimate: request line bytes // 4 (crude; used only for admission).
+
+Longer than the house's ~400 lines on purpose: the child process (``split.py``) runs this pass
+whole, and the per-line rules share its state; splitting the pass is the next step.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def _read_line(readline: Any, limit: int) -> tuple[bytes, int, bool]:
     return raw, n, True
 
 
+# Long: the one pass's set-up (the child for a big file's second half, the scan thread) and
+# the merge of their findings.
 def validate_file(
     path: Path,
     *,
@@ -359,6 +364,8 @@ class _Pass:
             self.offset += n
             self._line(raw, start)
 
+    # Long: every per-line rule, one after the other, for the lines the bulk blocks do not take;
+    # not yet split into one function per rule (left for a session with the 1 GB bench at hand).
     def _line(self, raw: bytes, start: int) -> None:
         line_no = self.line_no
         body = raw.strip(_WS)
