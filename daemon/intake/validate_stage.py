@@ -200,7 +200,7 @@ async def fill_digests(ctx: Context, todo: list[tuple[str, str]]) -> None:
 
 
 # Long on purpose: one transaction's rows for every valid input of a batch (parts, first
-# jobs, moves), gathered in one pass so that the commit is one executemany per table.
+# jobs, moves), gathered in one pass so that the commit is one batched statement per table.
 async def _queue(ctx: Context, good: list[_Outcome]) -> None:
     """Record parts, planned jobs and the new state of every valid input, in one transaction."""
     cfg = ctx.cfg
