@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def part_file_name(part_no: int, attempt: int = 1) -> str:
     return f"part-{part_no}-a{attempt}.jsonl"
 
 
-def resolved_path(job: dict[str, Any]) -> Path:
+def resolved_path(job: Mapping[str, Any]) -> Path:
     """The media-resolved copy of a job's source (next to it)."""
     src = Path(job["source_path"])
     return src.with_name(f"part-{job['part_no']}-a{job['attempt']}.resolved.jsonl")

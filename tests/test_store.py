@@ -222,3 +222,13 @@ async def test_a_transaction_reads_its_own_writes_through_the_store(tmp_path):
             await store.add_input(conn, id="i1", rel_path="a.jsonl", model="m", work_path="w")
             row = await store.get_input("i1")
             assert row is not None and row["state"] == InputState.SEEN.value
+
+
+async def test_typed_rows_name_every_column(tmp_path):
+    # rows.py states each table's columns for mypy; a migration that adds one must add it there.
+    from daemon.store.rows import InputRow, JobRow
+
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        for table, row_type in (("inputs", InputRow), ("jobs", JobRow)):
+            columns = {r["name"] for r in await store.fetchall(f"PRAGMA table_info({table})")}
+            assert columns == set(row_type.__annotations__), table

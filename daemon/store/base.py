@@ -160,6 +160,11 @@ class StoreBase:
         async with self._read_conn().execute(sql, tuple(params)) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
+    async def _typed(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        """:meth:`fetchall` for a method that states its row type (``rows.py``): the query's
+        columns are that type's keys."""
+        return await self.fetchall(sql, params)
+
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         async with self._read_conn().execute(sql, tuple(params)) as cur:
             row = await cur.fetchone()

@@ -12,6 +12,7 @@ import aiosqlite
 from daemon.states import LOST_JOB_ERROR, InputState, JobState
 from daemon.store.base import Row, _plain, dumps
 from daemon.store.inputs import InputRows
+from daemon.store.rows import DueJob
 
 
 class JobRows(InputRows):
@@ -171,34 +172,34 @@ class JobRows(InputRows):
             )
             return cur.rowcount
 
-    async def due_for_submit(self, now: float, limit: int) -> list[Row]:
+    async def due_for_submit(self, now: float, limit: int) -> list[DueJob]:
         """Up to ``limit`` due jobs, with their input's ``model``, ``kind``, ``media_count`` and
         ``cancel_requested``: ``creating`` ones first (by input age), then ``planned`` ones in
         the order they were planned (by job id, which the ``jobs_state`` index yields in order:
         no sort of the backlog)."""
-        rows = await self.fetchall(
+        rows = await self._typed(
             _DUE + "WHERE j.state = 'creating' AND j.not_before <= ? "
             "ORDER BY i.created_at, i.id, j.part_no, j.attempt LIMIT ?",
             (now, limit),
         )
         if len(rows) < limit:
-            rows += await self.fetchall(
+            rows += await self._typed(
                 _DUE + "WHERE j.state = 'planned' AND j.not_before <= ? ORDER BY j.id LIMIT ?",
                 (now, limit - len(rows)),
             )
         return rows
 
-    async def creating_jobs(self) -> list[Row]:
+    async def creating_jobs(self) -> list[DueJob]:
         """Every ``creating`` job, with the input fields of :meth:`due_for_submit`."""
-        return await self.fetchall(_DUE + "WHERE j.state = 'creating' ORDER BY j.id")
+        return await self._typed(_DUE + "WHERE j.state = 'creating' ORDER BY j.id")
 
     async def commit_intents(
         self,
-        jobs: list[Row],
+        jobs: list[DueJob],
         upload_ids: list[int],
         waiting_reason: Mapping[str, str],
         key_fp: str | None,
-    ) -> list[Row]:
+    ) -> list[DueJob]:
         """One transaction: each planned job → ``uploading`` (``upload_ids``) or ``creating``,
         their inputs → ``uploading`` where needed, and the waiting reasons. Returns the jobs that
         were still planned and not cancelled (only those may be started)."""

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 import structlog
 
 from daemon.context import Context
 from daemon.gemini import ApiError
 from daemon.states import InputState, JobState
+from daemon.store.rows import DueJob
 
 log = structlog.get_logger(__name__)
 
 
-def needs_upload(job: dict[str, Any]) -> bool:
+def needs_upload(job: DueJob) -> bool:
     return job["mode"] == "file" or bool(job["media_count"])
 
 
-async def disk_paused(ctx: Context, job: dict[str, Any], e: OSError) -> None:
+async def disk_paused(ctx: Context, job: DueJob, e: OSError) -> None:
     """The job's source could not be read (or resolved) for a local disk fault: back to
     ``planned`` after a backoff, the input's reason saying why (never a failed input)."""
     key = f"input:{job['input_id']}"
@@ -46,7 +46,7 @@ def backoff_delay(ctx: Context, retries: int) -> float:
     return random.uniform(0, cap)
 
 
-async def job_failed(ctx: Context, job: dict[str, Any], e: ApiError, *, back_to: JobState) -> None:
+async def job_failed(ctx: Context, job: DueJob, e: ApiError, *, back_to: JobState) -> None:
     ctx.note_api_error(e)
     last = {"code": e.http_code, "status": e.status, "message": e.message}
     if e.kind == "permanent":

@@ -28,6 +28,7 @@ from daemon.context import Context
 from daemon.layout import resolved_path
 from daemon.outbox import atomic_writer
 from daemon.store import MediaId
+from daemon.store.rows import DueJob
 from daemon.validate.reader import media_name, media_parts
 from daemon.windows import sha256_of
 
@@ -103,7 +104,7 @@ def _rewrite(src: Path, dest: Path, uris: dict[str, str], kind: str) -> None:
             fout.write(line)
 
 
-async def resolve_media(ctx: Context, job: dict[str, Any]) -> Path:
+async def resolve_media(ctx: Context, job: DueJob) -> Path:
     """Upload (or reuse) every distinct local media file and write the resolved source file.
     Each file is opened once and checked to be the one validated; that open file is what is
     hashed and uploaded."""

@@ -31,6 +31,7 @@ from daemon.layout import resolved_path
 from daemon.states import NOT_VISIBLE, JobState
 from daemon.store.group_commit import GroupCommit
 from daemon.store.jobs import Activation
+from daemon.store.rows import DueJob
 from daemon.submit.backoff import disk_paused, job_failed, needs_upload
 from daemon.submit.media import resolve_media
 
@@ -46,7 +47,7 @@ LOOKAHEAD = 256  # extra rows a round reads beyond what it can start (see Submit
 _READ_INLINE_BYTES = 256 * 1024
 
 
-def _needs_check(job: dict[str, Any]) -> bool:
+def _needs_check(job: DueJob) -> bool:
     """Whether a ``creating`` job may already exist remotely. Without bookkeeping (a crash, or a
     row written by another stage) the answer is yes: look before creating."""
     return job["check_remote"] is None or bool(job["check_remote"])
@@ -120,8 +121,8 @@ class Submitter:
             active, tokens = await self._in_flight(room)
         cfg = ctx.cfg.submit
         waiting_reason: dict[str, str] = {}
-        creating: list[dict[str, Any]] = []
-        planned: list[dict[str, Any]] = []
+        creating: list[DueJob] = []
+        planned: list[DueJob] = []
         for r in rows:
             if len(creating) + len(planned) >= room:
                 self._more = True
@@ -175,14 +176,12 @@ class Submitter:
         self._bound = active
         return active, tokens
 
-    def _start(
-        self, job: dict[str, Any], remote: dict[str, dict[str, Any]] | None, *, fresh: bool
-    ) -> None:
+    def _start(self, job: DueJob, remote: dict[str, dict[str, Any]] | None, *, fresh: bool) -> None:
         self.busy.add(job["id"])
         self.tg.start_soon(self._work, job, remote, fresh)
 
     async def _work(
-        self, job: dict[str, Any], remote: dict[str, dict[str, Any]] | None, fresh: bool
+        self, job: DueJob, remote: dict[str, dict[str, Any]] | None, fresh: bool
     ) -> None:
         try:
             async with self.limiter:
@@ -198,7 +197,7 @@ class Submitter:
             if self._more and len(self.busy) <= self.workers * QUEUE_PER_WORKER // 2:
                 self.ctx.wake.submit.set()
 
-    async def activated_job(self, job: dict[str, Any], op: dict[str, Any]) -> None:
+    async def activated_job(self, job: DueJob, op: dict[str, Any]) -> None:
         """Record the remote job (group-committed with other workers' activations)."""
         self.ctx.io_faults.clear(f"input:{job['input_id']}")
         interval = self.ctx.cfg.poll.min_interval
@@ -235,7 +234,7 @@ async def _remote_index(ctx: Context) -> dict[str, dict[str, Any]] | None:
 
 
 # ---- one job -------------------------------------------------------------------------------
-async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> int:
+async def _submit_planned(ctx: Context, job: DueJob, sub: Submitter) -> int:
     """A job whose intent (``uploading`` or ``creating``) this round committed: upload, create."""
     gem = ctx.gemini
     assert gem is not None
@@ -272,7 +271,7 @@ async def _submit_planned(ctx: Context, job: dict[str, Any], sub: Submitter) -> 
 # Long: intent, lookup by display name, create, and each outcome's commit, in that order.
 async def _create(
     ctx: Context,
-    job: dict[str, Any],
+    job: DueJob,
     remote: dict[str, dict[str, Any]] | None,
     sub: Submitter,
     *,
@@ -299,8 +298,15 @@ async def _create(
             await ctx.store.update_job(conn, job["id"], state=JobState.CANCELLED)
         ctx.wake.collect.set()
         return 0
+    if job["mode"] == "file" and job["upload_name"] is None:
+        # never expected (`creating` is committed with the upload's name): upload again first
+        async with ctx.store.tx() as conn:
+            await ctx.store.update_job(conn, job["id"], state=JobState.PLANNED)
+        ctx.wake.submit.set()
+        return 0
     try:
         if job["mode"] == "file":
+            assert job["upload_name"] is not None
             op = await gem.create_file_job(
                 model=job["model"],
                 file_name=job["upload_name"],
@@ -335,7 +341,7 @@ async def _create(
     return 1
 
 
-async def _hold_create(ctx: Context, job: dict[str, Any]) -> None:
+async def _hold_create(ctx: Context, job: DueJob) -> None:
     """A create that may have happened with another API key (its list shows only its own
     jobs): looked up again at the next start, when the creator's key may be back."""
     reason = (
@@ -354,12 +360,13 @@ def _unreadable(e: Exception) -> ApiError:
     return ApiError("permanent", f"cannot read what it submits: {e}", status="UNREADABLE")
 
 
-def _span(job: dict[str, Any], source: Path) -> tuple[int, int] | None:
+def _span(job: DueJob, source: Path) -> tuple[int, int] | None:
     """The byte range of ``source`` the job submits; None for the whole file (a part file, or
     the media-resolved copy of one)."""
-    if job.get("source_start") is None or str(source) != job["source_path"]:
+    start, end = job["source_start"], job["source_end"]
+    if start is None or end is None or str(source) != job["source_path"]:
         return None
-    return job["source_start"], job["source_end"]
+    return start, end
 
 
 def _read_lines(path: Path, span: tuple[int, int] | None = None) -> list[dict[str, Any]]:
