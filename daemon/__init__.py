@@ -5,7 +5,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     # looked up on first use: importlib.metadata costs ~40 ms, which the validator's child
-    # process (daemon.validate_tail) should not pay
+    # process (daemon.validate.split) should not pay
     if name != "__version__":
         raise AttributeError(name)
     from importlib.metadata import PackageNotFoundError, version

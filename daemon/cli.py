@@ -36,6 +36,7 @@ def _doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="--live: write the JSON report to this file")
 
 
+# Long but flat: one add_parser/add_argument block per command, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemini-batchd", description="Gemini Batch API inbox/outbox daemon"
@@ -144,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_recover(cfg)
     if cmd == "check":
-        from daemon.check import check_main
+        from daemon.validate.check import check_main
 
         return check_main(cfg, args.file, model=args.model, as_json=args.json)
-    from daemon.client import main as client_main
+    from daemon.control.client import main as client_main
 
     return client_main(cfg, args)

@@ -6,6 +6,8 @@ assumption the daemon relies on is reported PASS or DIFF with what was seen. Exp
 from ``real-api-evidence.md`` (the section is named in each check's ``source``), not from the
 emulator. Everything made is deleted at the end. The key never enters the report: the whole report
 is scrubbed of it before it is printed or written.
+
+Longer than ~400 lines: one short check per wire assumption; the list is the module.
 """
 
 from __future__ import annotations

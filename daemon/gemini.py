@@ -14,6 +14,9 @@ Raw calls (same headers as the SDK) are used where the SDK's typed objects lose 
 ``list`` (the SDK drops ``batchStats``, ``error`` and request metadata) and the inline create (the
 SDK's ``InlinedRequest`` re-maps ``generationConfig`` into ``config`` and drops fields it does not
 know; posting the REST body ourselves keeps every field of the user's request line unchanged).
+
+Longer than ~400 lines on purpose: every API call, its retries and its error classification in
+the one module that talks to the API.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from google.genai import types
 from google.genai import version as genai_version
 
 from daemon.config import Config
-from daemon.validate_io import FileWindow
+from daemon.windows import FileWindow
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 ErrorKind = Literal["transient", "permanent", "ambiguous"]

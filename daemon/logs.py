@@ -180,6 +180,7 @@ def set_level(level: str | int) -> None:
         logging.getLogger(name).setLevel(max(levelno, logging.WARNING))
 
 
+# Long but flat: the processor chain for JSON and console output, in the order it runs.
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -103,65 +101,12 @@ def copy_atomic(src: Path, final: Path) -> None:
         shutil.copyfileobj(inp, out, 1024 * 1024)
 
 
-def outbox_paths(outbox_dir: Path, rel_path: str) -> dict[str, Path]:
-    """The outbox names for an input at ``rel_path`` (relative to the inbox): ``foo.jsonl`` (or
-    ``foo.JSONL``) → ``foo.jsonl``, ``foo.summary.json``, ``foo.error.json``, ``foo.media/``.
-    A name too long for its outbox files (:func:`name_too_long`) only gets a shortened error
-    file: :func:`short_stem` ``.error.json``."""
-    rel = Path(rel_path)
-    stem = jsonl_stem(rel.name)
-    folder = outbox_dir / rel.parent
-    error_stem = short_stem(stem, folder) if name_too_long(folder, rel.name) else stem
-    return {
-        "results": folder / f"{stem}.jsonl",
-        "summary": folder / f"{stem}.summary.json",
-        "error": folder / f"{error_stem}.error.json",
-        "media": folder / f"{stem}.media",
-    }
-
-
-# The longest name written next to an input's results is a big input's file in the making,
-# ``.<stem>.jsonl.<input id>.tmp`` (daemon.assemble): 29 bytes more than the stem.
-OUTBOX_NAME_EXTRA = len(".") + len(".jsonl.") + 17 + len(".tmp")
-SHORT_STEM_BYTES = 200  # the start of an over-long stem kept in its error file's name
-
-
-def jsonl_stem(name: str) -> str:
-    """``foo.jsonl`` (any case) → ``foo``."""
-    return name[: -len(".jsonl")] if name.lower().endswith(".jsonl") else name
-
-
-@functools.lru_cache(maxsize=64)
-def _name_max_of(existing: str) -> int:
-    return os.pathconf(existing, "PC_NAME_MAX")
-
-
-def name_max(folder: Path) -> int:
-    """The file system's limit on one name's bytes, for ``folder`` or its nearest existing parent."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return _name_max_of(str(probe))
-    except OSError:
-        return 255
-
-
-def name_too_long(folder: Path, name: str) -> int | None:
-    """The limit, when the outbox files of a drop named ``name`` in ``folder`` would exceed it."""
-    limit = name_max(folder)
-    fits = len(os.fsencode(jsonl_stem(name))) + OUTBOX_NAME_EXTRA <= limit
-    return None if fits else limit
-
-
-def short_stem(stem: str, folder: Path) -> str:
-    """``<first 200 bytes of the stem>~<8 hex digits of its sha256>`` (whole characters only):
-    the error file of a drop whose name is too long, unique per name."""
-    raw = os.fsencode(stem)
-    keep = min(SHORT_STEM_BYTES, name_max(folder) - len(".error.json.tmp") - 10)
-    head = raw[:keep].decode("utf-8", "ignore")  # a character cut in two is dropped
-    digest = hashlib.sha256(raw).hexdigest()[:8]
-    return f"{head}~{digest}"
+def copy_in(src: Path, tmp: Path) -> None:
+    """Copy ``src`` to ``tmp`` and fsync the copy."""
+    with open(src, "rb") as inp, open(tmp, "wb") as out:
+        shutil.copyfileobj(inp, out, 1024 * 1024)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def link_or_copy(src: Path, final: Path) -> bool:

@@ -26,10 +26,10 @@ import anyio
 import orjson
 import structlog
 
-from daemon.claim import META_FILE
 from daemon.config import Config, read_api_key
 from daemon.context import Context
 from daemon.gemini import ApiError, GeminiClient
+from daemon.layout import INPUT_FILE, META_FILE
 from daemon.states import FINAL_INPUT_STATES, JobState
 from daemon.store import Store, StoreError, guard
 
@@ -80,7 +80,7 @@ def _meta(folder: Path, doc: dict[str, Any] | None, default_model: str) -> dict[
         meta = {}
     rel = meta.get("rel_path") or (doc or {}).get("file") or f"recovered-{folder.name}.jsonl"
     model = meta.get("model") or (doc or {}).get("model") or default_model
-    from daemon.validate import model_kind
+    from daemon.states import model_kind
 
     return {
         "id": folder.name,
@@ -119,7 +119,7 @@ async def remote_jobs(gemini: GeminiClient) -> dict[str, dict[str, Any]]:
 
 async def rebuild(ctx: Context, remote: dict[str, dict[str, Any]], report: Report) -> None:
     """Rows for every claimed input (steps 3 and 4 of the module doc)."""
-    from daemon.intake import validate_once
+    from daemon.intake.validate_stage import validate_once
 
     cfg = ctx.cfg
     docs = _outbox_docs(cfg.outbox_dir)
@@ -127,7 +127,7 @@ async def rebuild(ctx: Context, remote: dict[str, dict[str, Any]], report: Repor
         folder = ctx.input_dir(input_id)
         doc = docs.get(input_id)
         fields = _meta(folder, doc, cfg.gemini.default_model)
-        fields["work_path"] = str(folder / "input.jsonl")
+        fields["work_path"] = str(folder / INPUT_FILE)
         state = (doc or {}).get("state")
         if state in {s.value for s in FINAL_INPUT_STATES}:
             fields |= {"state": state, "finished_at": time.time(), "reason": "recovered"}
@@ -145,7 +145,6 @@ async def rebuild(ctx: Context, remote: dict[str, dict[str, Any]], report: Repor
 
 async def adopt(ctx: Context, remote: dict[str, dict[str, Any]], report: Report) -> None:
     """Planned jobs found remotely become ``active``; later attempts found remotely are added."""
-    from daemon.submit_writes import write_activations
 
     planned = {j["display_name"]: j for j in await ctx.store.jobs_in(JobState.PLANNED)}
     extra: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
@@ -169,7 +168,7 @@ async def adopt(ctx: Context, remote: dict[str, dict[str, Any]], report: Report)
             if name in remote:
                 activations.append((job["id"], job["input_id"], remote[name], now, interval))
         if activations:
-            await write_activations(conn, activations)
+            await ctx.store.activate(conn, activations)
     report.adopted = sorted(a[2]["metadata"]["displayName"] for a in activations)
     report.to_submit = len(planned) - sum(1 for n in planned if n in remote)
     for name in report.adopted:

@@ -37,7 +37,6 @@ from daemon.supervise import supervised, with_retry
 log = structlog.get_logger(__name__)
 
 EX_CONFIG = 78
-EX_TEMPFAIL = 75
 
 
 class AlreadyRunning(Exception):
@@ -151,13 +150,13 @@ async def run_service(
     """Run every stage until cancelled. ``ctx_factory(cfg)`` is an async context manager yielding
     the :class:`Context` (store and API client opened); tests pass their own. ``adjust`` is
     applied to the config again when SIGHUP re-reads it (``cfg`` already went through it)."""
-    from daemon.claim import recover_claims
-    from daemon.collect import run_collector
-    from daemon.control import run_control
-    from daemon.inbox import run_inbox
-    from daemon.intake import reset_validating, run_validator
-    from daemon.poll import run_pollers
-    from daemon.submit import recover_submissions, run_submitter
+    from daemon.control.http import run_control
+    from daemon.intake.claim import recover_claims
+    from daemon.intake.validate_stage import reset_validating, run_validator
+    from daemon.intake.watch import run_inbox
+    from daemon.results.collect import run_collector
+    from daemon.submit.submitter import recover_submissions, run_submitter
+    from daemon.track.poll import run_pollers
 
     _make_dirs(cfg)
     stopping = stopping or threading.Event()

@@ -1,6 +1,31 @@
-"""The one vocabulary of states, shared by the store, the API answers, logs and the socket."""
+"""The one vocabulary shared by every stage: states (store, API answers, logs, socket), the
+remote jobs' display names, model kinds and the reasons the stages write."""
 
 from enum import StrEnum
+from typing import Literal
+
+Kind = Literal["generate", "embed"]
+
+# An input's reason while its jobs are out of sight of the key in use (daemon.track.missing).
+NOT_VISIBLE = "not visible with the current API key"
+# The error of a job the API no longer knows (404), for good or released from a hold by `retry`.
+LOST_JOB_ERROR = {
+    "code": 404,
+    "status": "NOT_FOUND",
+    "message": "remote job disappeared",
+    "lost": True,
+}
+
+
+def display_name(input_id: str, part_no: int, attempt: int) -> str:
+    """``gemini-batchd:<id>:<part>`` for attempt 1, ``...:<part>:<attempt>`` after."""
+    base = f"gemini-batchd:{input_id}:{part_no}"
+    return base if attempt <= 1 else f"{base}:{attempt}"
+
+
+def model_kind(model: str) -> Kind:
+    """Embedding models get an embeddings batch (``asyncBatchEmbedContent``)."""
+    return "embed" if "embedding" in model else "generate"
 
 
 class InputState(StrEnum):

@@ -80,7 +80,7 @@ async def serve_control(root: Path, *, gemini: Any = None, **paths: Any) -> Asyn
     """A real store under ``root`` and the control socket served at a short path under /tmp."""
     from daemon.config import parse_config
     from daemon.context import Context
-    from daemon.control import run_control
+    from daemon.control.http import run_control
     from daemon.store import Store
 
     short = short_tmpdir()

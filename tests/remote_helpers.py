@@ -14,8 +14,8 @@ from daemon.config import Config, parse_config
 from daemon.context import Context
 from daemon.emulator import Emulator, EmulatorSettings
 from daemon.gemini import GeminiClient
+from daemon.states import display_name
 from daemon.store import Store
-from daemon.submit import display_name
 from tests.helpers import wait_until
 
 KEY = "sk-test-4f9a0c1b2d3e"

@@ -17,10 +17,10 @@ import orjson
 import pytest
 import structlog
 
-from daemon import client
 from daemon.cli import build_parser
 from daemon.config import Config, parse_config
 from daemon.context import Context
+from daemon.control import client
 from daemon.states import InputState
 from tests.helpers import serve_control
 

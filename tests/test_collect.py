@@ -13,14 +13,20 @@ import anyio
 import orjson
 import pytest
 
-from daemon import assemble, collect, collect_big, merge_part
-from daemon.collect import _index_job, _inline_lines, collect_once, finish_input, plan_retries
 from daemon.config import parse_config
 from daemon.context import Context
 from daemon.emulator import Emulator, EmulatorSettings
 from daemon.gemini import GeminiClient
-from daemon.media import media_ext, safe_key
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
+from daemon.results import collect, fast_order, order, outbox_file
+from daemon.results.collect import (
+    _index_job,
+    _inline_lines,
+    collect_once,
+    finish_input,
+    plan_retries,
+)
+from daemon.results.media import media_ext, safe_key
 from daemon.store import Store, new_input_id
 
 PNG = base64.b64decode(
@@ -196,7 +202,7 @@ async def test_succeeded_input_merges_in_order_with_summary_last(ctx: Context) -
     # making, and part 2 was appended after it
     assert not (work / "merge.sqlite").exists()
     assert sorted(p.name for p in work.glob("part-*.fast")) == (["part-2.fast"] if per_job else [])
-    prefix = assemble.prefix_path(inp.out()["results"], work)
+    prefix = outbox_file.prefix_path(inp.out()["results"], work)
     assert prefix.exists() is per_job
     if per_job:  # part 2 is appended by the collector's next step (not run here)
         assert [x["key"] for x in lines_of(prefix)] == keys1
@@ -253,7 +259,7 @@ async def test_parts_submitted_as_byte_ranges_take_the_fast_path(ctx: Context) -
     await collect._assemble_ready_parts(ctx, inp.id)
     per_job = collect.SMALL_INPUT_REQUESTS < 0
     # part 1 is already in the outbox file in the making (a hidden temporary name)
-    prefix = assemble.prefix_path(inp.out()["results"], work)
+    prefix = outbox_file.prefix_path(inp.out()["results"], work)
     assert prefix.exists() is per_job
     if per_job:
         assert [x["key"] for x in lines_of(prefix)] == keys1
@@ -522,7 +528,7 @@ async def test_fast_parts_survive_a_lost_summary(ctx: Context) -> None:
         (work / "part-2.fast").write_bytes(b"stale\n")
         # the fast path still covers the input: both parts are put in order again
         row, jobs = await inp.row(), await ctx.store.jobs_of(inp.id)
-        assert await collect_big.fast_parts(ctx, row, jobs) is not None
+        assert await order.fast_parts(ctx, row, jobs) is not None
         assert (work / "part-1.fast.json").exists()
         redone = orjson.loads((work / "part-2.fast.json").read_bytes())
         assert redone["in_prefix"] or (work / "part-2.fast").read_bytes() != b"stale\n"
@@ -544,7 +550,7 @@ async def test_big_inputs_put_parts_in_order_as_jobs_come_back(ctx: Context) -> 
     per_job = collect.SMALL_INPUT_REQUESTS < 0
     # part 1 is in order as soon as its job is back, while part 2's job still runs: straight in
     # the outbox file in the making (a hidden temporary name), and part 2 after it
-    prefix = assemble.prefix_path(inp.out()["results"], work)
+    prefix = outbox_file.prefix_path(inp.out()["results"], work)
     assert prefix.exists() is per_job and not list(work.glob("part-*.fast"))
     if per_job:
         assert [x["key"] for x in lines_of(prefix)] == ["a", "b"]
@@ -619,7 +625,7 @@ async def test_a_round_takes_big_jobs_that_become_due_meanwhile(
     await inp.done(inp.jobs[4])
     busy = collect.DueJobs(ctx)
     busy.big_busy = 1  # another worker at a job, but submission has a backlog
-    ctx.submit_backlog = True
+    ctx.backpressure.set_backlog(True)
     assert await busy.next() is None
 
 
@@ -629,19 +635,19 @@ async def test_the_next_parts_keys_are_read_while_its_job_runs(ctx: Context) -> 
     # input (in memory) is merged at the end, so nothing is read ahead for it
     per_job = collect.SMALL_INPUT_REQUESTS < 0
     inp = await Input.make(ctx, [["a", "b"], ["c", "d"], ["e"]], ranged=True)
-    merge_part._PREPARED.clear()
+    fast_order._PREPARED.clear()
     await inp.collected(inp.jobs[1], [ok("b"), ok("a")])
     src = str(ctx.input_dir(inp.id) / "input.jsonl")
     if per_job:
-        ((where, keys),) = merge_part._PREPARED.items()
+        ((where, keys),) = fast_order._PREPARED.items()
         assert where[0] == src and keys == {"c": 0, "d": 1}
     else:
-        assert not merge_part._PREPARED
+        assert not fast_order._PREPARED
     await inp.collected(inp.jobs[2], [ok("d"), ok("c")])  # takes them, reads part 3's ahead
-    assert list(merge_part._PREPARED.values()) == ([{"e": 0}] if per_job else [])
+    assert list(fast_order._PREPARED.values()) == ([{"e": 0}] if per_job else [])
     await inp.done(inp.jobs[3])
     await inp.collected(inp.jobs[3], [ok("e")])  # no part 4: nothing left read ahead
-    assert not merge_part._PREPARED
+    assert not fast_order._PREPARED
     assert await collect_once(ctx) == 1
     assert [x["key"] for x in lines_of(inp.out()["results"])] == ["a", "b", "c", "d", "e"]
 

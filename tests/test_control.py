@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from daemon.context import Context
-from daemon.control import ControlError, bind_socket
+from daemon.control.http import ControlError, bind_socket
 from daemon.states import InputState
 from tests.helpers import serve_control
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.create_errors import line_errors, map_to_input
+from daemon.results.create_errors import line_errors, map_to_input
 
 
 def test_line_errors_only_for_a_400_that_names_lines() -> None:

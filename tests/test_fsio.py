@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import assemble, fsio
-from daemon.assemble import Ready
+from daemon import fsio
 from daemon.outbox import atomic_writer, link_or_copy, remove_quietly, write_json
+from daemon.results import outbox_file
+from daemon.results.outbox_file import Ready
 from tests.planting import as_producer, needs_root, plant_link, shared, untouched, victim
 
 pytestmark = needs_root
@@ -92,19 +93,19 @@ def test_the_big_inputs_outbox_file_is_never_a_planted_one(
     work.mkdir()
     results = outbox / "big.jsonl"
     ps = _parts(work, [10, 20])
-    prefix = assemble.prefix_path(results, work)
+    prefix = outbox_file.prefix_path(results, work)
     if planted == "link":
         plant_link(outbox, prefix.name, v / "secret.txt")
     elif planted == "hard link":  # made as root: protected_hardlinks stops nobody doing it
         os.link(v / "secret.txt", prefix)
     else:  # a producer's file with the right size, in place of the daemon's
-        assemble.extend(results, work, ps[:1])
+        outbox_file.extend(results, work, ps[:1])
         os.unlink(prefix)
         as_producer(outbox, lambda fd: _write_as(fd, prefix.name, b"y" * 9 + b"\n"))
-    assert assemble.extend(results, work, ps) == 2
+    assert outbox_file.extend(results, work, ps) == 2
     untouched(v)
     assert not prefix.is_symlink() and prefix.stat().st_uid == os.geteuid()
-    assemble.publish(results, work, ps)
+    outbox_file.publish(results, work, ps)
     assert results.read_bytes() == b"".join(p.path.read_bytes() for p in ps)
 
 

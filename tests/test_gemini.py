@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from daemon.gemini import ApiError, GeminiClient, RateLimiter
-from daemon.validate_io import FileWindow
+from daemon.windows import FileWindow
 from tests import remote_helpers as rh
 from tests.remote_helpers import KEY, Env, lines_for
 

@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import pytest
 
-from daemon.group_commit import GroupCommit
 from daemon.store import Store
+from daemon.store.group_commit import GroupCommit
 
 
 async def test_concurrent_puts_are_batched_and_all_committed(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.context import Context
-from daemon.metrics import Metrics
+from daemon.control.metrics import Metrics
 from daemon.states import InputState, JobState
 from tests.helpers import serve_control
 

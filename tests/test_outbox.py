@@ -8,15 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.outbox import (
-    OUTBOX_NAME_EXTRA,
-    atomic_writer,
-    link_or_copy,
-    name_too_long,
-    outbox_paths,
-    remove_quietly,
-    write_json,
-)
+from daemon.layout import OUTBOX_NAME_EXTRA, name_too_long, outbox_paths
+from daemon.outbox import atomic_writer, link_or_copy, remove_quietly, write_json
 
 
 class Boom(Exception):

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from daemon.poll import poll_once
 from daemon.store import loads
-from daemon.submit import submit_once
+from daemon.submit.submitter import submit_once
+from daemon.track.poll import poll_once
 from tests import remote_helpers as rh
 from tests.remote_helpers import Env, lines_for, wait_for
 
@@ -161,8 +161,8 @@ async def test_few_due_jobs_use_get(env: Env) -> None:
 async def test_loops_take_a_job_to_done(env: Env) -> None:
     import anyio
 
-    from daemon.poll import run_pollers
-    from daemon.submit import run_submitter
+    from daemon.submit.submitter import run_submitter
+    from daemon.track.poll import run_pollers
 
     _, (jid,) = await env.add_input(lines_for(3), mode="file")
     async with anyio.create_task_group() as tg:

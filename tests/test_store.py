@@ -58,6 +58,43 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path):
         assert job["key_fp"] is None  # made before key fingerprints: unknown key
 
 
+async def test_submit_bookkeeping_moves_out_of_jobs_error(tmp_path):
+    # Before its own columns, a job's submit bookkeeping lived in jobs.error until the job was
+    # done; the migration moves it out and leaves the API's error of done jobs where it was.
+    split = next(n for n, m in enumerate(MIGRATIONS) if any("submit_retries" in s for s in m))
+    db = tmp_path / "db.sqlite"
+    con = sqlite3.connect(db)
+    for migration in MIGRATIONS[:split]:
+        for statement in migration:
+            con.execute(statement)
+    con.execute(
+        "INSERT INTO inputs (id, rel_path, model, state, work_path, created_at, updated_at) "
+        "VALUES ('i1', 'a.jsonl', 'm', 'queued', 'w', 0, 0)"
+    )
+    rows = [
+        (1, "creating", '{"retries":2,"check_remote":true,"last":{"code":503}}'),
+        (2, "planned", '{"retries":1,"check_remote":false,"last":null}'),
+        (3, "done", '{"code":400,"status":"INVALID_ARGUMENT","message":"bad"}'),
+    ]
+    for part, state, error in rows:
+        con.execute(
+            "INSERT INTO jobs (input_id, part_no, attempt, display_name, state, mode, "
+            "source_path, request_count, est_tokens, error, created_at, updated_at) "
+            "VALUES ('i1', ?, 1, ?, ?, 'file', 'p', 1, 1, ?, 0, 0)",
+            (part, f"gemini-batchd:i1:{part}", state, error),
+        )
+    con.execute(f"PRAGMA user_version = {split}")
+    con.commit()
+    con.close()
+    async with Store.open(db) as store:
+        creating, planned, done = await store.jobs_of("i1")
+    assert (creating["submit_retries"], creating["check_remote"]) == (2, 1)
+    assert creating["submit_error"] == '{"code":503}' and creating["error"] is None
+    assert (planned["submit_retries"], planned["check_remote"], planned["error"]) == (1, 0, None)
+    assert done["error"].startswith('{"code":400') and done["submit_retries"] == 0
+    assert done["check_remote"] is None
+
+
 async def test_key_salt_is_made_once_per_store(tmp_path):
     async with Store.open(tmp_path / "db.sqlite") as store:
         salt = await store.key_salt()
@@ -185,3 +222,13 @@ async def test_a_transaction_reads_its_own_writes_through_the_store(tmp_path):
             await store.add_input(conn, id="i1", rel_path="a.jsonl", model="m", work_path="w")
             row = await store.get_input("i1")
             assert row is not None and row["state"] == InputState.SEEN.value
+
+
+async def test_typed_rows_name_every_column(tmp_path):
+    # rows.py states each table's columns for mypy; a migration that adds one must add it there.
+    from daemon.store.rows import InputRow, JobRow
+
+    async with Store.open(tmp_path / "db.sqlite") as store:
+        for table, row_type in (("inputs", InputRow), ("jobs", JobRow)):
+            columns = {r["name"] for r in await store.fetchall(f"PRAGMA table_info({table})")}
+            assert columns == set(row_type.__annotations__), table

@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon.states import display_name
 from daemon.store import loads
-from daemon.submit import display_name, recover_submissions, submit_once
+from daemon.submit.submitter import recover_submissions, submit_once
 from tests import remote_helpers as rh
 from tests.remote_helpers import Env, lines_for, wait_for
 
@@ -64,7 +65,7 @@ async def test_queue_full_backs_off_then_succeeds(env: Env, mode: str) -> None:
     row = await job(env, jid)
     assert row["state"] == ("planned" if mode == "inline" else "creating")
     assert row["not_before"] > time.time() - 1 and row["remote_name"] is None
-    assert loads(row["error"])["check_remote"] is False  # a 429 means nothing was created
+    assert row["check_remote"] == 0 and row["error"] is None  # a 429: nothing was created
     inp = await env.ctx.store.get_input(iid)
     assert inp is not None and inp["state"] == "queued"
     assert inp["reason"].startswith("API busy (429 RESOURCE_EXHAUSTED), retrying in")
@@ -85,7 +86,7 @@ async def test_ambiguous_create_is_adopted_not_repeated(env: Env, fault: str, mo
     env.emu.fail_next("batches.create", fault)
     await submit_once(env.ctx)
     row = await job(env, jid)
-    assert row["state"] == "creating" and loads(row["error"])["check_remote"] is True
+    assert row["state"] == "creating" and row["check_remote"] == 1
     await submit_until(env, lambda: _state_is(env, jid, "active"))
     row = await job(env, jid)
     assert env.emu.stats["creates_by_display_name"] == {row["display_name"]: 1}
@@ -185,9 +186,10 @@ async def test_cancel_requested_creating_jobs_are_settled_not_created(env: Env, 
         await env.gem.create_inline_job(
             model="gemini-2.5-flash", requests=lines_for(2), display_name=name
         )
-    book = {"retries": 1, "check_remote": case != "never_sent", "last": None}
     async with env.ctx.store.tx() as conn:
-        await env.ctx.store.update_job(conn, jid, state="creating", error=json.dumps(book))
+        await env.ctx.store.update_job(
+            conn, jid, state="creating", submit_retries=1, check_remote=int(case != "never_sent")
+        )
         await env.ctx.store.update_input(conn, iid, cancel_requested=1)
     await submit_once(env.ctx)
     row = await job(env, jid)
@@ -298,7 +300,7 @@ async def test_concurrent_uploads_respect_token_cap(env: Env) -> None:
 async def test_run_submitter_pipelines_rounds(env: Env) -> None:
     import anyio
 
-    from daemon.submit import run_submitter
+    from daemon.submit.submitter import run_submitter
 
     ids: list[int] = []
     for _ in range(10):
@@ -322,7 +324,7 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     collector yielding to it resumes as soon as the backlog is gone, not after its timeout."""
     import anyio
 
-    from daemon.submit import Submitter, yield_to_submission
+    from daemon.submit.submitter import Submitter
 
     ids: list[int] = []
     for _ in range(8):  # 40 jobs: more than one round's bound of queued jobs
@@ -330,19 +332,19 @@ async def test_backlog_makes_pollers_yield_until_it_ends(env: Env) -> None:
     resumed_at: list[float] = []
 
     async def poller() -> None:
-        await yield_to_submission(env.ctx, env.ctx.wake.poll, 60.0)
+        await env.ctx.backpressure.yield_to_submission(env.ctx.wake.poll, 60.0)
         resumed_at.append(time.monotonic())
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             sub = Submitter(env.ctx, tg)
             await sub.round()
-            assert env.ctx.submit_backlog
+            assert env.ctx.backpressure.backlog
             tg.start_soon(poller)
             while sub._more or sub.busy:
                 await env.ctx.wake.submit.wait(0.05)
                 await sub.round()
-    assert not env.ctx.submit_backlog
+    assert not env.ctx.backpressure.backlog
     assert len(resumed_at) == 1
     states = [(await job(env, j))["state"] for j in ids]
     assert states == ["active"] * 40

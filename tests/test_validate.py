@@ -11,16 +11,17 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import validate_io
-from daemon.check import check_main
 from daemon.config import Config, parse_config
-from daemon.validate import model_kind, validate_file
+from daemon.states import model_kind
+from daemon.validate import reader
+from daemon.validate.check import check_main
+from daemon.validate.rules import validate_file
 
 GEN = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
 
 # Every test here runs twice: validated in one pass, and with a child process checking the second
-# half of the file (daemon.validate_tail; the threshold of 1 byte sends every file through it).
+# half of the file (daemon.validate.split; the threshold of 1 byte sends every file through it).
 # The outcome must not depend on which.
 _SPLIT = {"bytes": 0}
 
@@ -419,7 +420,7 @@ def test_media_reference_in_a_big_file_is_found_by_the_scan(tmp_path: Path, stra
     body = b"".join(orjson.dumps(x) + b"\n" for x in filler)
     if straddle:
         head = orjson.dumps(ref)
-        edge = validate_io._SCAN_BLOCK  # the scan's first read ends here
+        edge = reader._SCAN_BLOCK  # the scan's first read ends here
         cut = edge - head.index(b'"file:') - 3  # the mark starts 3 bytes before it
         first = body[:cut]
         first = first[: first.rindex(b"\n") + 1]

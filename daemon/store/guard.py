@@ -24,6 +24,7 @@ from pathlib import Path
 
 import orjson
 
+from daemon.layout import BATCH_NOTE_PREFIX, CLAIM_FILE, INPUT_FILE
 from daemon.store import StoreError
 
 OPEN_MARKER = "store-open"
@@ -50,7 +51,7 @@ def work_inputs(work: Path) -> set[str]:
         for e in os.scandir(work)
         if not e.name.startswith(".")
         and e.is_dir(follow_symlinks=False)
-        and os.path.lexists(os.path.join(e.path, "input.jsonl"))
+        and os.path.lexists(os.path.join(e.path, INPUT_FILE))
     }
 
 
@@ -60,10 +61,10 @@ def noted_inputs(work: Path) -> set[str]:
     if not work.is_dir():
         return ids
     for e in os.scandir(work):
-        if e.name.startswith(".claims-") and e.is_file(follow_symlinks=False):
+        if e.name.startswith(BATCH_NOTE_PREFIX) and e.is_file(follow_symlinks=False):
             note = Path(e.path)
         elif e.is_dir(follow_symlinks=False):
-            note = Path(e.path) / "claim.json"
+            note = Path(e.path) / CLAIM_FILE
         else:
             continue
         with contextlib.suppress(OSError, orjson.JSONDecodeError, TypeError, KeyError):

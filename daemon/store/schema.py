@@ -141,4 +141,18 @@ MIGRATIONS: list[list[str]] = [
         ) STRICT
         """,
     ],
+    # 5: jobs.error held two things: submission bookkeeping until a job is done, the API's error
+    # after. The bookkeeping gets its own columns; rows written before keep being read right.
+    [
+        "ALTER TABLE jobs ADD COLUMN submit_retries INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN check_remote INTEGER",  # NULL: unknown (look before creating)
+        "ALTER TABLE jobs ADD COLUMN submit_error TEXT",  # JSON: the last API error of a submit
+        """
+        UPDATE jobs SET submit_retries = COALESCE(json_extract(error, '$.retries'), 0),
+            check_remote = json_extract(error, '$.check_remote'),
+            submit_error = json_extract(error, '$.last'), error = NULL
+        WHERE state IN ('planned', 'uploading', 'creating') AND json_valid(error)
+            AND json_extract(error, '$.retries') IS NOT NULL
+        """,
+    ],
 ]

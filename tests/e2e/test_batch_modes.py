@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.actions import retry_input
-from daemon.outbox import outbox_paths
+from daemon.control.actions import retry_input
+from daemon.layout import outbox_paths
 from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import running_daemon, wait_final
 from tests.helpers import ROOT, answer_text, drop, read_jsonl, request_lines, wait_until

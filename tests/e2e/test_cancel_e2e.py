@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from daemon.context import Context
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
 

@@ -13,15 +13,12 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-for _stage in ("inbox", "validate", "submit", "poll", "collect", "gemini"):
-    pytest.importorskip(f"daemon.{_stage}", reason="needs every stage of the daemon")
-
-from daemon import client  # noqa: E402
-from daemon.cli import build_parser  # noqa: E402
-from daemon.context import Context  # noqa: E402
-from daemon.outbox import outbox_paths  # noqa: E402
-from tests.e2e.conftest import running_daemon, wait_final  # noqa: E402
-from tests.helpers import drop, read_jsonl, request_lines, wait_until  # noqa: E402
+from daemon.cli import build_parser
+from daemon.context import Context
+from daemon.control import client
+from daemon.layout import outbox_paths
+from tests.e2e.conftest import running_daemon, wait_final
+from tests.helpers import drop, read_jsonl, request_lines, wait_until
 
 
 @pytest.fixture(autouse=True)

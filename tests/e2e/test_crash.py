@@ -12,7 +12,7 @@ import sqlite3
 import orjson
 import pytest
 
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import DaemonProcess, config_data, write_config
 from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
 

@@ -19,9 +19,9 @@ import anyio
 import orjson
 import pytest
 
-from daemon.client import Api
 from daemon.config import parse_config
-from daemon.outbox import outbox_paths
+from daemon.control.client import Api
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import (
     API_KEY,
     DaemonProcess,

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import DaemonProcess, config_data, running_daemon, wait_final, write_config
 from tests.helpers import answer_text, drop, read_jsonl, request_lines, wait_until
 
@@ -143,7 +143,7 @@ async def test_a_big_input_is_put_in_order_part_by_part(tmp_path, emulator):
     # job comes back (the fast path) and the outbox file is assembled meanwhile. (A variant of
     # this test, with other timings, found a race: a collect worker that looked before part 2's
     # job was marked collected cut the outbox file in the making back to nothing, and settling
-    # failed for ever; tests/test_assemble.py pins it.)
+    # failed for ever; tests/test_outbox_file.py pins it.)
     data = config_data(
         tmp_path / "root",
         emulator.url,

@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.actions import cancel_input
+from daemon.control.actions import cancel_input
 from daemon.emulator import Emulator, EmulatorSettings
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from daemon.states import FINAL_INPUT_STATES
 from tests.e2e.conftest import config_data, running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until

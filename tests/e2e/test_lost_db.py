@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
 from tests.helpers import ROOT, drop, read_jsonl, request_lines, wait_until
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.actions import cancel_input, retry_input
-from daemon.outbox import outbox_paths
+from daemon.control.actions import cancel_input, retry_input
+from daemon.layout import outbox_paths
 from daemon.store import loads
 from tests.e2e.conftest import (
     DaemonProcess,

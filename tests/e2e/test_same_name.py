@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from tests.e2e.conftest import running_daemon, wait_final
 from tests.helpers import drop, read_jsonl, request_lines, wait_until
 

@@ -11,7 +11,7 @@ import orjson
 
 from daemon.config import load_config
 from daemon.context import Context
-from daemon.outbox import outbox_paths
+from daemon.layout import outbox_paths
 from daemon.service import _for_emulator, _reload
 from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
 from tests.helpers import drop, read_jsonl, request_lines, short_tmpdir, wait_until
