@@ -361,18 +361,9 @@ class LiveRun:
         if input_file is None:
             self.missed([("files.deleted_403", "HTTP 403", "1.18")], "no uploaded file")
             return
-        try:
-            await self.gem.delete_file(input_file)
-            self.made.files.remove(input_file)
-        except ApiError as e:
-            self.add("files.deleted_403", False, "HTTP 403", f"delete failed: {_err(e)}", "1.18")
-            return
-        await self.expect_error(
-            "files.deleted_403",
-            lambda: self.gem.get_file(input_file),
-            403,
-            "",
-            "1.18",
+        files = self.made.files
+        await self.deleted_then_gone(
+            "files.deleted_403", input_file, self.gem.delete_file, self.gem.get_file, files, 403
         )
 
     async def step_batch_names(self, gone: str | None) -> None:
@@ -387,15 +378,29 @@ class LiveRun:
         if gone is None:
             self.missed([("batches.deleted_404", "HTTP 404", "1.8")], "no job to delete")
             return
-        try:
-            await self.gem.delete_batch(gone)
-            self.made.jobs.remove(gone)
-        except ApiError as e:
-            self.add("batches.deleted_404", False, "HTTP 404", f"delete failed: {_err(e)}", "1.8")
-            return
-        await self.expect_error(
-            "batches.deleted_404", lambda: self.gem.get_batch(gone), 404, "", "1.8"
+        jobs = self.made.jobs
+        await self.deleted_then_gone(
+            "batches.deleted_404", gone, self.gem.delete_batch, self.gem.get_batch, jobs, 404
         )
+
+    async def deleted_then_gone(
+        self,
+        check: str,
+        name: str,
+        delete: Callable[[str], Awaitable[Any]],
+        get: Callable[[str], Awaitable[Any]],
+        made: list[str],
+        code: int,
+    ) -> None:
+        """Delete what the run made, then expect ``get`` of it to answer ``code``."""
+        evidence = "1.18" if code == 403 else "1.8"
+        try:
+            await delete(name)
+            made.remove(name)
+        except ApiError as e:
+            self.add(check, False, f"HTTP {code}", f"delete failed: {_err(e)}", evidence)
+            return
+        await self.expect_error(check, lambda: get(name), code, "", evidence)
 
     async def cleanup(self) -> None:
         """Delete what the run made (best effort; what remains is reported)."""

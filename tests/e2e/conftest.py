@@ -36,6 +36,26 @@ async def emulator() -> AsyncIterator[Any]:
         await emu.stop()
 
 
+@pytest.fixture
+async def slow_emulator() -> AsyncIterator[Any]:
+    """Jobs stay RUNNING until the test releases them (:func:`release`)."""
+    from daemon.emulator import Emulator, EmulatorSettings
+
+    emu = Emulator(settings=EmulatorSettings(pending_seconds=0.05, running_seconds=3600.0))
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+def release(emu: Any) -> None:
+    """Let the jobs of :func:`slow_emulator` end: new ones soon, running ones now."""
+    emu.settings.running_seconds = 0.1
+    for rec in emu.store.jobs.values():
+        rec["running_s"] = 0.0
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

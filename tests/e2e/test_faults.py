@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
     API_KEY,
     DaemonProcess,
     config_data,
+    release,
     running_daemon,
     wait_final,
     write_config,
@@ -199,19 +200,6 @@ def unfill(folder: Path) -> None:
         p.unlink()
 
 
-@pytest.fixture
-async def slow_emulator():
-    """Jobs stay RUNNING until the test releases them (``release``)."""
-    from daemon.emulator import Emulator, EmulatorSettings
-
-    emu = Emulator(settings=EmulatorSettings(pending_seconds=0.05, running_seconds=3600.0))
-    await emu.start()
-    try:
-        yield emu
-    finally:
-        await emu.stop()
-
-
 def _status(socket_path: Path) -> dict[str, Any]:
     api = Api(socket_path)
     try:
@@ -226,12 +214,6 @@ def _show(socket_path: Path, ref: str) -> dict[str, Any]:
         return api.input(ref)
     finally:
         api.close()
-
-
-def release(emu) -> None:
-    emu.settings.running_seconds = 0.1
-    for rec in emu.store.jobs.values():
-        rec["running_s"] = 0.0
 
 
 async def test_full_state_disk_pauses_and_resumes_with_each_key_answered_once(

@@ -14,27 +14,8 @@ import anyio
 import pytest
 
 from daemon.layout import outbox_paths
-from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, write_config
+from tests.e2e.conftest import API_KEY, DaemonProcess, config_data, release, write_config
 from tests.helpers import ROOT, drop, read_jsonl, request_lines, wait_until
-
-
-@pytest.fixture
-async def slow_emulator():
-    """Jobs stay RUNNING until the test releases them."""
-    from daemon.emulator import Emulator, EmulatorSettings
-
-    emu = Emulator(settings=EmulatorSettings(pending_seconds=0.05, running_seconds=3600.0))
-    await emu.start()
-    try:
-        yield emu
-    finally:
-        await emu.stop()
-
-
-def release(emu) -> None:
-    emu.settings.running_seconds = 0.1
-    for rec in emu.store.jobs.values():
-        rec["running_s"] = 0.0
 
 
 def _cli(cfg_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
