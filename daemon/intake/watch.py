@@ -24,6 +24,7 @@ import structlog
 from anyio.abc import TaskStatus
 from watchfiles import awatch
 
+from daemon import fsio
 from daemon.config import MODEL_ID_RE
 from daemon.context import Context
 from daemon.intake.claim import Drop, adopt_orphans, claim_many
@@ -277,13 +278,27 @@ async def _watch(ctx: Context, inbox: Path, probe_seen: anyio.Event) -> None:
         tg.cancel_scope.cancel()
 
 
+def _touch(inbox: Path) -> None:
+    """Write the probe as a new file: the inbox is shared, so a link planted at its name is
+    removed, never written through (:func:`daemon.fsio.open_new`)."""
+    with fsio.open_dir(inbox, create=False) as dfd:
+        try:
+            fd = fsio.open_new(dfd, PROBE_NAME)
+        except FileExistsError:  # taken again meanwhile (or a folder): the next round tries
+            return
+        try:
+            os.write(fd, b"%f" % time.time())
+        finally:
+            os.close(fd)
+
+
 async def _prove_watcher(inbox: Path, seen: anyio.Event, limit: float = 10.0) -> None:
     """Touch a probe dotfile until the watcher reports it: from then on no drop is missed."""
     probe = inbox / PROBE_NAME
     try:
         with anyio.move_on_after(limit) as scope:
             while not seen.is_set():
-                probe.write_bytes(b"%f" % time.time())
+                _touch(inbox)
                 with anyio.move_on_after(0.5):
                     await seen.wait()
         if scope.cancelled_caught:

@@ -226,3 +226,18 @@ async def test_a_folder_planted_at_a_final_name_is_moved_aside(make_cfg):
     aside = sorted(p.name for p in outbox.iterdir() if ".planted-" in p.name)
     assert [n.split(".planted-")[0] for n in aside] == [".dir.jsonl", ".dir.summary.json"]
     assert [p.name for p in outbox.glob(".dir.jsonl.planted-*/*")] == ["inside"]
+
+
+async def test_watcher_probe_is_not_written_through_a_planted_link(make_cfg, tmp_path):
+    # The inbox is shared with producers too: the probe the watcher touches at start must not
+    # follow a link planted at its name.
+    from daemon.intake.watch import PROBE_NAME
+
+    cfg = make_cfg()
+    v = victim(tmp_path)
+    plant_link(shared(cfg.inbox_dir), PROBE_NAME, v / "secret.txt")
+    async with running_daemon(cfg) as ctx:
+        drop(cfg.inbox_dir, "p.jsonl", request_lines(1))
+        assert (await wait_final(ctx, "p.jsonl"))["state"] == "succeeded"
+    untouched(v)
+    assert not (cfg.inbox_dir / PROBE_NAME).is_symlink()
