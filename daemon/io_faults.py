@@ -76,8 +76,13 @@ def fault_path(e: BaseException, fallback: Path) -> Path:
 def writable(folder: Path, size: int = 64 * 1024) -> bool:
     """Whether ``size`` bytes can be written and fsynced in ``folder`` now (a probe file)."""
     probe = folder / f".gemini-batchd-probe-{uuid.uuid4().hex[:8]}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with open(probe, "wb") as f:
+        fd = os.open(probe, flags, 0o600)  # a new file of ours: never through a planted link
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * size)
             f.flush()
             os.fsync(f.fileno())
